@@ -1,0 +1,236 @@
+"""Data: loading splits as (source, target) text, tokenizing them for a model, and collating batches.
+
+Every split is a `datasets.Dataset` with a `source` column and, except `unlabeled`, a `target` column.
+Batches have one shape for every model family (see `collate`):
+    input_ids, attention_mask  [B, L]   the model's input (seq2seq: the source; causal: source+sep+target)
+    labels                     [B, T]   target token ids, -100 on padding
+    target_offsets             [B]      causal only: position of the first target token in input_ids
+so losses can compare any two models position by position on the target tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from .recipe import DataConfig, RecipeError
+
+SPLITS = ("train", "validation", "test", "unlabeled")
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataReport:
+    """What loading did to each split: sizes, dropped empty examples, truncations (filled in per model)."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    dropped_empty: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_splits(config: DataConfig, seed: int = 0) -> tuple[datasets.DatasetDict, DataReport]:
+    """Load every configured split as text pairs; empty examples are dropped and counted (or an error)."""
+    if config.task == "demo":
+        from .demo_task import make_demo_splits
+
+        sizes = {s: getattr(config.demo, s) for s in SPLITS}
+        raw = make_demo_splits(sizes, seed=seed)
+        splits = {name: datasets.Dataset.from_list(rows) for name, rows in raw.items() if rows}
+    elif config.hub is not None:
+        splits = _load_hub(config)
+    else:
+        splits = {}
+        for split in SPLITS:
+            path = getattr(config, split)
+            if path is not None:
+                splits[split] = _load_file(path, f"data.{split}")
+    report = DataReport()
+    result = {}
+    for split, ds in splits.items():
+        limit = config.max_examples.get(split)
+        if limit is not None and len(ds) > limit:
+            ds = ds.select(range(limit))
+        ds, dropped = _to_pairs(ds, config, split)
+        report.sizes[split] = len(ds)
+        report.dropped_empty[split] = dropped
+        result[split] = ds
+    if "train" not in result and "unlabeled" not in result:
+        raise RecipeError("data: no train split was loaded; set data.train, data.hub or data.task")
+    return datasets.DatasetDict(result), report
+
+
+def _load_file(path: str, field_path: str) -> datasets.Dataset:
+    file = Path(path)
+    if not file.exists():
+        raise RecipeError(f"{field_path}: file {path!r} not found (paths are relative to where you run nlgkd)")
+    loader = FILE_LOADERS.get(file.suffix.lower())
+    if loader is None:
+        raise RecipeError(f"{field_path}: {path!r} has an unknown extension; use one of {list(FILE_LOADERS)}")
+    if loader in ("json", "csv"):
+        try:
+            file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(
+                f"{field_path}: {path!r} is not UTF-8 (byte {err.start}); re-encode it, e.g. "
+                f"`iconv -f latin1 -t utf-8 {path} > fixed{file.suffix}`"
+            ) from None
+    try:
+        return datasets.load_dataset(loader, data_files=str(file), split="train")
+    except Exception as err:  # datasets raises many kinds; the user needs the file and the reason
+        raise RecipeError(f"{field_path}: could not read {path!r}: {err}") from None
+
+
+def _load_hub(config: DataConfig) -> dict[str, datasets.Dataset]:
+    loaded = datasets.load_dataset(config.hub, config.hub_config)
+    splits = {}
+    for split in SPLITS:
+        hub_split = config.hub_splits.get(split, split)
+        if hub_split in loaded:
+            splits[split] = loaded[hub_split]
+    if "train" not in splits:
+        raise RecipeError(
+            f"data.hub: {config.hub!r} has splits {list(loaded)}; map one to train with data.hub_splits"
+        )
+    return splits
+
+
+def template_fields(template: str) -> list[str]:
+    """Columns a field spec reads: a plain column name, or the {names} of a template."""
+    if "{" not in template:
+        return [template]
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def render(template: str, row: dict) -> str:
+    if "{" not in template:
+        value = row[template]
+        return "" if value is None else str(value)
+    return template.format_map({k: "" if v is None else v for k, v in row.items()})
+
+
+def _to_pairs(ds: datasets.Dataset, config: DataConfig, split: str) -> tuple[datasets.Dataset, int]:
+    """Map columns to source/target text; drop (and count) or reject examples with empty text."""
+    needs_target = split != "unlabeled"
+    specs = {"source": config.source}
+    if needs_target:
+        specs["target"] = config.target
+    for role, spec in specs.items():
+        for column in template_fields(spec):
+            if column not in ds.column_names:
+                raise RecipeError(
+                    f"data.{role}: column {column!r} is not in the {split} split; its columns are {ds.column_names}"
+                )
+    rows = []
+    dropped = 0
+    for i, row in enumerate(ds):
+        pair = {role: render(spec, row).strip() for role, spec in specs.items()}
+        empty = [role for role, text in pair.items() if not text]
+        if empty:
+            if config.on_empty == "error":
+                raise RecipeError(
+                    f"data: {split} example {i} has an empty {empty[0]}; fix the data or set data.on_empty: drop"
+                )
+            dropped += 1
+            continue
+        rows.append(pair)
+    if not rows:
+        raise RecipeError(f"data: the {split} split has no usable examples ({dropped} empty ones dropped)")
+    return datasets.Dataset.from_list(rows), dropped
+
+
+def data_fingerprint(config: DataConfig, seed: int) -> str:
+    """Hash of the data config and the bytes of every local data file."""
+    h = hashlib.sha256(json.dumps(_plain(config), sort_keys=True).encode())
+    h.update(str(seed).encode())
+    for split in SPLITS:
+        path = getattr(config, split)
+        if path and Path(path).exists():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _plain(config: Any) -> Any:
+    from .recipe import to_dict
+
+    return to_dict(config)
+
+
+# ---------------------------------------------------------------------------------- tokenizing
+def encode(
+    ds: datasets.Dataset, tokenizer, max_source_length: int, max_target_length: int
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Token ids for each example: `source_ids` (with the tokenizer's special tokens) and `target_ids`
+    (ending in EOS). Returns the dataset and how many sources/targets were truncated."""
+    has_target = "target" in ds.column_names
+    eos = tokenizer.eos_token_id
+    truncated = {"source": 0, "target": 0}
+
+    def one(batch):
+        src = tokenizer(batch["source"], add_special_tokens=True)["input_ids"]
+        out = {"source_ids": []}
+        for ids in src:
+            if len(ids) > max_source_length:
+                truncated["source"] += 1
+                ids = ids[: max_source_length - 1] + [ids[-1]]
+            out["source_ids"].append(ids)
+        if has_target:
+            out["target_ids"] = []
+            for ids in tokenizer(batch["target"], add_special_tokens=False)["input_ids"]:
+                if len(ids) + 1 > max_target_length:
+                    truncated["target"] += 1
+                    ids = ids[: max_target_length - 1]
+                out["target_ids"].append(ids + [eos])
+        return out
+
+    encoded = ds.map(one, batched=True, load_from_cache_file=False, keep_in_memory=True)
+    return encoded, truncated
+
+
+# ---------------------------------------------------------------------------------- collating
+def collate(examples: list[dict], pad_id: int, causal: bool, sep_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Batch tokenized examples (see module docstring for the shapes). Right padding for training."""
+    targets = [ex["target_ids"] for ex in examples]
+    width = max(len(t) for t in targets)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, t in enumerate(targets):
+        labels[i, : len(t)] = torch.tensor(t)
+    if not causal:
+        input_ids, attention_mask = pad([ex["source_ids"] for ex in examples], pad_id, left=False)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    prompts = [causal_prompt(ex["source_ids"], sep_id) for ex in examples]
+    input_ids, attention_mask = pad([p + t for p, t in zip(prompts, targets)], pad_id, left=False)
+    offsets = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "target_offsets": offsets}
+
+
+def causal_prompt(source_ids: list[int], sep_id: int | None) -> list[int]:
+    """Decoder-only models read `source + separator` and continue with the target."""
+    return list(source_ids) + ([sep_id] if sep_id is not None else [])
+
+
+def pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if left:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def normalize_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()

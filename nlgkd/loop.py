@@ -1,0 +1,260 @@
+"""The one training loop. Every training stage (finetune, distill, ...) hands it a model, data and a
+`compute_loss(model, batch, normalizer) -> (loss, logs)`; the loop does the rest:
+
+AdamW, linear warmup/decay, gradient accumulation, clipping, bf16 autocast where the device has it,
+evaluation every N steps, early stopping with patience, keeping the best weights, and periodic resumable
+checkpoints (`accelerator.save_state` plus the data position) so a killed run resumes mid-epoch with the
+same data order.
+
+Batch size is global (`split_batches=True` in the runner's Accelerator): with W processes each sees
+batch_size / W examples per micro-batch, so the number of steps and the data order do not depend on W.
+Losses are normalized by the global count of target tokens of the whole accumulation window, so
+gradients equal those of one process with the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .recipe import TrainArgs
+
+LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict[str, float]]"]
+EvalFn = Callable[[torch.nn.Module], dict]
+HIGHER_IS_BETTER = {"val_loss": False, "bleu": True, "chrf": True}
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    epochs: float
+    best: dict | None
+    stopped_early: bool
+    resumed_from: int | None
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. `auto` means bf16 on a GPU that supports it."""
+    if choice == "no":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp16":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def train(
+    *,
+    model: torch.nn.Module,
+    train_data,
+    collate_fn: Callable,
+    compute_loss: LossFn,
+    evaluate: EvalFn | None,
+    args: TrainArgs,
+    accelerator,
+    out_dir: Path,
+    seed: int,
+    log: Callable[[str], None] = print,
+    extra_params: list[torch.nn.Parameter] = (),
+) -> LoopResult:
+    """Train `model` in place; at the end it holds the best weights seen by `evaluate` (or the last ones)."""
+    world = accelerator.num_processes
+    if args.batch_size % world:
+        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {world} processes")
+    n = len(train_data)
+    batches_per_epoch = math.ceil(n / args.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    eval_every = args.eval_every or steps_per_epoch
+
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, args.warmup_steps, total_steps)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+    accelerator.register_for_checkpointing(scheduler)
+    autocast_dtype = resolve_precision(args.mixed_precision, accelerator.device)
+
+    ckpt_root = out_dir / "checkpoints"
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": []}
+    resumed_from = None
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        resumed_from = state["step"]
+        log(f"resuming from checkpoint {latest.name} (step {state['step']} of {total_steps})")
+
+    metrics_file = out_dir / "metrics.jsonl"
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
+    started = time.time()
+    stopped_early = False
+    model.train()
+    while state["step"] < total_steps and not stopped_early:
+        loader = epoch_loader(train_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator)
+        batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
+        while state["step"] < total_steps and not stopped_early:
+            window = [b for _, b in zip(range(args.grad_accum), batches)]
+            if not window:  # end of the epoch
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                break
+            state["batch_in_epoch"] += len(window)
+            logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype)
+            scheduler.step()
+            state["step"] += 1
+            bar.update(1)
+            step = state["step"]
+            if step % args.log_every == 0 or step == total_steps:
+                logs.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
+                            lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                write_metrics(accelerator, metrics_file, logs)
+            if evaluate is not None and (step % eval_every == 0 or step == total_steps):
+                stopped_early = run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log)
+                model.train()
+            if args.save_every and step % args.save_every == 0 and step < total_steps and not stopped_early:
+                save_checkpoint(accelerator, ckpt_root, state)
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    best_file = out_dir / "checkpoints" / "best.safetensors"
+    if state["best"] is not None and best_file.exists():
+        safetensors.torch.load_model(unwrapped, str(best_file), device=str(accelerator.device))
+        log(f"kept the best weights: step {state['best']['step']}, {args.early_stopping_metric} "
+            f"{state['best'][args.early_stopping_metric]:.4f}")
+    accelerator.wait_for_everyone()
+    epochs = state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
+    return LoopResult(
+        steps=state["step"], epochs=round(epochs, 3), best=state["best"], stopped_early=stopped_early,
+        resumed_from=resumed_from, history=state["history"], train_seconds=round(time.time() - started, 2),
+    )
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn, accelerator) -> DataLoader:
+    """This epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(train_data), generator=generator).tolist()
+    loader = DataLoader(Subset(train_data, order), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    return accelerator.prepare_data_loader(loader)
+
+
+def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype) -> dict:
+    """One optimizer step over an accumulation window of micro-batches."""
+    local_tokens = sum(int((b["labels"] != -100).sum()) for b in window)
+    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum").item()
+    # DDP averages gradients over processes, so each process scales its sum by world / global tokens
+    normalizer = max(global_tokens, 1.0) / accelerator.num_processes
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(window):
+        sync = i == len(window) - 1
+        context = accelerator.no_sync(model) if not sync else _null()
+        with context:
+            with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, logs = compute_loss(model, batch, normalizer)
+            accelerator.backward(loss)
+        totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if args.max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        totals["grad_norm"] = float(grad_norm) * accelerator.num_processes  # undone by the mean below
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    keys = sorted(totals)
+    values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
+    mean = accelerator.reduce(values, "sum") / accelerator.num_processes
+    return dict(zip(keys, mean.tolist()))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log) -> bool:
+    """Evaluate, keep the best weights, count patience. Returns True when training should stop."""
+    metrics = evaluate(model)
+    metrics["step"] = state["step"]
+    state["history"].append(metrics)
+    write_metrics(accelerator, metrics_file, {f"eval/{k}" if k != "step" else k: v for k, v in metrics.items()})
+    name = args.early_stopping_metric
+    if name not in metrics:
+        raise ValueError(f"early_stopping_metric {name!r} was not computed; evaluation gave {sorted(metrics)}")
+    better = state["best"] is None or (
+        metrics[name] > state["best"][name] if HIGHER_IS_BETTER[name] else metrics[name] < state["best"][name]
+    )
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
+    log(f"step {state['step']}: {shown}{' (best)' if better else ''}")
+    if better:
+        state["best"] = metrics
+        state["bad_evals"] = 0
+        if accelerator.is_main_process:
+            best_file = out_dir / "checkpoints" / "best.safetensors"
+            best_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = best_file.with_suffix(".tmp")
+            safetensors.torch.save_model(accelerator.unwrap_model(model), str(tmp))
+            tmp.replace(best_file)
+        accelerator.wait_for_everyone()
+        return False
+    state["bad_evals"] += 1
+    if args.patience is not None and state["bad_evals"] >= args.patience:
+        log(f"early stopping: no better {name} in {args.patience} evaluations")
+        return True
+    return False
+
+
+def save_checkpoint(accelerator, root: Path, state: dict) -> None:
+    """save_state into a temporary folder, then rename: a kill never leaves a half checkpoint."""
+    tmp = root / f"tmp-step-{state['step']}"
+    final = root / f"step-{state['step']}"
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        tmp.rename(final)
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def write_metrics(accelerator, path: Path, record: dict) -> None:
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))

@@ -1,0 +1,178 @@
+"""Models: loading (hub name or local path), fresh configs with a tokenizer trained on the data, saving,
+and one forward function that gives target-aligned logits for every family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .recipe import ModelConfig
+
+# One special-token layout for every fresh tokenizer; T5-style sentinels serve span corruption.
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
+SENTINELS = [f"<extra_id_{i}>" for i in range(20)]
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, MASK] + SENTINELS
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def is_encoder_decoder(model) -> bool:
+    model = getattr(model, "module", model)  # DDP wrapper
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """(model, tokenizer) from a hub name or a local `save_pretrained` folder, safetensors weights only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as err:
+        where = "folder" if Path(name_or_path).exists() else "hub name or folder"
+        raise ModelLoadError(f"could not load model config from {where} {name_or_path!r}: {err}") from None
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision,
+                                     use_safetensors=True)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load safetensors weights of {name_or_path!r} ({err}); nlgkd loads only safetensors: "
+            "convert the checkpoint with `model.save_pretrained(dir, safe_serialization=True)` first"
+        ) from None
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, folder: str | Path) -> None:
+    """A folder plain transformers code can load: safetensors weights, config, generation config, tokenizer."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+# -------------------------------------------------------------------------------------- fresh
+def train_tokenizer(texts: list[str], algorithm: str, vocab_size: int, encoder_decoder: bool):
+    """A BPE (byte-level) or Unigram tokenizer trained on `texts`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if algorithm == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif algorithm == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,
+                                          show_progress=False)
+    else:
+        raise ValueError(f"tokenizer: {algorithm!r} is not bpe or unigram")
+    tok.train_from_iterator(texts, trainer=trainer)
+    if encoder_decoder:
+        # encoder inputs end with </s>, as in BART and T5
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, mask_token=MASK,
+        additional_special_tokens=SENTINELS,
+    )
+
+
+def fresh_config(cfg: ModelConfig, tokenizer):
+    """A transformers config for `cfg.arch` with the tokenizer's size and special ids."""
+    from transformers import BartConfig, GPT2Config, T5Config
+
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    vocab = len(tokenizer)
+    if cfg.arch == "bart":
+        return BartConfig(
+            vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+            decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.attention_heads,
+            decoder_attention_heads=cfg.attention_heads, encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim,
+            dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
+            max_position_embeddings=cfg.max_position_embeddings, decoder_start_token_id=tokenizer.eos_token_id,
+            forced_eos_token_id=tokenizer.eos_token_id, forced_bos_token_id=None, **ids,
+        )
+    if cfg.arch == "t5":
+        return T5Config(
+            vocab_size=vocab, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.attention_heads, d_ff=cfg.ffn_dim,
+            num_layers=cfg.encoder_layers, num_decoder_layers=cfg.decoder_layers, num_heads=cfg.attention_heads,
+            dropout_rate=cfg.dropout, decoder_start_token_id=tokenizer.pad_token_id, feed_forward_proj="relu",
+            **ids,
+        )
+    if cfg.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.d_model,
+            n_layer=cfg.decoder_layers, n_head=cfg.attention_heads, n_inner=cfg.ffn_dim,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0, **ids,
+        )
+    raise ValueError(f"arch {cfg.arch!r} is not one of bart, t5, gpt2")
+
+
+def build_fresh(cfg: ModelConfig, texts: list[str], seed: int, tokenizer=None):
+    """(model, tokenizer): a randomly initialized model of `cfg`; the tokenizer is trained on `texts`
+    unless one is given (students that share their teacher's tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    encoder_decoder = cfg.arch != "gpt2"
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, cfg.tokenizer, cfg.vocab_size, encoder_decoder)
+    config = fresh_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------ forward
+def shift_right(labels: torch.Tensor, pad_id: int, start_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: [start, y1, ..., y_{T-1}], padding where labels are -100."""
+    shifted = labels.new_full(labels.shape, pad_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start_id
+    return shifted.masked_fill(shifted == -100, pad_id)
+
+
+def forward_on_targets(model, batch: dict, **kwargs):
+    """Run `model` teacher-forced on the batch's targets. Returns (logits [B, T, V] aligned with
+    batch["labels"] [B, T], the model outputs). Works for encoder-decoder and decoder-only models."""
+    config = getattr(model, "module", model).config
+    labels = batch["labels"]
+    if config.is_encoder_decoder:
+        start = config.decoder_start_token_id
+        decoder_input_ids = shift_right(labels, config.pad_token_id, start)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    decoder_input_ids=decoder_input_ids, use_cache=False, **kwargs)
+        return out.logits, out
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+    length = out.logits.shape[1]
+    # the logit at position p predicts token p + 1
+    positions = batch["target_offsets"][:, None] + torch.arange(labels.shape[1], device=labels.device) - 1
+    positions = positions.clamp(0, length - 1)
+    logits = out.logits.gather(1, positions[..., None].expand(-1, -1, out.logits.shape[-1]))
+    return logits, out
+
+
+def target_logits(model, batch: dict) -> torch.Tensor:
+    return forward_on_targets(model, batch)[0]
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
+    """Word-level KD compares distributions over the same vocabulary: stop early when they differ."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        raise ValueError(
+            f"teacher {teacher_name!r} ({type(teacher_tokenizer).__name__}, {len(t_vocab)} tokens) and student "
+            f"{student_name!r} ({type(student_tokenizer).__name__}, {len(s_vocab)} tokens) have different "
+            "vocabularies; word-level KD needs the same tokenizer (give the student tokenizer_from: the teacher)"
+        )

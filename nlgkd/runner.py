@@ -1,0 +1,303 @@
+"""The runner: runs a recipe's stages in order inside `runs/<recipe>/`.
+
+Each stage writes into `runs/<recipe>/.<stage>.partial/` and, on success, that folder is renamed to
+`runs/<recipe>/<stage>/` with its `stage.json`; a crash never leaves a half artifact that looks finished,
+and a re-run resumes from the partial folder's checkpoints. A stage's fingerprint hashes its kind, its
+resolved config, the data config and the fingerprints of its inputs, so a finished stage whose inputs and
+config are unchanged is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .recipe import ModelConfig, Recipe, RecipeError, Stage, references, to_dict
+
+PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing input, bad data...); the message says which stage and what to do."""
+
+
+def make_accelerator(log_with: list[str] | None = None, project_dir: str | None = None):
+    from accelerate import Accelerator
+
+    # global batch sizes, split over processes: results do not depend on the process count
+    return Accelerator(split_batches=True, log_with=log_with or None, project_dir=project_dir)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: its config, where to write, and how to reach earlier artifacts."""
+
+    runner: "Runner"
+    stage: Stage
+    out_dir: Path  # the temporary folder that becomes runs/<recipe>/<stage>/ on success
+    fingerprint: str
+    info: dict = field(default_factory=dict)  # stage-specific facts for stage.json
+
+    @property
+    def config(self):
+        return self.stage.config
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.runner.recipe
+
+    @property
+    def accelerator(self):
+        return self.runner.accelerator
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(f"[{self.stage.name}] {message}")
+
+    def data(self):
+        return self.runner.data()
+
+    def artifact_dir(self, name: str) -> Path:
+        """Folder of the earlier stage `name` refers to from this stage."""
+        kind, target = self.recipe.resolve(name, before=self.stage.index)
+        if kind != "stage":
+            raise StageError(f"{name!r} is a models: entry, not a stage artifact")
+        return self.runner.finished_dir(target)
+
+    def load_model(self, name: str):
+        """(model, tokenizer) for a models: entry or an earlier stage's model, on the CPU."""
+        return self.runner.load_model(name, before=self.stage.index)
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, runs_root: str | Path = "runs", accelerator=None):
+        self.recipe = recipe
+        self.run_dir = Path(runs_root) / recipe.name
+        if accelerator is None:
+            trackers = sorted({t for s in recipe.stages for t in getattr(s.config, "report_to", [])})
+            accelerator = make_accelerator(trackers, project_dir=str(self.run_dir / "logs"))
+        self.accelerator = accelerator
+        self._data = None
+        self._data_report = None
+        self._fingerprints: dict[int, str] = {}
+
+    # ----------------------------------------------------------------------------- artifacts
+    def finished_dir(self, stage: Stage) -> Path:
+        return self.run_dir / stage.name
+
+    def partial_dir(self, stage: Stage) -> Path:
+        return self.run_dir / f".{stage.name}.partial"
+
+    def stage_record(self, stage: Stage) -> dict | None:
+        path = self.finished_dir(stage) / "stage.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_done(self, stage: Stage) -> bool:
+        record = self.stage_record(stage)
+        return bool(record and record.get("status") == "done" and record.get("fingerprint") == self.fingerprint(stage))
+
+    def data(self):
+        if self._data is None:
+            from .data import load_splits
+
+            self._data, self._data_report = load_splits(self.recipe.data, seed=self.recipe.seed)
+        return self._data
+
+    def data_report(self) -> dict:
+        self.data()
+        return to_dict(self._data_report)
+
+    # ---------------------------------------------------------------------------- fingerprints
+    def fingerprint(self, stage: Stage) -> str:
+        if stage.index not in self._fingerprints:
+            from .data import data_fingerprint
+
+            inputs = {}
+            for where, kind, name in references(stage.config):
+                inputs[where] = self.reference_fingerprint(name, stage.index)
+            self._fingerprints[stage.index] = short_hash({
+                "kind": stage.kind,
+                "config": to_dict(stage.config),
+                "inputs": inputs,
+                "data": data_fingerprint(self.recipe.data, self.recipe.seed),
+                "seed": self.recipe.seed,
+            })
+        return self._fingerprints[stage.index]
+
+    def reference_fingerprint(self, name: str, before: int) -> str:
+        kind, target = self.recipe.resolve(name, before)
+        if kind == "stage":
+            return self.fingerprint(target)
+        model: ModelConfig = target
+        parts = {"model": to_dict(model)}
+        if model.tokenizer_from:
+            parts["tokenizer_from"] = self.reference_fingerprint(model.tokenizer_from, before)
+        return short_hash(parts)
+
+    # -------------------------------------------------------------------------------- models
+    def load_model(self, name: str, before: int):
+        from .models import build_fresh, load_pretrained
+
+        kind, target = self.recipe.resolve(name, before)
+        if kind == "stage":
+            path = self.finished_dir(target)
+            if not (path / "stage.json").exists():
+                raise StageError(f"stage {target.name!r} has not finished; run `nlgkd run RECIPE --stage {target.name}`")
+            return load_pretrained(str(path), trust_remote_code=False)
+        model: ModelConfig = target
+        if model.init == "pretrained":
+            if not model.name_or_path:
+                raise RecipeError(f"models.{name}.name_or_path: required with init: pretrained")
+            return load_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
+                                   revision=model.revision)
+        tokenizer = None
+        if model.tokenizer_from:
+            _, tokenizer = self.load_model(model.tokenizer_from, before)
+        texts = self.tokenizer_texts()
+        return build_fresh(model, texts, seed=self.recipe.seed, tokenizer=tokenizer)
+
+    def tokenizer_texts(self) -> list[str]:
+        """Text a fresh tokenizer is trained on: the train split's sources and targets."""
+        data = self.data()
+        split = data["train"] if "train" in data else data["unlabeled"]
+        texts = list(split["source"])
+        if "target" in split.column_names:
+            texts += list(split["target"])
+        return texts
+
+    # -------------------------------------------------------------------------------- running
+    def check_writable(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise StageError(
+                f"run directory {self.run_dir} is not writable ({err.strerror}); pass --runs-dir to write elsewhere"
+            ) from None
+
+    def plan(self, only: str | None = None, start_from: str | None = None, force: bool = False) -> list[tuple[Stage, str]]:
+        """(stage, action) for every stage: 'run', 'skip' (finished, same fingerprint) or 'leave' (not selected)."""
+        names = [s.name for s in self.recipe.stages]
+        for flag, value in (("--stage", only), ("--from", start_from)):
+            if value is not None and value not in names:
+                raise RecipeError(f"{flag} {value}: no such stage; stages are {names}")
+        start = names.index(start_from) if start_from else None
+        plan = []
+        for stage in self.recipe.stages:
+            if only is not None and stage.name != only:
+                plan.append((stage, "leave"))
+            elif force or (start is not None and stage.index >= start) or not self.is_done(stage):
+                plan.append((stage, "run"))
+            else:
+                plan.append((stage, "skip"))
+        return plan
+
+    def run(self, only: str | None = None, start_from: str | None = None, force: bool = False) -> dict[str, str]:
+        self.check_writable()
+        plan = self.plan(only, start_from, force)
+        outcome = {}
+        for stage, action in plan:
+            if action == "leave":
+                continue
+            if action == "skip":
+                self.accelerator.print(f"[{stage.name}] done earlier with the same inputs and config; skipped")
+                outcome[stage.name] = "skipped"
+                continue
+            self.check_inputs(stage)
+            self.run_stage(stage)
+            outcome[stage.name] = "ran"
+        return outcome
+
+    def check_inputs(self, stage: Stage) -> None:
+        """Every earlier stage this one reads must be finished with its current fingerprint."""
+        for where, kind, name in references(stage.config):
+            resolved_kind, target = self.recipe.resolve(name, stage.index)
+            if resolved_kind == "stage" and not self.is_done(target):
+                raise StageError(
+                    f"stage {stage.name!r} needs {target.name!r} ({where}), which has not finished with the current "
+                    f"recipe; run it first: `nlgkd run RECIPE --stage {target.name}` (or run the whole recipe)"
+                )
+
+    def run_stage(self, stage: Stage) -> None:
+        from .stages import STAGES
+
+        acc = self.accelerator
+        fingerprint = self.fingerprint(stage)
+        partial = self.partial_dir(stage)
+        if acc.is_main_process:
+            marker = partial / "fingerprint"
+            if partial.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+                shutil.rmtree(partial)  # left by a different config: nothing to resume
+            if partial.exists():
+                acc.print(f"[{stage.name}] found an unfinished run of this stage; resuming it")
+            partial.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fingerprint)
+        acc.wait_for_everyone()
+        acc.print(f"[{stage.name}] running ({stage.kind})")
+        ctx = StageContext(runner=self, stage=stage, out_dir=partial, fingerprint=fingerprint)
+        started = time.time()
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        STAGES[stage.kind](ctx)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            record = {
+                "name": stage.name,
+                "kind": stage.kind,
+                "status": "done",
+                "fingerprint": fingerprint,
+                "config": to_dict(stage.config),
+                "inputs": {where: self.reference_fingerprint(name, stage.index)
+                           for where, _, name in references(stage.config)},
+                "seed": self.recipe.seed,
+                "world_size": acc.num_processes,
+                "started": started_at,
+                "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "wall_seconds": round(time.time() - started, 2),
+                "versions": package_versions(),
+                **ctx.info,
+            }
+            shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+            (partial / "fingerprint").unlink(missing_ok=True)
+            (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
+            final = self.finished_dir(stage)
+            if final.exists():
+                trash = self.run_dir / f".{stage.name}.old"
+                shutil.rmtree(trash, ignore_errors=True)
+                final.rename(trash)
+                shutil.rmtree(trash)
+            partial.rename(final)
+            acc.print(f"[{stage.name}] finished in {record['wall_seconds']:.1f}s -> {final}")
+        acc.wait_for_everyone()

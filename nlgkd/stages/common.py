@@ -1,0 +1,83 @@
+"""Pieces the training and evaluation stages share: tokenized splits, collators, validation."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..data import collate, encode
+from ..generation import generate, is_causal
+from ..losses import cross_entropy_loss
+from ..metrics import text_metrics
+from ..models import target_logits
+from ..recipe import DecodingConfig
+
+
+def encode_splits(ctx, tokenizer, splits=("train", "validation")) -> dict:
+    """Tokenize the recipe's splits for `tokenizer`; truncation counts go to stage.json."""
+    data = ctx.data()
+    cfg = ctx.recipe.data
+    encoded = {}
+    truncated = {}
+    for split in splits:
+        if split not in data:
+            continue
+        encoded[split], truncated[split] = encode(data[split], tokenizer, cfg.max_source_length, cfg.max_target_length)
+        if any(truncated[split].values()):
+            ctx.log(f"{split}: truncated {truncated[split]['source']} sources to {cfg.max_source_length} tokens "
+                    f"and {truncated[split].get('target', 0)} targets to {cfg.max_target_length} tokens")
+    ctx.info["data"] = {**ctx.runner.data_report(), "truncated": truncated}
+    return encoded
+
+
+def make_collator(model, tokenizer):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return partial(collate, pad_id=pad_id, causal=is_causal(model), sep_id=tokenizer.eos_token_id)
+
+
+def cross_entropy_step(model, batch, normalizer, label_smoothing=0.0):
+    """Cross-entropy on gold targets: the `finetune` objective."""
+    logits = target_logits(model, batch)
+    loss = cross_entropy_loss(logits, batch["labels"], num_tokens=normalizer, label_smoothing=label_smoothing)
+    return loss, {}
+
+
+@torch.no_grad()
+def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samples: int, batch_size: int) -> dict:
+    """Validation loss (token-level cross-entropy on all of it) and BLEU/chrF of greedy output on a subset."""
+    acc = ctx.accelerator
+    unwrapped = acc.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    collator = make_collator(unwrapped, tokenizer)
+    rows = list(range(len(encoded_val)))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    total = torch.zeros(2, device=acc.device)
+    for j, batch_rows in enumerate(batches):
+        if j % acc.num_processes != acc.process_index:
+            continue
+        batch = {k: v.to(acc.device) for k, v in collator([encoded_val[i] for i in batch_rows]).items()}
+        logits = target_logits(unwrapped, batch)
+        total[0] += cross_entropy_loss(logits, batch["labels"], num_tokens=1.0)
+        total[1] += (batch["labels"] != -100).sum()
+    total = acc.reduce(total, "sum")
+    metrics = {"val_loss": (total[0] / total[1].clamp(min=1)).item()}
+    n = min(eval_samples, len(encoded_val))
+    if n:
+        sources = [encoded_val[i]["source_ids"] for i in range(n)]
+        decoding = DecodingConfig(strategy="greedy", batch_size=batch_size,
+                                  max_new_tokens=ctx.recipe.data.max_target_length)
+        outputs = generate(unwrapped, tokenizer, sources, decoding, acc, seed=ctx.seed, desc="validate")
+        scores = text_metrics([o[0] for o in outputs], references[:n])
+        metrics.update(bleu=scores["bleu"], chrf=scores["chrf"])
+    unwrapped.train(was_training)
+    return metrics
+
+
+def make_validator(model, tokenizer, encoded, ctx, args):
+    """The loop's evaluate callback, or None when the recipe has no validation split."""
+    if "validation" not in encoded:
+        return None
+    references = list(ctx.data()["validation"]["target"])
+    return lambda m: validation_metrics(m, tokenizer, encoded["validation"], references, ctx,
+                                        args.eval_samples, max(args.batch_size, 32))

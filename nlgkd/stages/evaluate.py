@@ -1,0 +1,76 @@
+"""`evaluate`: decode a split with each model and compare quality, size and speed in one table."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ..data import encode
+from ..generation import generate, length_buckets
+from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
+
+TABLE_COLUMNS = ["model", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params",
+                 "latency_ms", "seq_per_s", "peak_mem_mb"]
+
+
+def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions of one model on the configured split."""
+    cfg = ctx.config
+    acc = ctx.accelerator
+    data = ctx.data()
+    if cfg.split not in data:
+        raise ValueError(f"stage {ctx.stage.name!r}: split {cfg.split!r} is not in the data "
+                         f"(have {sorted(data)}); set split: to one of them")
+    split = data[cfg.split]
+    if cfg.max_examples is not None:
+        split = split.select(range(min(cfg.max_examples, len(split))))
+    model, tokenizer = ctx.load_model(name)
+    model.to(acc.device).eval()
+    encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
+    sources = list(encoded["source_ids"])
+    with PeakMemory(acc.device) as memory:
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        outputs = generate(model, tokenizer, sources, cfg.decoding, acc, seed=ctx.seed, desc=f"evaluate {name}")
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    predictions = [o[0] if o else "" for o in outputs]
+    references = list(split["target"])
+    num_batches = len(length_buckets([len(s) for s in sources], cfg.decoding.batch_size))
+    metrics = text_metrics(predictions, references)
+    metrics.update(
+        params=count_parameters(model),
+        latency_ms=1000 * elapsed / max(1, num_batches) * acc.num_processes,
+        seq_per_s=len(sources) / elapsed,
+        peak_mem_mb=memory.peak_mb,
+        examples=len(sources),
+        split=cfg.split,
+        decoding=cfg.decoding.strategy,
+    )
+    rows = [{"source": s, "reference": r, "prediction": p, "outputs": o}
+            for s, r, p, o in zip(split["source"], references, predictions, outputs)]
+    del model
+    return metrics, rows
+
+
+def run(ctx) -> None:
+    results = {}
+    for name in ctx.config.models:
+        metrics, rows = evaluate_model(ctx, name)
+        results[name] = metrics
+        if ctx.accelerator.is_main_process:
+            folder = ctx.out_dir / "predictions"
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        ctx.log(f"{name}: BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}, "
+                f"{metrics['seq_per_s']:.1f} seq/s")
+    if ctx.accelerator.is_main_process:
+        (ctx.out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        table = [{"model": name, **m} for name, m in results.items()]
+        ctx.accelerator.print(format_table(table, TABLE_COLUMNS))
+    ctx.info["metrics"] = results

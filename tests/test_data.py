@@ -1,0 +1,92 @@
+"""Data loading: files, templates, empty examples, encodings; collated batches line up with targets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nlgkd.data import collate, load_splits, pad
+from nlgkd.recipe import DataConfig, RecipeError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_with_template_fields(tmp_path):
+    rows = [{"context": f"the sky is blue {i}", "answer": "blue", "question": f"what colour {i}?"} for i in range(5)]
+    config = DataConfig(train=write_jsonl(tmp_path / "train.jsonl", rows),
+                        source="{context}; answer: {answer}", target="question")
+    splits, report = load_splits(config)
+    assert splits["train"][0] == {"source": "the sky is blue 0; answer: blue", "target": "what colour 0?"}
+    assert report.sizes == {"train": 5}
+
+
+def test_csv_and_max_examples(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("source,target\n" + "".join(f"in {i},out {i}\n" for i in range(10)), encoding="utf-8")
+    splits, _ = load_splits(DataConfig(train=str(path), max_examples={"train": 4}))
+    assert len(splits["train"]) == 4
+
+
+def test_missing_file_names_the_field(tmp_path):
+    with pytest.raises(RecipeError, match=r"data\.validation: file .*nope\.jsonl' not found"):
+        load_splits(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", [{"source": "a", "target": "b"}]),
+                               validation=str(tmp_path / "nope.jsonl")))
+
+
+def test_missing_column_lists_columns(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"document": "a", "summary": "b"}])
+    with pytest.raises(RecipeError, match=r"data\.source: column 'source' is not in the train split; its columns are \['document', 'summary'\]"):
+        load_splits(DataConfig(train=path))
+
+
+def test_empty_targets_dropped_and_counted_or_rejected(tmp_path):
+    rows = [{"source": "a", "target": "b"}, {"source": "c", "target": "  "}, {"source": "", "target": "d"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    splits, report = load_splits(DataConfig(train=path))
+    assert len(splits["train"]) == 1 and report.dropped_empty["train"] == 2
+    with pytest.raises(RecipeError, match=r"train example 1 has an empty target; fix the data or set data.on_empty: drop"):
+        load_splits(DataConfig(train=path, on_empty="error"))
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"source": "caf\xe9", "target": "x"}\n'.encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"data\.train: .*latin\.jsonl' is not UTF-8"):
+        load_splits(DataConfig(train=str(path)))
+
+
+def test_unlabeled_split_has_inputs_only(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"source": "a", "target": "b"}])
+    unlabeled = write_jsonl(tmp_path / "u.jsonl", [{"source": "x"}, {"source": "y"}])
+    splits, _ = load_splits(DataConfig(train=train, unlabeled=unlabeled))
+    assert splits["unlabeled"].column_names == ["source"] and len(splits["unlabeled"]) == 2
+
+
+def test_demo_task_is_deterministic():
+    config = DataConfig(task="demo")
+    config.demo.train, config.demo.validation, config.demo.test, config.demo.unlabeled = 50, 5, 5, 5
+    a, _ = load_splits(config, seed=3)
+    b, _ = load_splits(config, seed=3)
+    assert a["train"].to_list() == b["train"].to_list()
+    assert set(a) == {"train", "validation", "test", "unlabeled"}
+
+
+def test_collate_seq2seq_and_causal_align_targets():
+    examples = [{"source_ids": [5, 6, 2], "target_ids": [7, 2]}, {"source_ids": [8, 2], "target_ids": [9, 10, 2]}]
+    seq2seq = collate(examples, pad_id=0, causal=False)
+    assert seq2seq["input_ids"].tolist() == [[5, 6, 2], [8, 2, 0]]
+    assert seq2seq["labels"].tolist() == [[7, 2, -100], [9, 10, 2]]
+    causal = collate(examples, pad_id=0, causal=True, sep_id=2)
+    assert causal["input_ids"].tolist() == [[5, 6, 2, 2, 7, 2], [8, 2, 2, 9, 10, 2]]
+    assert causal["target_offsets"].tolist() == [4, 3]
+    for row, offset, labels in zip(causal["input_ids"], causal["target_offsets"], causal["labels"]):
+        n = int((labels != -100).sum())
+        assert row[offset : offset + n].tolist() == labels[:n].tolist()
+
+
+def test_left_padding():
+    ids, mask = pad([[1, 2, 3], [4]], pad_id=0, left=True)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -1,0 +1,123 @@
+"""The runner end to end on a tiny recipe: artifacts, stage.json, skipping, --stage/--from, resuming a
+killed stage, and the same results on 2 processes as on 1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlgkd.recipe import parse_recipe
+from nlgkd.runner import Runner, StageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "nlgkd", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    assert runner.run() == {"teacher": "ran", "eval": "ran"}
+    run_dir = tmp_path / "tiny"
+    record = json.loads((run_dir / "teacher" / "stage.json").read_text())
+    assert record["status"] == "done" and record["kind"] == "finetune"
+    assert record["train"]["steps"] == 12 and record["versions"]["torch"]
+    assert record["config"]["max_steps"] == 12 and record["fingerprint"] == runner.fingerprint(runner.recipe.stages[0])
+    assert not (run_dir / "teacher" / "checkpoints").exists()
+    assert not list(run_dir.glob(".*partial"))
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # plain transformers can load the artifact
+
+    assert (run_dir / "teacher" / "model.safetensors").exists()
+    AutoModelForSeq2SeqLM.from_pretrained(run_dir / "teacher")
+    AutoTokenizer.from_pretrained(run_dir / "teacher")
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["teacher"]) >= {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "params", "seq_per_s", "latency_ms"}
+    predictions = (run_dir / "eval" / "predictions" / "teacher.jsonl").read_text().splitlines()
+    assert len(predictions) == 16
+
+    started = time.time()
+    again = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    assert again.run() == {"teacher": "skipped", "eval": "skipped"}
+    assert time.time() - started < 10
+
+    # changing only the evaluation re-runs only the evaluation
+    tiny_recipe["stages"][1]["decoding"]["strategy"] = "beam"
+    changed = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    assert changed.run() == {"teacher": "skipped", "eval": "ran"}
+    assert changed.run(start_from="teacher")["teacher"] == "ran"
+
+
+def test_stage_whose_input_is_missing(tmp_path, tiny_recipe):
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    with pytest.raises(StageError, match=r"stage 'eval' needs 'teacher' \(models\[0\]\), which has not finished.*--stage teacher"):
+        runner.run(only="eval")
+
+
+def test_run_dir_not_writable(tmp_path, tiny_recipe):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=blocker / "runs")
+    with pytest.raises(StageError, match=r"is not writable .*--runs-dir"):
+        runner.run()
+
+
+def test_cli_reports_recipe_errors(tmp_path, tiny_recipe):
+    tiny_recipe["stages"][0]["lr"] = "fast"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    result = run_cli(["validate", str(path)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "stages[0] (teacher).lr: expected a number, got 'fast'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe):
+    teacher = tiny_recipe["stages"][0]
+    teacher.update(max_steps=300, save_every=5, eval_every=1000, log_every=50)
+    tiny_recipe["stages"] = [teacher]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "tiny" / ".teacher.partial" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(checkpoints.glob("step-*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed; raise max_steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / "tiny" / "teacher").exists()  # no half artifact that looks finished
+
+    result = run_cli(["run", str(path), "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from checkpoint step-" in result.stdout
+    record = json.loads((tmp_path / "runs" / "tiny" / "teacher" / "stage.json").read_text())
+    assert record["train"]["steps"] == 300 and record["train"]["resumed_from"] >= 5
+
+
+def test_two_processes_give_the_same_results_as_one(tmp_path, tiny_recipe):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    one = run_cli(["run", str(path), "--runs-dir", str(tmp_path / "one")], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "nlgkd", "run", str(path), "--runs-dir", str(tmp_path / "two")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "tiny" / "teacher" / "stage.json").read_text())["world_size"] == 2
+    read = lambda root: [json.loads(line)["prediction"] for line in
+                         (root / "tiny" / "eval" / "predictions" / "teacher.jsonl").read_text().splitlines()]
+    assert read(tmp_path / "two") == read(tmp_path / "one")
