@@ -26,9 +26,17 @@ class RecipeError(ValueError):
     """A recipe problem; the message names the file and the field path and says what to do."""
 
 
-def ref(kind: str, help: str) -> dict:
-    """Field metadata marking a reference to an earlier artifact (`model`, `models`, `dataset`, `datasets`)."""
-    return {"ref": kind, "help": help}
+def ref(kind: str, help: str, yaml_name: str | None = None) -> dict:
+    """Field metadata marking a reference to an earlier artifact (`model`, `models`, `dataset`, `datasets`).
+    `yaml_name` is the recipe key when it is not a valid Python name (`from`)."""
+    meta = {"ref": kind, "help": help}
+    if yaml_name:
+        meta["yaml_name"] = yaml_name
+    return meta
+
+
+def yaml_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("yaml_name", f.name)
 
 
 def doc(help: str) -> dict:
@@ -165,10 +173,110 @@ class EvaluateConfig:
     max_examples: Optional[int] = None
 
 
+LayerSpec = Optional[Union[list[int], dict[str, int], str]]
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    """Build a student from a teacher by keeping chosen encoder and/or decoder layers (study stage S2)."""
+
+    produces: ClassVar[str] = "model"
+    from_: str = field(metadata=ref("model", "teacher model to prune", yaml_name="from"))
+    encoder_layers: LayerSpec = field(default=None, metadata=doc(
+        "layers to keep: a list like [0, -1], {first_last: N}, {first: N}, every_other, all (default)"))
+    decoder_layers: LayerSpec = field(default=None, metadata=doc("as encoder_layers, for the decoder"))
+
+
+@dataclass(kw_only=True)
+class HiddenKD:
+    """Hidden-state distillation: PKD (normalized MSE), DistilBERT cosine, TinyBERT projected MSE."""
+
+    loss: Literal["pkd", "cosine", "tinybert"] = "pkd"
+    weight: float = 1.0
+    sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"])
+    layer_map: Union[Literal["last", "skip", "uniform"], list[list[int]]] = field(
+        default="skip", metadata=doc("strategy, or explicit [[student_layer, teacher_layer], ...]"))
+
+
+@dataclass(kw_only=True)
+class AttentionKD:
+    """Attention distillation: MiniLM-v2 Q/K/V relations, or TinyBERT attention-score MSE."""
+
+    loss: Literal["minilm", "tinybert"] = "minilm"
+    weight: float = 1.0
+    sides: list[Literal["encoder_self", "decoder_self", "cross"]] = field(
+        default_factory=lambda: ["encoder_self", "decoder_self"])
+    relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
+    relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into"))
+    student_layer: int = -1
+    teacher_layer: int = -1
+
+
+@dataclass(kw_only=True)
+class DistillConfig(TrainArgs):
+    """Train a student against one or more teachers with word-level, hidden-state and attention KD (S3)."""
+
+    produces: ClassVar[str] = "model"
+    student: str = field(metadata=ref("model", "model to train (e.g. a prune stage)"))
+    teacher: Optional[Union[str, list[str]]] = field(
+        default=None, metadata=ref("models", "teacher, or a list of teachers (an ensemble averages them)"))
+    objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
+        default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
+    alpha: float = field(default=0.0, metadata=doc("loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy"))
+    temperature: float = 1.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5
+    hidden: Optional[HiddenKD] = None
+    attention: Optional[AttentionKD] = None
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata=doc("auto: bf16 on a GPU that has it, else fp32"))
+    kd_chunk_size: Optional[int] = field(default=None, metadata=doc("token rows per KD chunk (memory bound)"))
+    gold: bool = field(default=True, metadata=doc("train on the gold targets"))
+    pseudo_targets: list[str] = field(
+        default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
+    pt_schedule: Literal["cycle", "all"] = field(
+        default="cycle", metadata=doc("cycle: epoch e uses PT number e mod K (the study); all: every PT each epoch"))
+
+
+@dataclass(kw_only=True)
+class PseudoTargetsConfig:
+    """Generate K pseudo-targets per input with a teacher: sequence-level KD data (study stages S4-S7)."""
+
+    produces: ClassVar[str] = "dataset"
+    teacher: str = field(metadata=ref("model", "model that writes the pseudo-targets"))
+    inputs: list[Literal["train", "validation", "test", "unlabeled"]] = field(
+        default_factory=lambda: ["train"], metadata=doc("splits whose sources get pseudo-targets"))
+    augmented: list[str] = field(default_factory=list, metadata=ref("datasets", "augment stages whose inputs to label"))
+    decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, num_return_sequences=4),
+        metadata=doc("how the teacher writes; default: nucleus sampling p=0.95, K=4"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split"))
+    save_every: int = field(default=10, metadata=doc("batches between writes to disk (a kill loses at most these)"))
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Make new inputs from a split by masking, POS-guided replacement and n-gram sampling (Tang et al.)."""
+
+    produces: ClassVar[str] = "dataset"
+    split: Literal["train", "unlabeled"] = "train"
+    n_iter: int = field(default=4, metadata=doc("variants per input (duplicates dropped)"))
+    p_mask: float = 0.1
+    p_pos: float = 0.1
+    p_ng: float = 0.25
+    field_separator: Optional[str] = field(default=None, metadata=doc("e.g. ' | ' to augment one field at a time"))
+    pos_method: Literal["auto", "distributional", "spacy"] = "distributional"
+    max_examples: Optional[int] = None
+
+
 # kind -> config dataclass. The run functions live in `nlgkd/stages/__init__.py:STAGES` (same keys).
 STAGE_CONFIGS: dict[str, type] = {
     "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+    "pseudo_targets": PseudoTargetsConfig,
+    "augment": AugmentConfig,
 }
 
 
@@ -289,7 +397,7 @@ def build(cls: type, raw: Any, path: str, ignore: tuple[str, ...] = ()) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of fields, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {yaml_name(f): f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
         if key in ignore or key in fields:
             continue
@@ -301,7 +409,7 @@ def build(cls: type, raw: Any, path: str, ignore: tuple[str, ...] = ()) -> Any:
     values = {}
     for name, f in fields.items():
         if name in raw:
-            values[name] = _convert(hints[name], raw[name], f"{path}.{name}")
+            values[f.name] = _convert(hints[f.name], raw[name], f"{path}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
             raise RecipeError(f"{path}.{name}: required field is missing ({help_text})")
@@ -311,7 +419,7 @@ def build(cls: type, raw: Any, path: str, ignore: tuple[str, ...] = ()) -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain JSON-able dict of a config (for stage.json and fingerprints)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {yaml_name(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -325,7 +433,7 @@ def config_help(cls: type) -> list[tuple[str, str, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         default = "" if f.default is dataclasses.MISSING else f" = {f.default!r}"
-        rows.append((f.name, _type_name(hints[f.name]) + default, f.metadata.get("help", "")))
+        rows.append((yaml_name(f), _type_name(hints[f.name]) + default, f.metadata.get("help", "")))
     return rows
 
 
@@ -435,7 +543,7 @@ def references(config: Any) -> list[tuple[str, str, str]]:
             continue
         names = value if isinstance(value, list) else [value]
         for i, name in enumerate(names):
-            where = f"{f.name}[{i}]" if isinstance(value, list) else f.name
+            where = f"{yaml_name(f)}[{i}]" if isinstance(value, list) else yaml_name(f)
             found.append((where, kind.rstrip("s"), name))
     return found
 

@@ -270,7 +270,10 @@ class Runner:
         ctx = StageContext(runner=self, stage=stage, out_dir=partial, fingerprint=fingerprint)
         started = time.time()
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        STAGES[stage.kind](ctx)
+        try:
+            STAGES[stage.kind](ctx)
+        except (ValueError, KeyError) as err:  # bad input found by the stage: say where, keep what is done
+            raise StageError(f"stage {stage.name!r} ({stage.kind}): {err}") from err
         acc.wait_for_everyone()
         if acc.is_main_process:
             record = {

@@ -47,6 +47,7 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
     """Validation loss (token-level cross-entropy on all of it) and BLEU/chrF of greedy output on a subset."""
     acc = ctx.accelerator
     unwrapped = acc.unwrap_model(model)
+    unwrapped = getattr(unwrapped, "student", unwrapped)  # distill trains a student+projections module
     was_training = unwrapped.training
     unwrapped.eval()
     collator = make_collator(unwrapped, tokenizer)
