@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from .recipe import TrainArgs
 
 LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict[str, float]]"]
+# (model, micro-batches, step) -> (micro-batches, logs): lets a stage replace targets before tokens are counted
+PrepareFn = Callable[[torch.nn.Module, list, int], "tuple[list, dict[str, float]]"]
 EvalFn = Callable[[torch.nn.Module], dict]
 HIGHER_IS_BETTER = {"val_loss": False, "bleu": True, "chrf": True}
 
@@ -41,7 +43,8 @@ class LoopResult:
     stopped_early: bool
     resumed_from: int | None
     history: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # wall time of training steps, evaluations excluded
+    eval_seconds: float = 0.0
 
 
 def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
@@ -69,19 +72,24 @@ def train(
     out_dir: Path,
     seed: int,
     log: Callable[[str], None] = print,
-    extra_params: list[torch.nn.Parameter] = (),
+    prepare_window: PrepareFn | None = None,
 ) -> LoopResult:
-    """Train `model` in place; at the end it holds the best weights seen by `evaluate` (or the last ones)."""
+    """Train `model` in place; at the end it holds the best weights seen by `evaluate` (or the last ones).
+
+    train_data: a dataset of tokenized examples, or a function epoch -> dataset (pseudo-target schedules
+    that show each input a different target every epoch).
+    """
+    data_for_epoch = train_data if callable(train_data) else (lambda epoch: train_data)
     world = accelerator.num_processes
     if args.batch_size % world:
         raise ValueError(f"batch_size {args.batch_size} must be divisible by the {world} processes")
-    n = len(train_data)
+    n = len(data_for_epoch(0))
     batches_per_epoch = math.ceil(n / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     eval_every = args.eval_every or steps_per_epoch
 
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    params = [p for p in model.parameters() if p.requires_grad]
     no_decay = [p for p in params if p.ndim < 2]
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW(
@@ -110,9 +118,12 @@ def train(
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     started = time.time()
     stopped_early = False
+    running = RunningLogs()
+    eval_seconds = 0.0
     model.train()
     while state["step"] < total_steps and not stopped_early:
-        loader = epoch_loader(train_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator)
+        loader = epoch_loader(data_for_epoch(state["epoch"]), state["epoch"], seed, args.batch_size, collate_fn,
+                              accelerator)
         batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
         while state["step"] < total_steps and not stopped_early:
             window = [b for _, b in zip(range(args.grad_accum), batches)]
@@ -121,19 +132,26 @@ def train(
                 state["batch_in_epoch"] = 0
                 break
             state["batch_in_epoch"] += len(window)
-            logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype)
+            extra = {}
+            if prepare_window is not None:
+                window, extra = prepare_window(model, window, state["step"])
+            logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra)
             scheduler.step()
             state["step"] += 1
             bar.update(1)
             step = state["step"]
+            running.add(logs)
             if step % args.log_every == 0 or step == total_steps:
-                logs.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
-                            lr=scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                write_metrics(accelerator, metrics_file, logs)
+                record = running.averages()
+                record.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
+                              lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                write_metrics(accelerator, metrics_file, record)
             if evaluate is not None and (step % eval_every == 0 or step == total_steps):
+                eval_started = time.time()
                 stopped_early = run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log)
                 model.train()
+                eval_seconds += time.time() - eval_started
             if args.save_every and step % args.save_every == 0 and step < total_steps and not stopped_early:
                 save_checkpoint(accelerator, ckpt_root, state)
     bar.close()
@@ -147,8 +165,28 @@ def train(
     epochs = state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
     return LoopResult(
         steps=state["step"], epochs=round(epochs, 3), best=state["best"], stopped_early=stopped_early,
-        resumed_from=resumed_from, history=state["history"], train_seconds=round(time.time() - started, 2),
+        resumed_from=resumed_from, history=state["history"],
+        train_seconds=round(time.time() - started - eval_seconds, 2), eval_seconds=round(eval_seconds, 2),
     )
+
+
+class RunningLogs:
+    """Averages of each logged value over the steps since the last write (a value logged only on some
+    steps, like Joint-Teaching's student-prefix loss, is averaged over the steps that had it)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def averages(self) -> dict:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return out
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
@@ -165,13 +203,13 @@ def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn,
     return accelerator.prepare_data_loader(loader)
 
 
-def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype) -> dict:
-    """One optimizer step over an accumulation window of micro-batches."""
+def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra=None) -> dict:
+    """One optimizer step over an accumulation window of micro-batches; returns logs averaged over processes."""
     local_tokens = sum(int((b["labels"] != -100).sum()) for b in window)
     global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum").item()
     # DDP averages gradients over processes, so each process scales its sum by world / global tokens
     normalizer = max(global_tokens, 1.0) / accelerator.num_processes
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = dict(extra or {})
     for i, batch in enumerate(window):
         sync = i == len(window) - 1
         context = accelerator.no_sync(model) if not sync else _null()

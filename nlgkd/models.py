@@ -89,13 +89,15 @@ def train_tokenizer(texts: list[str], algorithm: str, vocab_size: int, encoder_d
 
 def fresh_config(cfg: ModelConfig, tokenizer):
     """A transformers config for `cfg.arch` with the tokenizer's size and special ids."""
-    from transformers import BartConfig, GPT2Config, T5Config
+    from transformers import BartConfig, GPT2Config, MBartConfig, T5Config
 
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     vocab = len(tokenizer)
-    if cfg.arch == "bart":
-        return BartConfig(
+    if cfg.arch in ("bart", "mbart"):
+        # mbart is BART with pre-layer-norm blocks, which train from scratch more stably at high lr
+        config_class = BartConfig if cfg.arch == "bart" else MBartConfig
+        return config_class(
             vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
             decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.attention_heads,
             decoder_attention_heads=cfg.attention_heads, encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim,
@@ -116,7 +118,7 @@ def fresh_config(cfg: ModelConfig, tokenizer):
             n_layer=cfg.decoder_layers, n_head=cfg.attention_heads, n_inner=cfg.ffn_dim,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0, **ids,
         )
-    raise ValueError(f"arch {cfg.arch!r} is not one of bart, t5, gpt2")
+    raise ValueError(f"arch {cfg.arch!r} is not one of bart, mbart, t5, gpt2")
 
 
 def build_fresh(cfg: ModelConfig, texts: list[str], seed: int, tokenizer=None):

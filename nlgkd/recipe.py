@@ -80,7 +80,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------------------------------- models
-ARCHS = ("bart", "t5", "gpt2")
 
 
 @dataclass(kw_only=True)
@@ -91,7 +90,8 @@ class ModelConfig:
     name_or_path: Optional[str] = field(default=None, metadata=doc("hub name or local folder (init: pretrained)"))
     revision: Optional[str] = None
     trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
-    arch: Literal["bart", "t5", "gpt2"] = field(default="bart", metadata=doc("family of a fresh model"))
+    arch: Literal["bart", "mbart", "t5", "gpt2"] = field(
+        default="bart", metadata=doc("family of a fresh model (mbart = BART with pre-layer-norm)"))
     d_model: int = 256
     encoder_layers: int = 4
     decoder_layers: int = 4
@@ -213,6 +213,18 @@ class AttentionKD:
 
 
 @dataclass(kw_only=True)
+class JointTeachingConfig:
+    """Joint-Teaching (study stage S8): word-level KD also on prefixes the current student samples."""
+
+    student_ratio: float = field(default=0.5, metadata=doc("share of steps trained on student samples (1 = only)"))
+    schedule: Literal["alternate", "random"] = field(
+        default="alternate", metadata=doc("alternate: evenly spread; random: seeded coin per step"))
+    decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, max_new_tokens=64),
+        metadata=doc("how the student samples its prefixes"))
+
+
+@dataclass(kw_only=True)
 class DistillConfig(TrainArgs):
     """Train a student against one or more teachers with word-level, hidden-state and attention KD (S3)."""
 
@@ -236,6 +248,11 @@ class DistillConfig(TrainArgs):
         default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
     pt_schedule: Literal["cycle", "all"] = field(
         default="cycle", metadata=doc("cycle: epoch e uses PT number e mod K (the study); all: every PT each epoch"))
+    joint_teaching: Optional[JointTeachingConfig] = None
+    cached_teacher: Optional[str] = field(
+        default=None, metadata=ref("logits", "a cache_logits stage: KD from stored top-k, no teacher loaded"))
+    cache_tail: Literal["renormalize", "bucket"] = field(
+        default="renormalize", metadata=doc("teacher mass outside the cached top-k: see losses.sparse_kd_loss"))
 
 
 @dataclass(kw_only=True)
@@ -269,6 +286,19 @@ class AugmentConfig:
     max_examples: Optional[int] = None
 
 
+@dataclass(kw_only=True)
+class CacheLogitsConfig:
+    """Run a teacher once over gold and/or pseudo-targets; store its top-k log-probs for teacher-free KD."""
+
+    produces: ClassVar[str] = "logits"
+    teacher: str = field(metadata=ref("model", "model whose distributions are cached"))
+    gold: bool = field(default=True, metadata=doc("cache the train split's gold targets"))
+    pseudo_targets: list[str] = field(default_factory=list, metadata=ref("datasets", "pseudo_targets stages to cache"))
+    top_k: int = field(default=32, metadata=doc("entries kept per token"))
+    dtype: Literal["fp16", "fp32"] = field(default="fp16", metadata=doc("storage of the log-probs"))
+    batch_size: int = 32
+
+
 # kind -> config dataclass. The run functions live in `nlgkd/stages/__init__.py:STAGES` (same keys).
 STAGE_CONFIGS: dict[str, type] = {
     "finetune": FinetuneConfig,
@@ -277,6 +307,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "distill": DistillConfig,
     "pseudo_targets": PseudoTargetsConfig,
     "augment": AugmentConfig,
+    "cache_logits": CacheLogitsConfig,
 }
 
 
@@ -533,6 +564,9 @@ def _build_stage(raw: Any, index: int) -> Stage:
     return Stage(name=name, kind=kind, config=config, index=index)
 
 
+SINGULAR = {"models": "model", "datasets": "dataset"}
+
+
 def references(config: Any) -> list[tuple[str, str, str]]:
     """(field path, ref kind, name) for every reference field of a stage or model config."""
     found = []
@@ -544,7 +578,7 @@ def references(config: Any) -> list[tuple[str, str, str]]:
         names = value if isinstance(value, list) else [value]
         for i, name in enumerate(names):
             where = f"{yaml_name(f)}[{i}]" if isinstance(value, list) else yaml_name(f)
-            found.append((where, kind.rstrip("s"), name))
+            found.append((where, SINGULAR.get(kind, kind), name))
     return found
 
 

@@ -37,3 +37,41 @@ TINY_RECIPE = {
 def tiny_recipe() -> dict:
     """A fresh copy of the tiny recipe as a plain dict (tests edit it freely)."""
     return copy.deepcopy(TINY_RECIPE)
+
+
+TEACHER_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(recipe dict, runs root) with a trained tiny teacher and a decoder-pruned student, made once per
+    session; tests add stages to a copy of the recipe and run them in the same runs root."""
+    from nlgkd.recipe import parse_recipe
+    from nlgkd.runner import Runner
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["data"]["demo"]["train"] = 320
+    recipe["stages"] = [
+        {**recipe["stages"][0], "max_steps": TEACHER_STEPS, "eval_every": 1000, "save_every": None},
+        {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [-1]},
+    ]
+    root = tmp_path_factory.mktemp("runs")
+    Runner(parse_recipe(recipe), runs_root=root).run()
+    return recipe, root
+
+
+def with_stage(trained, *stages: dict):
+    """A Runner over the trained run directory with `stages` appended to the recipe."""
+    from nlgkd.recipe import parse_recipe
+    from nlgkd.runner import Runner
+
+    recipe, root = trained
+    recipe = copy.deepcopy(recipe)
+    recipe["stages"].extend(copy.deepcopy(list(stages)))
+    return Runner(parse_recipe(recipe), runs_root=root), recipe
+
+
+def distill_stage(name, **fields):
+    """A short distill stage of the tiny student against the tiny teacher."""
+    return {"name": name, "kind": "distill", "student": "student", "teacher": "teacher", "max_steps": 3,
+            "batch_size": 16, "eval_samples": 0, "save_every": None, "log_every": 1, **fields}

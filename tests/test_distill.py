@@ -13,37 +13,9 @@ from nlgkd.models import load_pretrained, target_logits
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
-TEACHER_STEPS = 40
+from conftest import distill_stage, with_stage
+
 STUDENT_STEPS = 25
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run directory with a trained tiny teacher and a decoder-pruned student (made once)."""
-    from conftest import TINY_RECIPE
-
-    recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["data"]["demo"]["train"] = 320
-    recipe["stages"] = [
-        {**recipe["stages"][0], "max_steps": TEACHER_STEPS, "eval_every": 1000, "save_every": None},
-        {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [-1]},
-    ]
-    root = tmp_path_factory.mktemp("runs")
-    Runner(parse_recipe(recipe), runs_root=root).run()
-    return recipe, root
-
-
-def with_stage(trained, stage: dict) -> tuple[Runner, dict]:
-    recipe, root = trained
-    recipe = copy.deepcopy(recipe)
-    recipe["stages"].append(stage)
-    runner = Runner(parse_recipe(recipe), runs_root=root)
-    return runner, recipe
-
-
-def distill_stage(name, **fields):
-    return {"name": name, "kind": "distill", "student": "student", "teacher": "teacher", "max_steps": 3,
-            "batch_size": 16, "eval_samples": 0, "save_every": None, "log_every": 1, **fields}
 
 
 def test_prune_stage_records_mapping_and_size(trained):
@@ -103,9 +75,9 @@ def agreement(student_dir, teacher_dir, recipe) -> float:
 
 def test_kd_matches_the_teacher_better_than_cross_entropy(trained):
     common = {"max_steps": STUDENT_STEPS, "lr": 3e-3, "log_every": 1}
-    runner, recipe = with_stage(trained, distill_stage("ce_only", objective="finetune", **common))
+    runner, recipe = with_stage(trained, distill_stage("ce_only", objective="finetune", **common),
+                                distill_stage("kd", objective="logits_kd", **common))
     runner.run(only="ce_only")
-    runner, recipe = with_stage(trained, distill_stage("kd", objective="logits_kd", **common))
     runner.run(only="kd")
     logs = [json.loads(line) for line in (runner.run_dir / "kd" / "metrics.jsonl").read_text().splitlines()]
     kd_losses = [r["logits_kd"] for r in logs if "logits_kd" in r]

@@ -9,14 +9,17 @@ Every term is normalized by the global count of target tokens (see `nlgkd/loop.p
 """
 from __future__ import annotations
 
+import math
+import random
 from contextlib import ExitStack
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from ..data import data_fingerprint, encode
 from ..features import QKVCapture, attentions, hidden_states
-from ..generation import is_causal
+from ..generation import gather_objects, generation_kwargs, is_causal
 from ..loop import train
 from ..losses import (
     attention_score_mse,
@@ -28,6 +31,7 @@ from ..losses import (
     pkd_loss,
     projected_mse_loss,
     relation_kd_loss,
+    sparse_kd_loss,
 )
 from ..models import check_same_vocabulary, forward_on_targets, save_model
 from .common import encode_splits, make_collator, make_validator
@@ -104,6 +108,18 @@ def side_mask(batch: dict, side: str, causal: bool) -> torch.Tensor:
 
 def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, names) -> None:
     """Fail before training on combinations that cannot work, naming the recipe field."""
+    if cfg.cached_teacher is not None:
+        if teachers:
+            raise ValueError("give teacher: or cached_teacher:, not both")
+        if cfg.objective != "logits_kd" or cfg.hidden or cfg.attention or cfg.joint_teaching:
+            raise ValueError("cached_teacher supports objective: logits_kd only (no hidden, attention or "
+                             "joint_teaching: those need the teacher itself)")
+        if cfg.divergence != "forward_kl":
+            raise ValueError("cached_teacher: only divergence: forward_kl can be computed from a top-k cache")
+        if cfg.pseudo_targets:
+            raise ValueError("with cached_teacher the training examples come from the cache; list the "
+                             "pseudo_targets in the cache_logits stage instead")
+        return
     if cfg.objective != "finetune" or cfg.hidden or cfg.attention:
         if not teachers:
             raise ValueError(f"objective {cfg.objective!r} needs a teacher: set teacher: (a model or a list)")
@@ -156,13 +172,27 @@ def run(ctx) -> None:
     module = StudentWithProjections(student, projections)
 
     encoded = encode_splits(ctx, tokenizer)
-    if "train" not in encoded:
-        raise ValueError("distill needs a train split with targets")
+    collate_fn = make_collator(student, tokenizer)
+    if cfg.cached_teacher is not None:
+        from .cache_logits import LogitCache
+
+        cache = LogitCache(ctx.artifact_dir(cfg.cached_teacher))
+        cache.check(tokenizer, data_fingerprint(ctx.recipe.data, ctx.recipe.seed), "cached_teacher")
+        cached = cache.training_examples()
+        data_for_epoch = lambda epoch: cached  # noqa: E731
+        collate_fn = lambda examples: cache.collate(  # noqa: E731
+            examples, pad_id=tokenizer.pad_token_id, causal=causal, sep_id=tokenizer.eos_token_id)
+    else:
+        data_for_epoch = training_data(ctx, cfg, tokenizer, encoded)
     compute_loss = make_loss(cfg, teachers, causal)
+    prepare, student_steps = None, []
+    if cfg.joint_teaching is not None:
+        prepare, student_steps = make_joint_teaching(cfg, tokenizer, ctx.seed, acc, causal)
     result = train(
         model=module,
-        train_data=encoded["train"],
-        collate_fn=make_collator(student, tokenizer),
+        train_data=data_for_epoch,
+        prepare_window=prepare,
+        collate_fn=collate_fn,
         compute_loss=compute_loss,
         evaluate=make_validator(student, tokenizer, encoded, ctx, cfg),
         args=cfg,
@@ -173,8 +203,95 @@ def run(ctx) -> None:
     )
     ctx.info["train"] = asdict(result)
     ctx.info["teachers"] = names
+    if cfg.joint_teaching is not None:
+        per_process = list(gather_objects(acc, student_steps))
+        ctx.info["joint_teaching"] = {
+            "student_steps": len(student_steps),
+            "share": len(student_steps) / max(1, result.steps - (result.resumed_from or 0)),
+            "processes_agree": all(steps == per_process[0] for steps in per_process),
+            "student_step_list": student_steps,
+        }
     if acc.is_main_process:
         save_model(acc.unwrap_model(module).student, tokenizer, ctx.out_dir)
+
+
+def training_data(ctx, cfg, tokenizer, encoded):
+    """epoch -> tokenized examples: gold targets (if `gold`) plus this epoch's pseudo-targets.
+    `pt_schedule: cycle` gives each input its PT number (epoch mod K), as in the study; `all` gives all K."""
+    gold = list(encoded["train"]) if cfg.gold and "train" in encoded else []
+    groups: list[list[dict]] = []
+    for name in cfg.pseudo_targets:
+        from .pseudo_targets import load_pseudo_targets
+
+        pts = load_pseudo_targets(ctx.artifact_dir(name)).rename_column("pt", "target")
+        data_cfg = ctx.recipe.data
+        pts, truncated = encode(pts, tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
+        by_input: dict[tuple, list[dict]] = {}
+        for row in pts:
+            by_input.setdefault((name, row["origin"], row["input_index"]), []).append(row)
+        groups += [sorted(rows, key=lambda r: r["pt_index"]) for rows in by_input.values()]
+        ctx.log(f"{name}: {len(pts)} pseudo-targets for {len(by_input)} inputs")
+    if not gold and not groups:
+        raise ValueError("no training targets: set gold: true (with a train split) or pseudo_targets: [a stage]")
+    if cfg.pt_schedule == "all":
+        everything = gold + [row for rows in groups for row in rows]
+        return lambda epoch: everything
+    return lambda epoch: gold + [rows[epoch % len(rows)] for rows in groups]
+
+
+def is_student_step(jt, seed: int, step: int) -> bool:
+    """Whether optimizer step `step` trains on student samples: a pure function of (seed, step), so every
+    process decides the same without talking. `alternate` spreads the steps evenly (r = 0.5: every other)."""
+    r = jt.student_ratio
+    if r <= 0:
+        return False
+    if r >= 1:
+        return True
+    if jt.schedule == "alternate":
+        return math.floor((step + 1) * r) > math.floor(step * r)
+    return random.Random(seed * 1_000_003 + step).random() < r
+
+
+def mask_after_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Labels from sampled tokens [B, T]: everything after the first EOS becomes -100 (the EOS counts)."""
+    is_eos = tokens == eos_id
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return tokens.masked_fill(after, -100)
+
+
+def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
+    """The loop's prepare_window hook: on student steps, replace each micro-batch's targets with prefixes
+    the current student samples (no gradient). The teacher is then teacher-forced on those prefixes by
+    compute_loss. The encoder is not shared with the KD forward: generation runs without gradients,
+    and the KD forward needs the encoder's."""
+    if causal:
+        raise ValueError("joint_teaching: supported for encoder-decoder students only for now")
+    jt = cfg.joint_teaching
+    kwargs = generation_kwargs(jt.decoding)
+    kwargs["num_return_sequences"] = 1
+    student_steps: list[int] = []
+
+    def prepare(model, window, step):
+        if not is_student_step(jt, seed, step):
+            return window, {"student_step": 0.0}
+        student_steps.append(step)
+        student = acc.unwrap_model(model).student
+        was_training = student.training
+        student.eval()
+        new_window, lengths = [], []
+        for i, batch in enumerate(window):
+            torch.manual_seed(seed * 7919 + step * 131 + i * 17 + acc.process_index)
+            with torch.no_grad():
+                out = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       **kwargs)
+            labels = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
+            lengths.append((labels != -100).sum(1).float().mean().item())
+            new_window.append({**batch, "labels": labels, "student_prefix": True})
+        student.train(was_training)
+        return new_window, {"student_step": 1.0, "student_pt_len": sum(lengths) / len(lengths)}
+
+    return prepare, student_steps
 
 
 def make_loss(cfg, teachers: list[nn.Module], causal: bool):
@@ -213,7 +330,28 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool):
             ce = cross_entropy_loss(s_logits, batch["labels"], num_tokens=normalizer,
                                     label_smoothing=cfg.label_smoothing)
             logs["ce"] = ce.detach()
-            if cfg.objective == "finetune":
+            on_student_prefix = bool(batch.get("student_prefix", False))
+            if "teacher_topk_ids" in batch:
+                # KD from a top-k cache: no teacher forward at all
+                word = sparse_kd_loss(s_logits, batch["teacher_topk_logprobs"], batch["teacher_topk_ids"], mask,
+                                      temperature=cfg.temperature, tail=cfg.cache_tail, num_tokens=normalizer,
+                                      chunk_size=cfg.kd_chunk_size)
+                logs[cfg.objective] = word.detach()
+                loss = (1 - cfg.alpha) * word + cfg.alpha * ce
+                agree = (s_logits.argmax(-1) == batch["teacher_topk_ids"][..., 0]) & mask
+                logs["agreement"] = agree.sum() / normalizer
+            elif on_student_prefix:
+                # Joint-Teaching: the targets are the student's own samples, so gold cross-entropy on them
+                # means nothing; the teacher's word-level distribution is the only signal
+                word = kd_loss(s_logits, t_logits if len(t_logits) > 1 else t_logits[0], mask,
+                               temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
+                               num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+                loss = word
+                logs["kd_student_prefix"] = word.detach()
+                logs["teacher_nll_student_pt"] = cross_entropy_loss(
+                    t_logits[0].float(), batch["labels"], num_tokens=normalizer).detach()
+                del logs["ce"]
+            elif cfg.objective == "finetune":
                 loss = ce
             else:
                 if cfg.objective == "logits_mse":
@@ -224,6 +362,8 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool):
                                    temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
                                    num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
                 logs[cfg.objective] = word.detach()
+                if cfg.joint_teaching is not None:
+                    logs["kd_teacher_prefix"] = word.detach()
                 loss = (1 - cfg.alpha) * word + cfg.alpha * ce
                 agree = (s_logits.argmax(-1) == t_logits[0].argmax(-1)) & mask
                 logs["agreement"] = agree.sum() / normalizer

@@ -1,0 +1,104 @@
+"""Joint-Teaching: a deterministic schedule, r = 0 equal to plain logits KD, student prefixes masked after
+EOS, and every process deciding the same steps."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+import yaml
+
+from nlgkd.models import load_pretrained
+from nlgkd.recipe import DecodingConfig, JointTeachingConfig
+from nlgkd.stages.distill import is_student_step, make_joint_teaching, mask_after_eos
+
+from conftest import distill_stage, with_stage
+
+
+def test_schedule_is_deterministic_and_keeps_its_ratio():
+    alternate = JointTeachingConfig(student_ratio=0.5, schedule="alternate")
+    assert [is_student_step(alternate, 0, s) for s in range(6)] == [False, True, False, True, False, True]
+    third = JointTeachingConfig(student_ratio=1 / 3, schedule="alternate")
+    assert sum(is_student_step(third, 0, s) for s in range(300)) == 100
+    rnd = JointTeachingConfig(student_ratio=0.3, schedule="random")
+    first = [is_student_step(rnd, 7, s) for s in range(2000)]
+    assert first == [is_student_step(rnd, 7, s) for s in range(2000)]
+    assert abs(sum(first) / 2000 - 0.3) < 0.04
+    assert first != [is_student_step(rnd, 8, s) for s in range(2000)]
+    assert not any(is_student_step(JointTeachingConfig(student_ratio=0.0), 0, s) for s in range(50))
+    assert all(is_student_step(JointTeachingConfig(student_ratio=1.0), 0, s) for s in range(50))
+
+
+def test_tokens_after_eos_never_count():
+    tokens = torch.tensor([[5, 6, 2, 7, 2, 8], [5, 2, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
+    labels = mask_after_eos(tokens, eos_id=2)
+    assert labels.tolist() == [[5, 6, 2, -100, -100, -100], [5, 2, -100, -100, -100, -100], [5, 6, 7, 8, 9, 10]]
+
+
+def test_student_steps_train_on_student_samples_only(trained):
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    cfg = SimpleNamespace(joint_teaching=JointTeachingConfig(
+        student_ratio=1.0, decoding=DecodingConfig(strategy="sample", max_new_tokens=6)))
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, process_index=0)
+    prepare, steps = make_joint_teaching(cfg, tokenizer, seed=0, acc=accelerator, causal=False)
+    gold = torch.tensor([[11, 12, 13, 2, -100, -100, -100, -100, -100]])
+    batch = {"input_ids": torch.tensor([[10, 11, 12, 2]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": gold}
+    window, logs = prepare(SimpleNamespace(student=student), [batch], step=0)
+    labels = window[0]["labels"]
+    assert steps == [0] and logs["student_step"] == 1.0 and window[0]["student_prefix"]
+    assert labels.shape[1] <= 6 and not torch.equal(labels[:, :4], gold[:, :4])
+    # the counted tokens are exactly the sampled ones up to and including the first EOS
+    torch.manual_seed(0 * 7919 + 0)
+    again = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             do_sample=True, top_p=0.95, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    assert torch.equal(labels, mask_after_eos(again, tokenizer.eos_token_id))
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_ratio_zero_equals_plain_logits_kd(trained):
+    runner, _ = with_stage(
+        trained,
+        distill_stage("plain", objective="logits_kd", max_steps=4),
+        distill_stage("jt0", objective="logits_kd", max_steps=4, joint_teaching={"student_ratio": 0.0}),
+    )
+    runner.run(only="plain")
+    runner.run(only="jt0")
+    assert losses(runner.run_dir / "plain") == losses(runner.run_dir / "jt0")
+
+
+def test_joint_teaching_logs_both_prefix_kinds(trained):
+    runner, _ = with_stage(trained, distill_stage("jt", objective="logits_kd", max_steps=4, log_every=4,
+                                                  joint_teaching={"student_ratio": 0.5}))
+    runner.run(only="jt")
+    record = json.loads((runner.run_dir / "jt" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["student_step"] == 0.5
+    assert {"kd_student_prefix", "kd_teacher_prefix", "teacher_nll_student_pt", "student_pt_len"} <= set(record)
+    info = json.loads((runner.run_dir / "jt" / "stage.json").read_text())["joint_teaching"]
+    assert info["student_step_list"] == [1, 3]
+
+
+def test_two_processes_agree_on_student_steps(trained, tmp_path):
+    runner, recipe = with_stage(trained, distill_stage("jt2", objective="logits_kd", max_steps=6,
+                                                       joint_teaching={"student_ratio": 0.4, "schedule": "random"}))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "nlgkd", "run", str(path), "--stage", "jt2", "--runs-dir", str(runner.run_dir.parent)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((runner.run_dir / "jt2" / "stage.json").read_text())
+    assert info["world_size"] == 2 and info["joint_teaching"]["processes_agree"]
+    jt = JointTeachingConfig(student_ratio=0.4, schedule="random")
+    assert info["joint_teaching"]["student_step_list"] == [s for s in range(6) if is_student_step(jt, 0, s)]
