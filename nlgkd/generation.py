@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import causal_prompt, pad
 from .recipe import DecodingConfig
@@ -25,18 +26,123 @@ def generation_kwargs(decoding: DecodingConfig) -> dict:
         "no_repeat_ngram_size": decoding.no_repeat_ngram_size or None,
     }
     if decoding.strategy == "greedy":
+        if decoding.num_return_sequences > 1:
+            raise ValueError("decoding.num_return_sequences: greedy decoding gives one output per input; set "
+                             "strategy: sample, beam or diverse_beam for more")
         kwargs.update(do_sample=False, num_beams=1)
     elif decoding.strategy == "beam":
         kwargs.update(do_sample=False, num_beams=max(decoding.num_beams, decoding.num_return_sequences),
                       length_penalty=decoding.length_penalty, early_stopping=True)
     elif decoding.strategy == "diverse_beam":
-        # transformers 5 moved group beam search to a hub download; nlgkd runs it itself (see diverse_beam)
-        kwargs.update(do_sample=False, num_beams=max(decoding.num_beams, decoding.num_return_sequences),
-                      length_penalty=decoding.length_penalty, early_stopping=True)
+        # transformers 5 moved group beam search to a hub download; nlgkd runs the groups itself, one beam
+        # search each (see diverse_beam_search); these are the arguments of one group's search
+        per_group = beams_per_group(decoding)
+        kwargs.update(do_sample=False, num_beams=per_group, num_return_sequences=per_group)
+        if per_group > 1:
+            kwargs.update(length_penalty=decoding.length_penalty, early_stopping=True)
     elif decoding.strategy == "sample":
         kwargs.update(do_sample=True, num_beams=1, temperature=decoding.temperature,
                       top_k=decoding.top_k or None, top_p=decoding.top_p)
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def beams_per_group(decoding: DecodingConfig) -> int:
+    """Diverse beam: beams in each group, so that the groups together hold num_beams and at least K outputs."""
+    if decoding.num_beam_groups < 1:
+        raise ValueError(f"decoding.num_beam_groups: must be at least 1, got {decoding.num_beam_groups}")
+    total = max(decoding.num_beams, decoding.num_return_sequences)
+    return -(-total // decoding.num_beam_groups)  # ceiling division
+
+
+def model_cache_kwargs(model) -> dict:
+    """Extra `generate` arguments some architectures need, fresh for every call.
+
+    transformers 5.23 crashes (IndexError) in `generate(use_cache=True)` for T5/mT5 with fewer encoder than
+    decoder layers, as pruned students have: it sizes the default cache by the encoder. An explicit empty
+    encoder-decoder cache avoids it."""
+    if getattr(model.config, "model_type", None) in ("t5", "mt5"):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        return {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    return {}
+
+
+class PreviousGroupsPenalty(LogitsProcessor):
+    """Subtract `penalty` x (how many earlier groups' outputs chose token v at this step) from every score.
+
+    `previous` [batch, n, length]: the earlier groups' output sequences (prompt or decoder start included, so
+    positions line up with the `input_ids` the processor sees), with -1 after each sequence ended. Beam search
+    calls the processor with `input_ids` [batch * beams, step] and scores [batch * beams, vocab] for the token
+    at position `step`.
+    """
+
+    def __init__(self, previous: torch.Tensor, penalty: float, beams: int):
+        self.previous = previous
+        self.penalty = penalty
+        self.beams = beams
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1]
+        if step >= self.previous.shape[-1]:
+            return scores
+        tokens = self.previous[:, :, step].to(scores.device)  # [batch, n]
+        counts = torch.zeros(tokens.shape[0], scores.shape[-1], device=scores.device, dtype=scores.dtype)
+        counts.scatter_add_(1, tokens.clamp(min=0), (tokens >= 0).to(scores.dtype))
+        return scores - self.penalty * counts.repeat_interleave(self.beams, dim=0)
+
+
+def ended_as_minus_one(sequences: torch.Tensor, start: int, eos_id: int | None) -> torch.Tensor:
+    """`sequences` with every position after a sequence's first EOS at or after `start` set to -1 (padding)."""
+    marked = sequences.clone()
+    if eos_id is None:
+        return marked
+    is_eos = sequences[:, start:] == eos_id
+    after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    marked[:, start:][after] = -1
+    return marked
+
+
+def diverse_beam_search(model, input_ids, attention_mask, decoding: DecodingConfig, **generate_kwargs) -> torch.Tensor:
+    """K outputs per input from a *sequential* variant of diverse beam search (Vijayakumar et al., 2018).
+
+    The original runs G beam-search groups in lock step and, at every time step, lowers the scores of the
+    tokens that earlier groups chose at that step (Hamming diversity). transformers 5 no longer ships it
+    offline, so here the groups run one after another: group g is a plain beam search whose log-probabilities
+    are lowered by `diversity_penalty` for each time an earlier group's *final* output has that token at the
+    same position (`PreviousGroupsPenalty`). Group 0 is plain beam search. Each group keeps
+    `beams_per_group` beams and returns them all; the K outputs interleave the groups best-first (group 0's
+    best, group 1's best, ..., group 0's second, ...), so every group contributes when K >= G.
+
+    Returns [batch * K, length] token ids, K consecutive rows per input (as `generate` does).
+    """
+    groups = decoding.num_beam_groups
+    beams = beams_per_group(decoding)
+    kwargs = {**generation_kwargs(decoding), **generate_kwargs}
+    batch = input_ids.shape[0]
+    # generated text starts after the prompt (decoder-only) or after the decoder start token
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else input_ids.shape[1]
+    eos_id = generate_kwargs.get("eos_token_id")
+    pad_id = generate_kwargs.get("pad_token_id", 0)
+    outputs = []  # per group: [batch, beams, length]
+    for _ in range(groups):
+        processors = LogitsProcessorList()
+        if outputs and decoding.diversity_penalty:
+            previous = torch.cat([ended_as_minus_one(o.flatten(0, 1), start, eos_id).view(batch, beams, -1)
+                                  for o in pad_to_same_length(outputs, -1)], dim=1)
+            processors.append(PreviousGroupsPenalty(previous, decoding.diversity_penalty, beams))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
+                             **kwargs, **model_cache_kwargs(model))
+        outputs.append(out.view(batch, beams, -1))
+    outputs = pad_to_same_length(outputs, pad_id)
+    order = [(g, r) for r in range(beams) for g in range(groups)][: decoding.num_return_sequences]
+    picked = torch.stack([outputs[g][:, r] for g, r in order], dim=1)  # [batch, K, length]
+    return picked.flatten(0, 1)
+
+
+def pad_to_same_length(tensors: list[torch.Tensor], value: int) -> list[torch.Tensor]:
+    """Right-pad [..., length] tensors to the longest length."""
+    width = max(t.shape[-1] for t in tensors)
+    return [torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value) for t in tensors]
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -61,11 +167,15 @@ def generate_batch(model, tokenizer, source_ids: list[list[int]], decoding: Deco
         input_ids, attention_mask = pad(prompts, pad_id, left=True)
     else:
         input_ids, attention_mask = pad(source_ids, pad_id, left=False)
-    kwargs = generation_kwargs(decoding)
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
-    )
+    if decoding.strategy == "diverse_beam":
+        out = diverse_beam_search(model, input_ids.to(device), attention_mask.to(device), decoding,
+                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **generation_kwargs(decoding),
+            **model_cache_kwargs(model),
+        )
     if causal:
         out = out[:, input_ids.shape[1] :]
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -115,6 +115,9 @@ def train(
         log(f"resuming from checkpoint {latest.name} (step {state['step']} of {total_steps})")
 
     metrics_file = out_dir / "metrics.jsonl"
+    if args.report_to:
+        # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
+        accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     started = time.time()
     stopped_early = False

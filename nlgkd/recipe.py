@@ -91,7 +91,8 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
     arch: Literal["bart", "mbart", "t5", "gpt2"] = field(
-        default="bart", metadata=doc("family of a fresh model (mbart = BART with pre-layer-norm)"))
+        default="t5", metadata=doc("family of a fresh model; mbart = BART with pre-layer-norm. Post-LN bart "
+                                   "trained from scratch can learn to ignore its input (transformers#18461)"))
     d_model: int = 256
     encoder_layers: int = 4
     decoder_layers: int = 4

@@ -29,10 +29,13 @@ class StageError(RuntimeError):
 
 
 def make_accelerator(log_with: list[str] | None = None, project_dir: str | None = None):
+    import torch
     from accelerate import Accelerator
 
-    # global batch sizes, split over processes: results do not depend on the process count
-    return Accelerator(split_batches=True, log_with=log_with or None, project_dir=project_dir)
+    # global batch sizes, split over processes: results do not depend on the process count.
+    # cpu=True on CPU-only machines: without it accelerate treats each torchrun process as a lone run.
+    return Accelerator(split_batches=True, log_with=log_with or None, project_dir=project_dir,
+                       cpu=not torch.cuda.is_available())
 
 
 def package_versions() -> dict[str, str]:

@@ -1,10 +1,13 @@
 """Stage kinds: one module each, one explicit dict. The config dataclass of each kind is in
 `nlgkd/recipe.py:STAGE_CONFIGS` under the same key."""
-from . import distill, evaluate, finetune, prune
+from . import augment, cache_logits, distill, evaluate, finetune, prune, pseudo_targets
 
 STAGES = {
     "finetune": finetune.run,
     "evaluate": evaluate.run,
     "prune": prune.run,
     "distill": distill.run,
+    "cache_logits": cache_logits.run,
+    "pseudo_targets": pseudo_targets.run,
+    "augment": augment.run,
 }

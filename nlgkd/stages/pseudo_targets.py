@@ -1,0 +1,290 @@
+"""`pseudo_targets`: a teacher writes K outputs per input, the training data of sequence-level KD (study
+stages S4-S7).
+
+Inputs are the sources of the splits in `inputs` and of the augment stages in `augmented`, in that order,
+each capped at `max_examples`. Generation is `nlgkd.generation.generate`: length-bucketed batches, sharded
+over processes, batch j seeded with seed + j when sampling, so the output does not depend on the process
+count.
+
+Nothing generated is lost to a crash. The batches are fixed by the inputs and `decoding.batch_size`, so a
+batch number names the same inputs in every run of the stage. Each process keeps the batches it made and,
+every `save_every` batches, writes them to `parts/part-<first batch>-<last batch>.json` (temp file +
+rename, so a part file is whole or absent). A re-run with the same fingerprint finds the runner's
+`.NAME.partial` folder, reads the part files back and passes them as `generate(done=...)`, which makes only
+the missing batches; since batch j is always seeded with seed + j, the result equals an uninterrupted run.
+The part files are removed once the final dataset is written.
+
+The artifact is `dataset/` (`datasets.Dataset.save_to_disk`; read it with `load_pseudo_targets`), one row
+per kept pseudo-target:
+    source       the input text
+    pt           the pseudo-target text
+    pt_index     0..n-1: its number among the kept PTs of that input, in generation order
+    origin       the split (train, unlabeled, ...) or augment stage the input came from
+    input_index  the input's row within its origin (after the max_examples cap)
+    teacher      the teacher's recipe name
+    decoding     the decoding strategy
+    score        mean log-probability per token (EOS included) of the PT under the teacher, teacher-forced
+                 on the PT as the student will see it (re-tokenized, truncated to data.max_target_length);
+                 one forward pass per batch, about a tenth of the generation time on the tiny demo teacher
+                 (`score_seconds` in stage.json); null only for empty outputs, which are dropped
+Empty outputs are dropped and counted; with `decoding.dedup`, so are repeats of an earlier PT of the same
+input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+from ..data import collate, encode
+from ..generation import gather_objects, generate, is_causal, length_buckets
+from ..models import target_logits
+
+EXAMPLES_IN_LOG = 3
+
+
+def load_pseudo_targets(folder: str | Path) -> datasets.Dataset:
+    """The PT dataset of a finished pseudo_targets stage (its folder, e.g. `ctx.artifact_dir(name)`)."""
+    path = Path(folder) / "dataset"
+    if not path.exists():
+        raise ValueError(f"{folder} has no pseudo-target dataset ({path} is missing); run its pseudo_targets stage")
+    return datasets.load_from_disk(str(path))
+
+
+def load_augmented(folder: str | Path) -> datasets.Dataset:
+    """The inputs an augment stage made (see `nlgkd/stages/augment.py`)."""
+    path = Path(folder) / "dataset"
+    if not path.exists():
+        raise ValueError(f"{folder} has no augmented dataset ({path} is missing); run its augment stage")
+    return datasets.load_from_disk(str(path))
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def collect_inputs(ctx) -> list[dict]:
+    """[{source, origin, input_index}] from the configured splits, then the augment stages."""
+    cfg = ctx.config
+    if not cfg.inputs and not cfg.augmented:
+        raise ValueError("inputs and augmented are both empty; list splits in inputs (e.g. [train, unlabeled]) "
+                         "or augment stages in augmented")
+    sources: list[tuple[str, list[str]]] = []
+    if cfg.inputs:
+        data = ctx.data()
+        for split in cfg.inputs:
+            if split not in data:
+                raise ValueError(f"inputs: split {split!r} is not in the data (have {sorted(data)}); "
+                                 "remove it from inputs or configure it under data:")
+            sources.append((split, list(data[split]["source"])))
+    for name in cfg.augmented:
+        sources.append((name, list(load_augmented(ctx.artifact_dir(name))["source"])))
+    rows = []
+    for origin, texts in sources:
+        if cfg.max_examples is not None:
+            texts = texts[: cfg.max_examples]
+        # the data loader drops empty sources; augmented ones are checked here
+        rows += [{"source": t, "origin": origin, "input_index": i} for i, t in enumerate(texts) if t.strip()]
+    if not rows:
+        raise ValueError(f"no inputs: {cfg.inputs + cfg.augmented} give no non-empty sources")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ scoring
+@torch.inference_mode()
+def mean_logprobs(model, tokenizer, source_ids: list[list[int]], texts: list[str], max_target_length: int,
+                  chunk: int) -> list[float | None]:
+    """Mean token log-probability of each text as the target of its source, under `model`; None for ''."""
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = eos if pad_id is None else pad_id
+    device = next(model.parameters()).device
+    scores: list[float | None] = [None] * len(texts)
+    todo = [i for i, t in enumerate(texts) if t]
+    targets = tokenizer([texts[i] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
+    examples = [{"source_ids": source_ids[i], "target_ids": ids[: max_target_length - 1] + [eos]}
+                for i, ids in zip(todo, targets)]
+    for start in range(0, len(examples), chunk):
+        batch = collate(examples[start : start + chunk], pad_id, causal=is_causal(model), sep_id=eos)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logprobs = torch.log_softmax(target_logits(model, batch).float(), dim=-1)
+        labels = batch["labels"]
+        mask = labels != -100
+        picked = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+        means = picked.sum(1) / mask.sum(1)
+        for i, value in zip(todo[start : start + chunk], means.tolist()):
+            scores[i] = value
+    return scores
+
+
+# -------------------------------------------------------------------------------------- part files
+def write_part(folder: Path, batches: dict[int, dict]) -> None:
+    """One part file with `batches` (batch index -> indices, outputs, scores), written atomically."""
+    first, last = min(batches), max(batches)
+    path = folder / f"part-{first:06d}-{last:06d}.json"
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({str(j): b for j, b in batches.items()}, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def read_parts(folder: Path, batches: list[list[int]]) -> dict[int, dict]:
+    """Batches finished by an earlier run, keeping only those whose inputs are the batch's inputs now."""
+    found = {}
+    for path in sorted(folder.glob("part-*.json")):
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # unreadable: its batches are made again
+        for key, batch in part.items():
+            j = int(key)
+            if j < len(batches) and batch["indices"] == batches[j]:
+                found[j] = batch
+    return found
+
+
+# -------------------------------------------------------------------------------------------- stage
+def run(ctx) -> None:
+    cfg = ctx.config
+    acc = ctx.accelerator
+    inputs = collect_inputs(ctx)
+    model, tokenizer = ctx.load_model(cfg.teacher)
+    model.to(acc.device).eval()
+    data_cfg = ctx.recipe.data
+    encoded, truncated = encode(datasets.Dataset.from_list([{"source": r["source"]} for r in inputs]), tokenizer,
+                                data_cfg.max_source_length, data_cfg.max_target_length)
+    # duplicates are dropped in build_rows, after empty outputs, so that both are counted right
+    decoding = dataclasses.replace(cfg.decoding, dedup=False)
+    ctx.log(f"{len(inputs)} inputs x {decoding.num_return_sequences} outputs, {decoding.strategy} decoding")
+
+    outputs, scores, stats = generate_with_parts(ctx, model, tokenizer, list(encoded["source_ids"]), decoding)
+    rows, empty, duplicates = build_rows(inputs, outputs, scores, cfg.teacher, decoding.strategy, cfg.decoding.dedup)
+    if not rows:
+        raise ValueError(f"teacher {cfg.teacher!r} wrote only empty outputs for {len(inputs)} inputs; train it "
+                         "longer, or check decoding (max_new_tokens, no_repeat_ngram_size)")
+    if acc.is_main_process:
+        target = ctx.out_dir / "dataset"
+        shutil.rmtree(target, ignore_errors=True)  # left by a run killed while saving
+        datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(target))
+        shutil.rmtree(ctx.out_dir / "parts")
+    per_origin = {}
+    for r in inputs:
+        per_origin[r["origin"]] = per_origin.get(r["origin"], 0) + 1
+    ctx.info["pseudo_targets"] = {
+        "inputs": per_origin,
+        "outputs_per_input": decoding.num_return_sequences,
+        "pts_written": len(rows),
+        "empty_dropped": empty,
+        "duplicates_dropped": duplicates,
+        "truncated_sources": truncated["source"],
+        **stats,
+    }
+    ctx.log(f"wrote {len(rows)} pseudo-targets for {len(inputs)} inputs ({empty} empty and {duplicates} "
+            f"duplicate outputs dropped) in {stats['seconds']:.1f}s")
+    log_examples(ctx, inputs, outputs)
+
+
+def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
+    """K outputs and their scores per input, in input order, on every process; finished batches are read
+    from and written to `ctx.out_dir / "parts"` (see the module docstring). Also returns counts for stage.json."""
+    acc = ctx.accelerator
+    k = decoding.num_return_sequences
+    max_target_length = ctx.recipe.data.max_target_length
+    batches = length_buckets([len(s) for s in source_ids], decoding.batch_size)
+    parts = ctx.out_dir / "parts"
+    if acc.is_main_process:
+        parts.mkdir(exist_ok=True)
+    acc.wait_for_everyone()
+    resumed = read_parts(parts, batches)
+    acc.wait_for_everyone()  # every process has read the old parts before any new one appears
+    if resumed:
+        ctx.log(f"resuming: {len(resumed)} of {len(batches)} batches were written by an earlier run")
+
+    pending: dict[int, dict] = {}  # made here, not yet on disk
+    made_scores: dict[int, list[list[float | None]]] = {}
+    score_seconds = 0.0
+
+    def flush() -> None:
+        if pending:
+            write_part(parts, pending)
+            pending.clear()
+
+    def on_batch(j: int, indices: list[int], outputs: list[list[str]]) -> None:
+        nonlocal score_seconds
+        started = time.perf_counter()
+        flat = [text for texts in outputs for text in texts]
+        flat_sources = [source_ids[i] for i in indices for _ in range(k)]
+        flat_scores = mean_logprobs(model, tokenizer, flat_sources, flat, max_target_length,
+                                    chunk=max(1, decoding.batch_size))
+        scores = [flat_scores[n * k : (n + 1) * k] for n in range(len(indices))]
+        score_seconds += time.perf_counter() - started
+        made_scores[j] = scores
+        pending[j] = {"indices": indices, "outputs": outputs, "scores": scores}
+        if len(pending) >= ctx.config.save_every:
+            flush()
+
+    started = time.perf_counter()
+    outputs = generate(model, tokenizer, source_ids, decoding, acc, seed=ctx.seed,
+                       done={j: b["outputs"] for j, b in resumed.items()}, on_batch=on_batch,
+                       desc=f"pseudo-targets {ctx.stage.name}")
+    flush()
+    acc.wait_for_everyone()  # every part file is written before the main process removes them
+    elapsed = time.perf_counter() - started
+
+    scores_by_batch = {j: b["scores"] for j, b in resumed.items()}
+    for part in gather_objects(acc, made_scores):
+        scores_by_batch.update(part)
+    scores: list[list[float | None]] = [[] for _ in source_ids]
+    for j, indices in enumerate(batches):
+        for i, s in zip(indices, scores_by_batch[j]):
+            scores[i] = s
+    made_sequences = sum(len(batch) for j, batch in enumerate(batches) if j not in resumed) * k
+    stats = {
+        "batches": len(batches),
+        "resumed_batches": len(resumed),
+        "made_batches": sum(gather_objects(acc, len(made_scores))),
+        "seconds": round(elapsed, 2),  # generating, scoring and writing the batches made in this run
+        "score_seconds": round(score_seconds, 2),  # of the main process
+        "sequences_per_s": round(made_sequences / elapsed, 2) if elapsed > 0 else None,
+    }
+    return outputs, scores, stats
+
+
+FEATURES = datasets.Features({
+    "source": datasets.Value("string"),
+    "pt": datasets.Value("string"),
+    "pt_index": datasets.Value("int32"),
+    "origin": datasets.Value("string"),
+    "input_index": datasets.Value("int64"),
+    "teacher": datasets.Value("string"),
+    "decoding": datasets.Value("string"),
+    "score": datasets.Value("float32"),
+})
+
+
+def build_rows(inputs, outputs, scores, teacher: str, strategy: str, dedup: bool) -> tuple[list[dict], int, int]:
+    """Dataset rows of the kept PTs; and how many empty and duplicate outputs were dropped."""
+    rows, empty, duplicates = [], 0, 0
+    for item, texts, text_scores in zip(inputs, outputs, scores):
+        seen = set()
+        kept = 0
+        for text, score in zip(texts, text_scores):
+            if not text:
+                empty += 1
+                continue
+            if dedup and text in seen:
+                duplicates += 1
+                continue
+            seen.add(text)
+            rows.append({"source": item["source"], "pt": text, "pt_index": kept, "origin": item["origin"],
+                         "input_index": item["input_index"], "teacher": teacher, "decoding": strategy,
+                         "score": score})
+            kept += 1
+    return rows, empty, duplicates
+
+
+def log_examples(ctx, inputs, outputs) -> None:
+    for item, texts in list(zip(inputs, outputs))[:EXAMPLES_IN_LOG]:
+        shown = "\n".join(f"      pt: {t!r}" for t in texts[:3])
+        ctx.log(f"example ({item['origin']} #{item['input_index']})\n    source: {item['source']!r}\n{shown}")

@@ -1,0 +1,290 @@
+"""The pseudo_targets and augment stages on the tiny demo recipe: greedy PTs are the teacher's evaluate
+predictions, sampled PTs do not depend on the process count, a killed run resumes to the same dataset,
+augmented inputs feed the PT stage; and diverse beam search in nlgkd.generation."""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
+from nlgkd.runner import Runner, StageError
+from nlgkd.stages.pseudo_targets import load_augmented, load_pseudo_targets
+
+TEACHER_STEPS = 30
+COLUMNS = {"source", "pt", "pt_index", "origin", "input_index", "teacher", "decoding", "score"}
+
+# sampled PTs, many small batches: the kill test needs batches to be written one by one
+SAMPLED = {"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],
+           "max_examples": 16, "save_every": 1,
+           "decoding": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 3, "max_new_tokens": 12,
+                        "batch_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory with a trained tiny teacher (made once)."""
+    from conftest import TINY_RECIPE
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["stages"] = [{**recipe["stages"][0], "max_steps": TEACHER_STEPS, "eval_every": 1000, "save_every": None}]
+    root = tmp_path_factory.mktemp("runs")
+    Runner(parse_recipe(recipe), runs_root=root).run()
+    return recipe, root
+
+
+@pytest.fixture(scope="module")
+def sampled(trained):
+    """The SAMPLED stage run uninterrupted on one process: (rows, stage.json record, its folder)."""
+    runner = with_stages(trained, SAMPLED)
+    runner.run(only="pts")
+    rows = load_pseudo_targets(runner.run_dir / "pts").to_list()
+    record = json.loads((runner.run_dir / "pts" / "stage.json").read_text())
+    return rows, record, runner.run_dir / "pts"
+
+
+def with_stages(trained, *stages, root=None) -> Runner:
+    recipe, trained_root = trained
+    recipe = copy.deepcopy(recipe)
+    recipe["stages"] += copy.deepcopy(list(stages))
+    return Runner(parse_recipe(recipe), runs_root=root or trained_root)
+
+
+def copy_teacher(trained, root) -> None:
+    """A run directory holding only the trained teacher, for a subprocess to run a PT stage in."""
+    shutil.copytree(trained[1] / "tiny" / "teacher", root / "tiny" / "teacher")
+
+
+def write_recipe(trained, path, *stages) -> None:
+    recipe = copy.deepcopy(trained[0])
+    recipe["stages"] += copy.deepcopy(list(stages))
+    path.write_text(yaml.safe_dump(recipe))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------- pseudo_targets
+def test_greedy_pts_equal_evaluate_predictions(trained):
+    # no_repeat_ngram_size: a tiny teacher's greedy output is otherwise a run of spaces, i.e. empty
+    decoding = {"strategy": "greedy", "max_new_tokens": 16, "batch_size": 8, "no_repeat_ngram_size": 1}
+    runner = with_stages(
+        trained,
+        {"name": "greedy_pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train"],
+         "max_examples": 24, "decoding": {**decoding, "num_return_sequences": 1}},
+        {"name": "eval_train", "kind": "evaluate", "models": ["teacher"], "split": "train", "max_examples": 24,
+         "decoding": decoding},
+    )
+    runner.run(only="greedy_pts")
+    runner.run(only="eval_train")
+    predictions = [json.loads(line) for line in
+                   (runner.run_dir / "eval_train" / "predictions" / "teacher.jsonl").read_text().splitlines()]
+    rows = load_pseudo_targets(runner.run_dir / "greedy_pts").to_list()
+    assert rows, "the teacher wrote only empty outputs"
+    for row in rows:
+        assert row["origin"] == "train" and row["pt_index"] == 0
+        assert row["source"] == predictions[row["input_index"]]["source"]
+        assert row["pt"] == predictions[row["input_index"]]["prediction"]
+    record = json.loads((runner.run_dir / "greedy_pts" / "stage.json").read_text())["pseudo_targets"]
+    empty = sum(1 for p in predictions if not p["prediction"])
+    assert record["empty_dropped"] == empty and record["pts_written"] == 24 - empty == len(rows)
+
+
+def test_sampled_pts_columns_and_k_differ(sampled):
+    rows, record, folder = sampled
+    assert set(rows[0]) == COLUMNS
+    info = record["pseudo_targets"]
+    assert info["inputs"] == {"train": 16, "unlabeled": 16} and info["outputs_per_input"] == 3
+    assert info["pts_written"] == len(rows) == 32 * 3 - info["empty_dropped"]
+    assert info["batches"] == 16 and info["made_batches"] == 16 and info["sequences_per_s"] > 0
+    assert {r["origin"] for r in rows} == {"train", "unlabeled"}
+    assert {r["teacher"] for r in rows} == {"teacher"} and {r["decoding"] for r in rows} == {"sample"}
+    assert all(isinstance(r["score"], float) and r["score"] <= 0 for r in rows)
+    by_input = {}
+    for r in rows:
+        by_input.setdefault((r["origin"], r["input_index"]), []).append(r)
+    for pts in by_input.values():
+        assert [r["pt_index"] for r in pts] == list(range(len(pts)))
+    with_all_three = [[r["pt"] for r in pts] for pts in by_input.values() if len(pts) == 3]
+    assert with_all_three
+    assert sum(len(set(pts)) for pts in with_all_three) > 2 * len(with_all_three)  # samples mostly differ
+    assert not (folder / "parts").exists()  # part files go once the dataset is written
+
+
+def test_two_processes_give_the_same_pts_as_one(trained, sampled, tmp_path):
+    copy_teacher(trained, tmp_path / "two")
+    write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "nlgkd", "run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(tmp_path / "two")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        # ACCELERATE_USE_CPU: without it accelerate 1.15 runs torchrun's CPU processes as unrelated single ones
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "two" / "tiny" / "pts"
+    assert json.loads((folder / "stage.json").read_text())["world_size"] == 2
+    two = load_pseudo_targets(folder).to_list()
+    one = sampled[0]
+    assert len(two) == len(one)
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_pts(trained, sampled, tmp_path):
+    root = tmp_path / "runs"
+    copy_teacher(trained, root)
+    write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
+    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", "run", str(tmp_path / "r.yaml"), "--stage", "pts",
+                             "--runs-dir", str(root)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = root / "tiny" / ".pts.partial" / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(parts.glob("part-*.json")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the stage finished before it could be killed; give it more batches"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "tiny" / "pts").exists()  # no half artifact that looks finished
+    written = len(list(parts.glob("part-*.json")))
+    assert 1 <= written < 16
+
+    runner = with_stages(trained, SAMPLED, root=root)
+    runner.run(only="pts")
+    info = json.loads((root / "tiny" / "pts" / "stage.json").read_text())["pseudo_targets"]
+    assert info["resumed_batches"] >= written and info["resumed_batches"] + info["made_batches"] == 16
+    resumed = load_pseudo_targets(root / "tiny" / "pts").to_list()
+    one = sampled[0]
+    assert [{k: v for k, v in r.items() if k != "score"} for r in resumed] == \
+           [{k: v for k, v in r.items() if k != "score"} for r in one]
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in one], abs=1e-4)
+
+
+def test_pts_need_inputs_and_known_splits(trained, tmp_path):
+    recipe = copy.deepcopy(trained[0])
+    # teacher: the models: entry (no teacher stage here); the inputs are checked before it is built
+    recipe["stages"] = [{"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": []}]
+    with pytest.raises(StageError, match=r"inputs and augmented are both empty; list splits in inputs"):
+        Runner(parse_recipe(recipe), runs_root=tmp_path).run()
+    recipe["data"]["demo"]["unlabeled"] = 0
+    recipe["stages"][0]["inputs"] = ["train", "unlabeled"]
+    with pytest.raises(StageError, match=r"inputs: split 'unlabeled' is not in the data"):
+        Runner(parse_recipe(recipe), runs_root=tmp_path).run()
+
+
+# ---------------------------------------------------------------------------------------- augment
+AUGMENT = {"name": "aug", "kind": "augment", "split": "train", "max_examples": 12, "n_iter": 3, "p_mask": 0.2,
+           "p_pos": 0.2, "field_separator": " | "}
+
+
+def test_augment_is_deterministic_and_feeds_pseudo_targets(trained, tmp_path):
+    first = with_stages(trained, AUGMENT, root=tmp_path / "a")
+    first.run(only="aug")
+    again = with_stages(trained, AUGMENT, root=tmp_path / "b")
+    again.run(only="aug")
+    made = load_augmented(first.run_dir / "aug").to_list()
+    assert made == load_augmented(again.run_dir / "aug").to_list()
+    assert set(made[0]) == {"source", "origin"} and len(made) > 12
+    train = list(first.data()["train"]["source"])
+    assert all(r["source"] != train[r["origin"]] for r in made)
+    info = json.loads((first.run_dir / "aug" / "stage.json").read_text())["augment"]
+    assert info["inputs"] == 12 and info["written"] == len(made)
+
+    recipe, _ = trained
+    other_seed = copy.deepcopy(recipe)
+    other_seed["seed"] = 1
+    other_seed["stages"] = [AUGMENT]
+    other = Runner(parse_recipe(other_seed), runs_root=tmp_path / "c")
+    other.run()
+    assert load_augmented(other.run_dir / "aug").to_list() != made
+
+    copy_teacher(trained, tmp_path / "a")
+    runner = with_stages(trained, AUGMENT, {"name": "aug_pts", "kind": "pseudo_targets", "teacher": "teacher",
+                                            "inputs": [], "augmented": ["aug"], "max_examples": 8,
+                                            "decoding": {"strategy": "greedy", "max_new_tokens": 8,
+                                                                         "no_repeat_ngram_size": 1}},
+                         root=tmp_path / "a")
+    assert runner.run(only="aug_pts") == {"aug_pts": "ran"}
+    rows = load_pseudo_targets(runner.run_dir / "aug_pts").to_list()
+    assert rows and {r["origin"] for r in rows} == {"aug"}
+    assert all(r["source"] == made[r["input_index"]]["source"] for r in rows)
+    info = json.loads((runner.run_dir / "aug_pts" / "stage.json").read_text())["pseudo_targets"]
+    assert info["inputs"] == {"aug": 8}
+
+
+# ------------------------------------------------------------------------------------- generation
+def pairwise_dissimilarity(groups: list[list[str]]) -> float:
+    """Mean over inputs and pairs of outputs of 1 - difflib's similarity ratio."""
+    values = []
+    for outputs in groups:
+        for i in range(len(outputs)):
+            for j in range(i + 1, len(outputs)):
+                values.append(1 - difflib.SequenceMatcher(None, outputs[i], outputs[j]).ratio())
+    return sum(values) / len(values)
+
+
+def test_diverse_beam_outputs_differ_more_than_beam(trained):
+    from nlgkd.data import encode
+    from nlgkd.generation import generate_batch
+    from nlgkd.models import load_pretrained
+
+    recipe, root = trained
+    model, tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
+    runner = Runner(parse_recipe(recipe), runs_root=root)
+    encoded, _ = encode(runner.data()["train"].select(range(12)), tokenizer, 48, 48)
+    sources = list(encoded["source_ids"])
+    common = {"num_beams": 4, "num_return_sequences": 4, "max_new_tokens": 16}
+    beam = generate_batch(model, tokenizer, sources, DecodingConfig(strategy="beam", **common))
+    diverse = generate_batch(model, tokenizer, sources, DecodingConfig(
+        strategy="diverse_beam", num_beam_groups=2, diversity_penalty=1.0, **common))
+    assert all(len(outputs) == 4 for outputs in diverse)
+    assert pairwise_dissimilarity(diverse) > pairwise_dissimilarity(beam)
+
+
+def test_previous_groups_penalty_counts_tokens_at_the_same_step():
+    from nlgkd.generation import PreviousGroupsPenalty, ended_as_minus_one
+
+    # 1 input, 2 earlier outputs; decoder start at position 0, EOS id 2, pad after it
+    previous = torch.tensor([[[2, 5, 7, 2, 0], [2, 5, 6, 6, 2]]])
+    previous = ended_as_minus_one(previous.flatten(0, 1), start=1, eos_id=2).view(1, 2, -1)
+    assert previous.tolist() == [[[2, 5, 7, 2, -1], [2, 5, 6, 6, 2]]]
+    penalty = PreviousGroupsPenalty(previous, penalty=0.5, beams=2)
+    scores = torch.zeros(2, 8)
+    step1 = penalty(torch.zeros(2, 1, dtype=torch.long), scores)  # choosing position 1
+    assert step1[0, 5] == step1[1, 5] == -1.0 and step1[:, [0, 1, 2, 3, 4, 6, 7]].abs().sum() == 0
+    step3 = penalty(torch.zeros(2, 3, dtype=torch.long), scores)
+    assert step3[0, 2] == step3[0, 6] == -0.5
+    step4 = penalty(torch.zeros(2, 4, dtype=torch.long), scores)  # the first output ended: only the second counts
+    assert step4[0, 2] == -0.5 and step4[0, 0] == 0
+    assert penalty(torch.zeros(2, 9, dtype=torch.long), scores).abs().sum() == 0  # past the earlier outputs
+
+
+def test_t5_with_fewer_encoder_than_decoder_layers_generates():
+    from nlgkd.generation import generate_batch
+    from nlgkd.models import build_fresh
+
+    texts = ["name: Aromi | food: Thai", "Aromi serves Thai food.", "name: Zizzi | area: riverside"] * 5
+    cfg = ModelConfig(arch="t5", d_model=16, encoder_layers=1, decoder_layers=2, attention_heads=2, ffn_dim=32,
+                      vocab_size=300)
+    model, tokenizer = build_fresh(cfg, texts, seed=0)
+    model.eval()
+    sources = [tokenizer(t)["input_ids"] for t in texts[:2]]
+    for strategy in ("greedy", "beam", "diverse_beam"):
+        k = 1 if strategy == "greedy" else 2
+        decoding = DecodingConfig(strategy=strategy, num_beams=2, num_return_sequences=k, max_new_tokens=4)
+        assert [len(o) for o in generate_batch(model, tokenizer, sources, decoding)] == [k, k]
