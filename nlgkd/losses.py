@@ -1,0 +1,697 @@
+"""Distillation losses: pure functions ``(student, teacher, mask, ...) -> scalar tensor``.
+
+Conventions shared by every function here:
+
+* Shapes: ``B`` batch, ``T``/``L`` sequence length, ``V`` vocabulary, ``D`` hidden size, ``H`` heads.
+* ``mask`` is ``[B, T]``; true (or non-zero) marks a position that counts. ``None`` means all count.
+* Token-level losses (``kd_loss``, ``sparse_kd_loss``, ``logits_mse_loss``, ``cross_entropy_loss``)
+  return ``sum over counted tokens / num_tokens``. Pass ``num_tokens`` (e.g. the token count summed
+  over all processes and accumulation micro-batches) to get a mean that does not depend on how the
+  batch was split; otherwise the local count is used.
+* A batch with no counted position gives ``0.0``, never NaN, still connected to the student's graph.
+* Gradients flow to the student only; teacher tensors are never differentiated.
+
+Memory: logits are ``B*T*V`` and the vocabulary is large, so every loss on logits runs over the counted
+token rows in chunks, upcasting one chunk at a time to fp32. The gradient with respect to the student
+logits is computed analytically in the same pass (``_ChunkedRowLoss``), so autograd keeps no per-chunk
+softmax: besides the inputs, the only full-size tensor is the gradient buffer autograd would need
+anyway, in the student's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "kd_loss",
+    "sparse_kd_loss",
+    "logits_mse_loss",
+    "cross_entropy_loss",
+    "pkd_loss",
+    "cosine_hidden_loss",
+    "projected_mse_loss",
+    "layer_map",
+    "attention_score_mse",
+    "relation_kd_loss",
+]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+SPARSE_TAILS = ("renormalize", "bucket")
+LAYER_MAP_STRATEGIES = ("last", "skip", "uniform")
+
+# Elements (rows * vocab) per chunk when chunk_size is None; a chunk holds about four fp32 temporaries
+# of this size. On CPU 1 MiB temporaries stay in cache and the Python loop costs little next to the
+# math; on accelerators every kernel launch costs microseconds, so chunks are larger (16 MiB).
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
+
+# Teacher tail masses below this are float rounding of 1 - sum(top-k probabilities), treated as 0.
+_TAIL_EPS = 1e-6
+
+# Float32 stand-in for log(0): exp() of it is 0, and p * (log p - log q) stays finite (0 where p = 0)
+# instead of 0 * -inf = NaN; NaN inputs still propagate.
+_LOG_FLOOR = torch.finfo(torch.float32).min
+
+# A row function gets the full student logits [B, T, V], the flat indices (b * T + t) of some token
+# rows and grad_scale, and returns (sum of those rows' losses as an fp32 scalar, gradient of that sum
+# with respect to the rows' raw student logits [n, V] fp32 multiplied by grad_scale, or None when
+# grad_scale is None). The row function takes the rows itself so that its copies die early.
+RowFn = Callable[[Tensor, Tensor, "float | None"], "tuple[Tensor, Tensor | None]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked machinery
+# ----------------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask: Tensor | None, shape: Sequence[int], device: torch.device, name: str = "mask") -> Tensor:
+    if mask is None:
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _rows_per_chunk(chunk_size: int | None, logits: Tensor) -> int:
+    if chunk_size is None:
+        budget = _CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+        return max(1, budget // max(logits.shape[-1], 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (token rows per chunk), got {chunk_size}")
+    return int(chunk_size)
+
+
+def _denominator(num_tokens: float | None, mask: Tensor) -> float:
+    # A Python number on purpose: the loss scale must not depend on autograd.
+    if num_tokens is not None:
+        return float(num_tokens)
+    return float(mask.sum().item())
+
+
+def _take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x.flatten(0, 1)[idx]`` for ``x`` of shape ``[B, T, ...]``, copying only those rows.
+
+    A fast ``index_select`` on a view when ``B`` and ``T`` merge without a copy; advanced indexing
+    otherwise (e.g. the non-contiguous ``logits[:, :-1]`` of a causal shift).
+    """
+    if x.stride(0) == x.shape[1] * x.stride(1):
+        return x.flatten(0, 1).index_select(0, idx)
+    return x[idx // x.shape[1], idx % x.shape[1]]
+
+
+def _run_chunks(
+    student_logits: Tensor, idx: Tensor, row_fn: RowFn, rows_per_chunk: int, denom: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Sum ``row_fn`` over the flat row indices ``idx`` chunk by chunk, divided by ``denom``."""
+    total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    # Masked positions get exactly zero gradient, so the buffer starts at zero.
+    grad = None
+    if need_grad:
+        grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+    if idx.numel() == 0 or denom == 0:
+        return total, grad
+    for start in range(0, idx.numel(), rows_per_chunk):
+        chunk = idx[start : start + rows_per_chunk]
+        loss_sum, grad_rows = row_fn(student_logits, chunk, 1.0 / denom if need_grad else None)
+        total += loss_sum
+        if need_grad:
+            grad.view(-1, grad.shape[-1]).index_copy_(0, chunk, grad_rows.to(grad.dtype))
+    return total / denom, grad
+
+
+def _log_softmax_rows(logits: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(rows / temperature)`` of the chosen rows as a fresh fp32 ``[n, V]`` tensor.
+
+    The upcast to fp32 happens here, one chunk at a time.
+    """
+    x = _take_rows(logits, idx).float()
+    if temperature != 1.0:
+        x.div_(temperature)  # x is a fresh copy
+    return F.log_softmax(x, dim=-1)
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Loss over token rows whose gradient is computed in the forward pass, chunk by chunk.
+
+    Only the gradient buffer (shape and dtype of the student logits) is kept for backward, so peak
+    memory does not grow with the number of chunks. The buffer is scaled in place by the upstream
+    gradient, hence backward can run only once through this node (no ``retain_graph`` re-use).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, idx, row_fn, rows_per_chunk, denom):  # noqa: D102
+        loss, grad = _run_chunks(student_logits, idx, row_fn, rows_per_chunk, denom, need_grad=True)
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "nlgkd chunked loss: backward ran twice through the same loss; its gradient is "
+                "precomputed and consumed by the first backward (do not use retain_graph through it)"
+            )
+        ctx.grad = None
+        grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+def _chunked_loss(
+    student_logits: Tensor, mask: Tensor, row_fn: RowFn, chunk_size: int | None, num_tokens: float | None
+) -> Tensor:
+    idx = mask.flatten().nonzero().squeeze(1)  # flat b * T + t of the counted tokens
+    denom = _denominator(num_tokens, mask)
+    rows_per_chunk = _rows_per_chunk(chunk_size, student_logits)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _ChunkedRowLoss.apply(student_logits, idx, row_fn, rows_per_chunk, denom)
+    with torch.no_grad():
+        return _run_chunks(student_logits, idx, row_fn, rows_per_chunk, denom, need_grad=False)[0]
+
+
+def _check_logits(student_logits: Tensor, other: Tensor, other_name: str) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    if other.shape != student_logits.shape:
+        hint = ""
+        if other.shape[:-1] == student_logits.shape[:-1]:
+            hint = " (teacher and student vocabularies differ: align them before distilling)"
+        raise ValueError(
+            f"{other_name} has shape {tuple(other.shape)}, student_logits {tuple(student_logits.shape)}{hint}"
+        )
+    if other.device != student_logits.device:
+        raise ValueError(f"{other_name} is on {other.device} but student_logits on {student_logits.device}")
+
+
+def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``p * (log_p - log_q)`` elementwise, with 0 where ``p == 0`` (avoids 0 * -inf = NaN)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# logit losses
+# ----------------------------------------------------------------------------------------------
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | Sequence[Tensor],
+    mask: Tensor | None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    num_tokens: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Word-level knowledge distillation on logits (Hinton et al. 2015; Kim & Rush 2016, word-level KD).
+
+    Args:
+        student_logits: ``[B, T, V]``, any float dtype; the only tensor that receives gradients.
+        teacher_logits: ``[B, T, V]``, or a list of them for a teacher ensemble (MT-DNN distillation,
+            Liu et al. 2019): the target is then the AVERAGE of the teachers' tempered probability
+            distributions, ``p_t = mean_i softmax(z_i / T)``. bf16/fp16 is fine (upcast per chunk).
+        mask: ``[B, T]``, true where the token counts (``None``: all).
+        temperature: ``T``. Both sides use ``softmax(logits / T)``; every divergence is multiplied by
+            ``T**2`` so gradient magnitudes do not shrink as ``T`` grows (Hinton et al.).
+        divergence, with ``p_s``/``p_t`` the tempered student/teacher distributions over the vocabulary:
+            * ``"forward_kl"``: ``KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)`` (mode covering).
+            * ``"reverse_kl"``: ``KL(p_s || p_t)`` (mode seeking).
+            * ``"jsd"``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, and TRL's
+              ``generalized_jsd_loss``): ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with
+              ``m = beta * p_t + (1 - beta) * p_s``; ``beta = 0.5`` is the usual JSD. ``0 < beta < 1``
+              is required: at the end points this quantity is identically 0 (use the KLs instead).
+        beta: JSD weight, see above.
+        num_tokens: denominator (e.g. global token count under DDP); default ``mask.sum()``.
+        chunk_size: token rows per chunk; default ``None`` picks ``2**18 // V`` rows on CPU (1 MiB per
+            fp32 temporary) and ``2**22 // V`` on accelerators (16 MiB). Never changes the result
+            beyond float rounding.
+
+    Returns:
+        fp32 scalar: ``T**2 * sum over counted tokens of the divergence / num_tokens``.
+    """
+    teachers = list(teacher_logits) if isinstance(teacher_logits, (list, tuple)) else [teacher_logits]
+    if not teachers:
+        raise ValueError("teacher_logits is an empty list")
+    for i, t in enumerate(teachers):
+        _check_logits(student_logits, t, f"teacher_logits[{i}]" if len(teachers) > 1 else "teacher_logits")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (beta 0 or 1 makes the JSD identically 0)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = _bool_mask(mask, student_logits.shape[:2], student_logits.device)
+    teachers = [t.detach() for t in teachers]
+    T = float(temperature)
+    log_n = math.log(len(teachers))
+
+    def teacher_log_probs(idx: Tensor) -> Tensor:
+        log_pt = _log_softmax_rows(teachers[0], idx, T)
+        # Ensemble: log of the mean of probabilities, accumulated one teacher chunk at a time.
+        for other in teachers[1:]:
+            log_pt = torch.logaddexp(log_pt, _log_softmax_rows(other, idx, T))
+        return log_pt.sub_(log_n) if len(teachers) > 1 else log_pt
+
+    # In place where possible: a chunk holds about four [n, V] fp32 tensors at its peak. Log-probs are
+    # floored at _LOG_FLOOR so that tokens with zero probability contribute 0, not NaN.
+    def row_fn(logits: Tensor, idx: Tensor, grad_scale: float | None):
+        log_ps = _log_softmax_rows(logits, idx, T).clamp_(min=_LOG_FLOOR)
+        log_pt = teacher_log_probs(idx).clamp_(min=_LOG_FLOOR)
+        grad = None
+        if divergence == "forward_kl":
+            p_t = log_pt.exp()
+            loss_sum = log_pt.sub_(log_ps).mul_(p_t).sum()  # sum p_t (log p_t - log p_s)
+            del log_pt
+            if grad_scale is not None:
+                grad = log_ps.exp_().sub_(p_t)  # d/ds KL(p_t || softmax(s)) = p_s - p_t
+        elif divergence == "reverse_kl":
+            p_s = log_ps.exp()
+            f = log_pt.neg_().add_(log_ps)  # log p_s - log p_t
+            per_row = (p_s * f).sum(-1)
+            loss_sum = per_row.sum()
+            if grad_scale is not None:
+                grad = f.sub_(per_row[:, None]).mul_(p_s)  # d/ds sum_v p_s f_v = p_s * (f - KL)
+        else:  # jsd
+            p_s, p_t = log_ps.exp(), log_pt.exp()
+            log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
+            kl_t = log_pt.sub_(log_m).mul_(p_t).sum(-1)
+            del p_t, log_pt
+            log_s_m = log_ps.sub_(log_m)  # log p_s - log m
+            del log_m
+            kl_s = (p_s * log_s_m).sum(-1)
+            loss_sum = (beta * kl_t + (1.0 - beta) * kl_s).sum()
+            if grad_scale is not None:
+                # dJSD/dp_s = (1 - beta) log(p_s / m); through the softmax: p_s * (g - sum_v p_s g_v)
+                grad = log_s_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta)
+        # Loss is T^2 * D(softmax(z / T)); dz = ds / T, so the raw-logit gradient carries T^2 / T = T.
+        if grad is not None:
+            grad.mul_(T * grad_scale)
+        return loss_sum * (T * T), grad
+
+    return _chunked_loss(student_logits, mask, row_fn, chunk_size, num_tokens)
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_ids: Tensor,
+    mask: Tensor | None,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    num_tokens: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Word-level KD from a teacher's top-k log-probabilities (cached logits or an API teacher).
+
+    Args:
+        student_logits: ``[B, T, V]``.
+        teacher_topk_logprobs: ``[B, T, k]`` teacher log-probabilities (at temperature 1) of the kept ids.
+        teacher_topk_ids: ``[B, T, k]`` long, student-vocabulary ids; ``-1`` marks padding entries (fewer
+            than ``k`` ids available) and is ignored. Ids within a row are assumed distinct.
+        mask: ``[B, T]``.
+        temperature: ``T``; ``p_s = softmax(z_s / T)`` over the full vocabulary; losses are scaled by ``T**2``.
+        tail: what to do with the teacher mass outside the top-k:
+            * ``"renormalize"``: the target is the teacher restricted to the kept ids,
+              ``q = softmax(logprobs / T)`` over them (exactly the tempered teacher renormalized on those
+              ids). Loss ``= T**2 * sum_j q_j (log q_j - log p_s(id_j))``: the cross-entropy against
+              ``q`` minus ``q``'s entropy. With ``k = V`` this is exactly ``kd_loss`` forward KL.
+            * ``"bucket"``: a KL over ``k + 1`` outcomes, the kept ids plus one "everything else" bucket.
+              Teacher: ``softmax([logprobs, log(1 - sum exp(logprobs))] / T)``; the bucket is tempered as
+              one lumped outcome because the individual tail probabilities are unknown (exact at
+              ``T = 1``); a tail below 1e-6 (rounding of ``1 - sum``) or with no vocabulary entry
+              left outside the kept ids counts as 0. Student: ``p_s(id_j)`` and its total mass outside
+              the kept ids. Loss ``= T**2 * KL(teacher_{k+1} || student_{k+1})``; a student equal to the
+              teacher gives 0 for any ``k``.
+        num_tokens: denominator; default ``mask.sum()``.
+        chunk_size: token rows per chunk (see ``kd_loss``).
+
+    Returns:
+        fp32 scalar.
+    """
+    if tail not in SPARSE_TAILS:
+        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape or teacher_topk_ids.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"teacher_topk_logprobs {tuple(teacher_topk_logprobs.shape)} and teacher_topk_ids "
+            f"{tuple(teacher_topk_ids.shape)} must both be [B, T, k] with [B, T] = {tuple(student_logits.shape[:2])}"
+        )
+    vocab = student_logits.shape[-1]
+    if teacher_topk_ids.numel() and int(teacher_topk_ids.max()) >= vocab:
+        raise ValueError(f"teacher_topk_ids contains id {int(teacher_topk_ids.max())} >= student vocab size {vocab}")
+    mask = _bool_mask(mask, student_logits.shape[:2], student_logits.device)
+    all_logprobs = teacher_topk_logprobs.detach().to(student_logits.device)
+    all_ids = teacher_topk_ids.detach().to(student_logits.device, torch.long)
+    T = float(temperature)
+
+    def row_fn(logits: Tensor, idx: Tensor, grad_scale: float | None):
+        need_grad = grad_scale is not None
+        log_ps = _log_softmax_rows(logits, idx, T)  # [n, V]
+        ids = _take_rows(all_ids, idx)  # [n, k]
+        valid = ids >= 0
+        safe_ids = ids.clamp(min=0)
+        logprobs = _take_rows(all_logprobs, idx).float().masked_fill(~valid, float("-inf"))
+        log_ps_k = log_ps.gather(-1, safe_ids)
+        zero = torch.zeros((), device=log_ps.device)
+
+        if tail == "renormalize":
+            # A row without any valid id gets q = 0 (log_softmax of all -inf is NaN; where() drops it).
+            log_q = F.log_softmax(logprobs / T, dim=-1)
+            q = torch.where(valid, log_q.exp(), zero)
+            per_row = torch.where(q > 0, q * (log_q - log_ps_k), zero).sum(-1)
+            grad_s = None
+            if need_grad:
+                # d/ds [-sum_j q_j log p_s(id_j)] = p_s * sum_j q_j - scatter(q)
+                grad_s = log_ps.exp() * q.sum(-1, keepdim=True)
+                grad_s.scatter_add_(-1, safe_ids, -q).mul_(T * grad_scale)
+            return per_row.sum() * (T * T), grad_s
+
+        # bucket: k kept outcomes + 1 tail outcome.
+        # Which vocabulary entries are kept (scatter_add so padding entries pointing at id 0 cannot clear it).
+        in_topk = torch.zeros_like(log_ps).scatter_add_(-1, safe_ids, valid.float()) > 0
+        teacher_tail = 1.0 - logprobs.exp().sum(-1)
+        # Rounding noise in the sum would be amplified by the temperature (1e-7 ** (1/2) = 3e-4), and an
+        # empty bucket (the kept ids cover the vocabulary) must have no mass.
+        empty = teacher_tail < _TAIL_EPS
+        empty |= in_topk.all(-1)
+        teacher_tail = teacher_tail.masked_fill(empty, 0.0)
+        log_Q = F.log_softmax(torch.cat([logprobs, teacher_tail.log()[:, None]], dim=-1) / T, dim=-1)
+        Q = log_Q.exp()  # padding entries are exp(-inf) = 0
+        log_ps_tail = torch.logsumexp(log_ps.masked_fill(in_topk, float("-inf")), dim=-1)
+        log_P = torch.cat([log_ps_k.masked_fill(~valid, float("-inf")), log_ps_tail[:, None]], dim=-1)
+        per_row = torch.where(Q > 0, Q * (log_Q - log_P), zero).sum(-1)
+        grad_s = None
+        if need_grad:
+            # d/ds_v KL = p_s(v) * (sum_o Q_o - Q_o(v) / P_o(v)), with sum_o Q_o = 1:
+            # kept id j: p_s(v) - Q_j; tail entry: p_s(v) * (1 - Q_tail / P_tail).
+            p_s = log_ps.exp()
+            tail_ratio = torch.where(Q[:, -1] > 0, (log_Q[:, -1] - log_ps_tail).exp(), zero)
+            grad_s = p_s - torch.where(in_topk, zero, p_s * tail_ratio[:, None])
+            grad_s.scatter_add_(-1, safe_ids, -Q[:, :-1]).mul_(T * grad_scale)
+        return per_row.sum() * (T * T), grad_s
+
+    return _chunked_loss(student_logits, mask, row_fn, chunk_size, num_tokens)
+
+
+def logits_mse_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None,
+    num_tokens: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Mean squared error between raw logits (Tang et al. 2019, "Distilling task-specific knowledge from
+    BERT into simple neural networks").
+
+    Per token: ``sum_v (z_s - z_t)**2 / V`` (the paper sums over classes; dividing by ``V`` keeps the
+    scale independent of the vocabulary size). Summed over counted tokens, divided by ``num_tokens``
+    (default ``mask.sum()``). Shapes: logits ``[B, T, V]``, mask ``[B, T]``. Returns an fp32 scalar.
+    """
+    _check_logits(student_logits, teacher_logits, "teacher_logits")
+    mask = _bool_mask(mask, student_logits.shape[:2], student_logits.device)
+    teacher = teacher_logits.detach()
+    vocab = student_logits.shape[-1]
+
+    def row_fn(logits: Tensor, idx: Tensor, grad_scale: float | None):
+        diff = _take_rows(logits, idx).float() - _take_rows(teacher, idx).float()
+        loss_sum = diff.pow(2).sum() / vocab
+        return loss_sum, (diff.mul_(2.0 / vocab * grad_scale) if grad_scale is not None else None)
+
+    return _chunked_loss(student_logits, mask, row_fn, chunk_size, num_tokens)
+
+
+def cross_entropy_loss(
+    logits: Tensor,
+    labels: Tensor,
+    num_tokens: float | None = None,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Token cross-entropy, ``sum over labelled tokens / num_tokens``.
+
+    Args:
+        logits: ``[B, T, V]`` (computed in fp32 one chunk at a time, like the KD losses).
+        labels: ``[B, T]`` long; ``-100`` is ignored.
+        num_tokens: denominator; default the number of labels that are not ``-100``.
+        label_smoothing: ``eps``; per token ``(1 - eps) * -log p_y + eps * mean_v(-log p_v)``, the same
+            definition as ``torch.nn.functional.cross_entropy``.
+        chunk_size: token rows per chunk (see ``kd_loss``).
+
+    Returns:
+        fp32 scalar (0.0 when every label is ``-100``).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    labels = labels.to(logits.device)
+    mask = labels != -100
+    vocab = logits.shape[-1]
+    if mask.any() and (int(labels[mask].max()) >= vocab or int(labels[mask].min()) < 0):
+        raise ValueError(f"labels must be in [0, {vocab}) or -100")
+    eps = float(label_smoothing)
+
+    def row_fn(logits_: Tensor, idx: Tensor, grad_scale: float | None):
+        log_p = _log_softmax_rows(logits_, idx, 1.0)
+        y = _take_rows(labels, idx)[:, None]
+        per_row = -log_p.gather(-1, y).squeeze(-1)
+        if eps > 0:
+            per_row = (1.0 - eps) * per_row - eps * log_p.mean(-1)
+        grad = None
+        if grad_scale is not None:
+            # d/dz = softmax(z) - target, target = (1 - eps) * onehot(y) + eps / V
+            grad = log_p.exp_()
+            if eps > 0:
+                grad.sub_(eps / vocab)
+            grad.scatter_add_(-1, y, torch.full_like(y, -(1.0 - eps), dtype=grad.dtype)).mul_(grad_scale)
+        return per_row.sum(), grad
+
+    return _chunked_loss(logits, mask, row_fn, chunk_size, num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# hidden-state losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _masked_position_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``per_position`` ([B, L]) over masked positions; 0 (with grad_fn) when none."""
+    mask = _bool_mask(mask, per_position.shape, per_position.device)
+    total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def _check_hidden(student: Tensor, teacher: Tensor, same_width: bool = True) -> None:
+    if student.dim() != 3 or teacher.dim() != 3 or student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"hidden states must be [B, L, D] with the same B and L; got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if same_width and student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"student hidden size {student.shape[-1]} != teacher hidden size {teacher.shape[-1]}; "
+            "use projected_mse_loss with a learned projection"
+        )
+
+
+def pkd_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """Patient KD hidden-state loss (Sun et al. 2019, "Patient Knowledge Distillation for BERT").
+
+    Per position: ``|| h_s / ||h_s|| - h_t / ||h_t|| ||_2^2`` (the paper's squared Euclidean distance
+    between L2-normalised vectors, summed over D; equals ``2 - 2 cos``), averaged over masked positions.
+    PKD applies it to the [CLS] vector; here every counted token position is used.
+    Shapes: hidden ``[B, L, D]``, mask ``[B, L]``. Returns an fp32 scalar.
+    """
+    _check_hidden(student_hidden, teacher_hidden)
+    s = F.normalize(student_hidden.float(), dim=-1)
+    t = F.normalize(teacher_hidden.detach().float(), dim=-1)
+    return _masked_position_mean((s - t).pow(2).sum(-1), mask)
+
+
+def cosine_hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """DistilBERT cosine embedding loss (Sanh et al. 2019): ``1 - cos(h_s, h_t)`` per position, averaged
+    over masked positions. Shapes: hidden ``[B, L, D]``, mask ``[B, L]``. Returns an fp32 scalar."""
+    _check_hidden(student_hidden, teacher_hidden)
+    cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
+    return _masked_position_mean(1.0 - cos, mask)
+
+
+def projected_mse_loss(
+    student_hidden: Tensor, teacher_hidden: Tensor, projection: nn.Module, mask: Tensor | None
+) -> Tensor:
+    """TinyBERT hidden-state loss (Jiao et al. 2020): ``MSE(h_s W, h_t)`` with a learned projection.
+
+    Args:
+        student_hidden: ``[B, L, Ds]``.
+        teacher_hidden: ``[B, L, Dt]``.
+        projection: maps ``Ds -> Dt`` (e.g. ``nn.Linear(Ds, Dt)``); it is trained with the student.
+        mask: ``[B, L]``.
+
+    Returns:
+        fp32 scalar: per position the mean over ``Dt`` of the squared difference, averaged over masked
+        positions.
+    """
+    _check_hidden(student_hidden, teacher_hidden, same_width=False)
+    projected = projection(student_hidden)
+    if projected.shape != teacher_hidden.shape:
+        raise ValueError(f"projection output {tuple(projected.shape)} != teacher hidden {tuple(teacher_hidden.shape)}")
+    per_position = (projected.float() - teacher_hidden.detach().float()).pow(2).mean(-1)
+    return _masked_position_mean(per_position, mask)
+
+
+def layer_map(num_student: int, num_teacher: int, strategy: str = "skip") -> list[tuple[int, int]]:
+    """Which teacher layer each student layer learns from, as ``[(student_layer, teacher_layer), ...]``.
+
+    Layers are 0-based transformer layers (the output of layer ``i`` is ``hidden_states[i + 1]`` in
+    Hugging Face outputs, index 0 being the embeddings). Every student layer is mapped; PKD leaves out
+    the last pair because the output is already matched by the logit loss — drop it if you want that.
+
+    * ``"last"`` (PKD-Last, Sun et al. 2019): the teacher's last layers, ``i -> N - M + i``.
+      ``layer_map(3, 12, "last") == [(0, 9), (1, 10), (2, 11)]``
+    * ``"skip"`` (PKD-Skip; TinyBERT's ``g(m) = m * N / M``): every ``k = N // M``-th layer, ``i -> (i + 1) * k - 1``.
+      ``layer_map(3, 12, "skip") == [(0, 3), (1, 7), (2, 11)]``
+    * ``"uniform"``: evenly spaced from first to last, ``i -> round(i * (N - 1) / (M - 1))`` (the
+      "first + last + evenly spaced" choice used when pruning), ``layer_map(3, 12, "uniform") ==
+      [(0, 0), (1, 6), (2, 11)]``; a single student layer maps to the teacher's last.
+    """
+    if strategy not in LAYER_MAP_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LAYER_MAP_STRATEGIES}, got {strategy!r}")
+    if not 1 <= num_student <= num_teacher:
+        raise ValueError(f"need 1 <= num_student <= num_teacher, got {num_student} and {num_teacher}")
+    M, N = num_student, num_teacher
+    if strategy == "last":
+        return [(i, N - M + i) for i in range(M)]
+    if strategy == "skip":
+        k = N // M
+        return [(i, (i + 1) * k - 1) for i in range(M)]
+    if M == 1:
+        return [(0, N - 1)]
+    # Round half up in integer arithmetic: floor(i * (N - 1) / (M - 1) + 1/2).
+    return [(i, (2 * i * (N - 1) + (M - 1)) // (2 * (M - 1))) for i in range(M)]
+
+
+# ----------------------------------------------------------------------------------------------
+# attention losses
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_score_mse(
+    student_scores: Tensor,
+    teacher_scores: Tensor,
+    mask_q: Tensor | None,
+    mask_k: Tensor | None,
+) -> Tensor:
+    """TinyBERT attention-based distillation (Jiao et al. 2020): MSE between attention matrices.
+
+    Args:
+        student_scores, teacher_scores: ``[B, H, Lq, Lk]``, same head count (TinyBERT matches head by
+            head). Either the pre-softmax scores, as in TinyBERT, or the probabilities Hugging Face
+            returns with ``output_attentions=True``.
+        mask_q: ``[B, Lq]`` valid query positions; ``mask_k``: ``[B, Lk]`` valid key positions.
+
+    Entries where either score is ``<= -1e4`` (an additive attention mask, e.g. causal) are ignored,
+    like TinyBERT's code which zeroes them. Returns the mean squared difference over valid
+    ``(query, key)`` pairs and heads, as an fp32 scalar; 0 when nothing is valid.
+    """
+    if student_scores.dim() != 4 or teacher_scores.dim() != 4:
+        raise ValueError(
+            f"attention scores must be [B, H, Lq, Lk]; got {tuple(student_scores.shape)} and {tuple(teacher_scores.shape)}"
+        )
+    if student_scores.shape[1] != teacher_scores.shape[1]:
+        raise ValueError(
+            f"attention_score_mse needs the same number of heads, got student {student_scores.shape[1]} "
+            f"and teacher {teacher_scores.shape[1]}; use relation_kd_loss (MiniLM) for different head counts"
+        )
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(f"attention shapes differ: {tuple(student_scores.shape)} vs {tuple(teacher_scores.shape)}")
+    B, H, Lq, Lk = student_scores.shape
+    s = student_scores.float()
+    t = teacher_scores.detach().float()
+    valid_q = _bool_mask(mask_q, (B, Lq), s.device, "mask_q")
+    valid_k = _bool_mask(mask_k, (B, Lk), s.device, "mask_k")
+    valid = (valid_q[:, None, :, None] & valid_k[:, None, None, :]) & (s > -1e4) & (t > -1e4)
+    # Zero the ignored entries before subtracting: where() after an inf - inf would leak NaN gradients.
+    zero = torch.zeros((), device=s.device)
+    diff = torch.where(valid, s, zero) - torch.where(valid, t, zero)
+    return diff.pow(2).sum() / valid.sum().clamp(min=1)
+
+
+def _split_heads(x: Tensor, num_heads: int, name: str) -> Tensor:
+    B, L, D = x.shape
+    if D % num_heads != 0:
+        raise ValueError(f"{name} width {D} is not divisible by num_relation_heads={num_heads}")
+    return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)  # [B, H, L, d]
+
+
+def _log_relation(x: Tensor, y: Tensor, num_heads: int, key_mask: Tensor, name: str) -> Tensor:
+    """``log softmax(x_h y_h^T / sqrt(d_h))`` -> ``[B, H, Lx, Ly]``, masked keys at -inf."""
+    xh = _split_heads(x.float(), num_heads, f"{name} x")
+    yh = _split_heads(y.float(), num_heads, f"{name} y")
+    scores = xh @ yh.transpose(-1, -2) / math.sqrt(xh.shape[-1])
+    # finfo.min rather than -inf so a row with no valid key stays finite (it is dropped later anyway).
+    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kd_loss(
+    student_x: Tensor,
+    teacher_x: Tensor,
+    num_relation_heads: int,
+    mask: Tensor | None,
+    student_y: Tensor | None = None,
+    teacher_y: Tensor | None = None,
+    mask_y: Tensor | None = None,
+) -> Tensor:
+    """MiniLM-v2 self-attention relation distillation (Wang et al. 2021, "MiniLMv2").
+
+    Each side's projection output (queries, keys or values of one attention layer) is split into
+    ``num_relation_heads`` relation heads, independently of the models' own head counts, so student and
+    teacher may differ in width and heads. For each head ``h``:
+    ``R = softmax(x_h y_h^T / sqrt(d_h))`` with ``d_h = D / num_relation_heads`` of that side, and
+    ``y = x`` by default (query-query, key-key, value-value relations). Pass ``y`` for cross relations,
+    e.g. decoder queries against encoder keys of cross-attention.
+    Loss: ``KL(R_teacher || R_student)`` per query row, averaged over valid query rows and heads; padded
+    key positions are masked out before the softmax.
+
+    Args:
+        student_x: ``[B, Lq, Ds]``; teacher_x: ``[B, Lq, Dt]``; ``Ds`` and ``Dt`` divisible by
+            ``num_relation_heads``.
+        num_relation_heads: number of relation heads.
+        mask: ``[B, Lq]`` valid query positions (also the key mask when ``y`` is not given).
+        student_y, teacher_y: ``[B, Lk, Ds]`` / ``[B, Lk, Dt]``, optional.
+        mask_y: ``[B, Lk]`` valid key positions (default: ``mask`` when ``y`` is ``x``, else all valid).
+
+    Returns:
+        fp32 scalar; 0 when no query row is valid.
+    """
+    if num_relation_heads < 1:
+        raise ValueError(f"num_relation_heads must be >= 1, got {num_relation_heads}")
+    if (student_y is None) != (teacher_y is None):
+        raise ValueError("pass both student_y and teacher_y, or neither")
+    _check_hidden(student_x, teacher_x, same_width=False)
+    B, Lq = student_x.shape[:2]
+    mask_q = _bool_mask(mask, (B, Lq), student_x.device)
+    if student_y is None:
+        student_y, teacher_y = student_x, teacher_x
+        mask_k = mask_q if mask_y is None else _bool_mask(mask_y, (B, Lq), student_x.device, "mask_y")
+    else:
+        _check_hidden(student_y, teacher_y, same_width=False)
+        if student_y.shape[0] != B:
+            raise ValueError(f"student_y batch {student_y.shape[0]} != student_x batch {B}")
+        mask_k = _bool_mask(mask_y, student_y.shape[:2], student_x.device, "mask_y")
+
+    log_rs = _log_relation(student_x, student_y, num_relation_heads, mask_k, "student")
+    log_rt = _log_relation(teacher_x.detach(), teacher_y.detach(), num_relation_heads, mask_k, "teacher")
+    r_t = log_rt.exp()
+    per_row = _p_log_ratio(r_t, log_rt, log_rs).masked_fill(~mask_k[:, None, None, :], 0.0).sum(-1)  # [B, H, Lq]
+    # A query row counts if it is valid and has at least one valid key; every head counts.
+    valid_rows = (mask_q[:, None, :] & mask_k.any(-1)[:, None, None]).expand_as(per_row)
+    total = torch.where(valid_rows, per_row, torch.zeros((), device=per_row.device)).sum()
+    return total / valid_rows.sum().clamp(min=1)
