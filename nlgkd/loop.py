@@ -161,7 +161,7 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     best_file = out_dir / "checkpoints" / "best.safetensors"
     if state["best"] is not None and best_file.exists():
-        safetensors.torch.load_model(unwrapped, str(best_file), device=str(accelerator.device))
+        safetensors.torch.load_model(unwrapped, str(best_file), device="cpu")  # copied into the params in place
         log(f"kept the best weights: step {state['best']['step']}, {args.early_stopping_metric} "
             f"{state['best'][args.early_stopping_metric]:.4f}")
     accelerator.wait_for_everyone()

@@ -327,10 +327,12 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool):
                     t_outs.append(out)
 
             logs = {}
-            ce = cross_entropy_loss(s_logits, batch["labels"], num_tokens=normalizer,
-                                    label_smoothing=cfg.label_smoothing)
-            logs["ce"] = ce.detach()
             on_student_prefix = bool(batch.get("student_prefix", False))
+            ce = None
+            if not on_student_prefix:  # gold cross-entropy; meaningless on the student's own samples
+                ce = cross_entropy_loss(s_logits, batch["labels"], num_tokens=normalizer,
+                                        label_smoothing=cfg.label_smoothing)
+                logs["ce"] = ce.detach()
             if "teacher_topk_ids" in batch:
                 # KD from a top-k cache: no teacher forward at all
                 word = sparse_kd_loss(s_logits, batch["teacher_topk_logprobs"], batch["teacher_topk_ids"], mask,
@@ -348,9 +350,9 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool):
                                num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
                 loss = word
                 logs["kd_student_prefix"] = word.detach()
-                logs["teacher_nll_student_pt"] = cross_entropy_loss(
-                    t_logits[0].float(), batch["labels"], num_tokens=normalizer).detach()
-                del logs["ce"]
+                with torch.no_grad():
+                    logs["teacher_nll_student_pt"] = cross_entropy_loss(t_logits[0], batch["labels"],
+                                                                         num_tokens=normalizer)
             elif cfg.objective == "finetune":
                 loss = ce
             else:
