@@ -139,8 +139,8 @@ class LogitCache:
         for b, ex in enumerate(examples):
             i = ex["cache_index"]
             start, end = self.offsets[i], self.offsets[i + 1]
-            ids[b, : end - start] = torch.from_numpy(np.asarray(self.ids[start:end], dtype=np.int64))
-            logprobs[b, : end - start] = torch.from_numpy(np.asarray(self.logprobs[start:end], dtype=np.float32))
+            ids[b, : end - start] = torch.from_numpy(np.array(self.ids[start:end], dtype=np.int64))
+            logprobs[b, : end - start] = torch.from_numpy(np.array(self.logprobs[start:end], dtype=np.float32))
         batch["teacher_topk_ids"] = ids
         batch["teacher_topk_logprobs"] = logprobs
         return batch
