@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import causal_prompt, pad
+from .models import is_causal
 from .recipe import DecodingConfig
 
 EMPTY_INPUT_ERROR = "generation: input {i} is empty after tokenization; drop empty sources from the data"
@@ -149,10 +150,6 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length (longest first, ties by index) cut into batches: little padding per batch."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def is_causal(model) -> bool:
-    return not getattr(model.config, "is_encoder_decoder", False)
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ gradients equal those of one process with the whole batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -215,7 +216,7 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
     totals: dict[str, float] = dict(extra or {})
     for i, batch in enumerate(window):
         sync = i == len(window) - 1
-        context = accelerator.no_sync(model) if not sync else _null()
+        context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
         with context:
             with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, logs = compute_loss(model, batch, normalizer)
@@ -232,14 +233,6 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
     values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
     mean = accelerator.reduce(values, "sum") / accelerator.num_processes
     return dict(zip(keys, mean.tolist()))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log) -> bool:

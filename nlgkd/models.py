@@ -19,9 +19,10 @@ class ModelLoadError(ValueError):
     pass
 
 
-def is_encoder_decoder(model) -> bool:
+def is_causal(model) -> bool:
+    """True for decoder-only models (they read source + separator + target in one sequence)."""
     model = getattr(model, "module", model)  # DDP wrapper
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    return not getattr(model.config, "is_encoder_decoder", False)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -157,12 +158,16 @@ def forward_on_targets(model, batch: dict, **kwargs):
                     decoder_input_ids=decoder_input_ids, use_cache=False, **kwargs)
         return out.logits, out
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-    length = out.logits.shape[1]
-    # the logit at position p predicts token p + 1
-    positions = batch["target_offsets"][:, None] + torch.arange(labels.shape[1], device=labels.device) - 1
-    positions = positions.clamp(0, length - 1)
-    logits = out.logits.gather(1, positions[..., None].expand(-1, -1, out.logits.shape[-1]))
-    return logits, out
+    return at_target_positions(out.logits, batch), out
+
+
+def at_target_positions(sequence: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Decoder-only outputs [B, L, X] (logits or hidden states) at the positions that predict the targets,
+    aligned with batch["labels"]: [B, T, X]. The output at position p predicts token p + 1."""
+    t = batch["labels"].shape[1]
+    positions = batch["target_offsets"][:, None] + torch.arange(t, device=sequence.device) - 1
+    positions = positions.clamp(0, sequence.shape[1] - 1)
+    return sequence.gather(1, positions[..., None].expand(-1, -1, sequence.shape[-1]))
 
 
 def target_logits(model, batch: dict) -> torch.Tensor:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from .metrics import count_parameters
+
 
 @dataclass(frozen=True)
 class Family:
@@ -251,18 +253,6 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
         "compression": teacher_params / student_params,
     }
     return student, info
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters, each tensor counted once (tied embeddings / LM head count once)."""
-    seen, total = set(), 0
-    for param in model.parameters():  # parameters() already skips a Parameter registered twice
-        # Distinct Parameter objects can still share storage; count shared storage once.
-        key = id(param) if param.device.type == "meta" else (param.data_ptr(), tuple(param.shape))
-        if key not in seen:
-            seen.add(key)
-            total += param.numel()
-    return total
 
 
 def _get_path(module: torch.nn.Module, path: str):

@@ -75,3 +75,40 @@ def distill_stage(name, **fields):
     """A short distill stage of the tiny student against the tiny teacher."""
     return {"name": name, "kind": "distill", "student": "student", "teacher": "teacher", "max_steps": 3,
             "batch_size": 16, "eval_samples": 0, "save_every": None, "log_every": 1, **fields}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600):
+    """`torchrun --nproc_per_node 2 -m nlgkd ARGS` (gloo on CPU); the completed process."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "nlgkd", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def kill_once(args: list[str], cwd, ready, what: str) -> None:
+    """Start `nlgkd ARGS`, SIGKILL it as soon as `ready()` is true; fails if it finished first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the stage finished before it could be killed; {what}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from nlgkd.data import collate
 from nlgkd.losses import kd_loss, sparse_kd_loss
 from nlgkd.models import forward_on_targets, load_pretrained
 from nlgkd.runner import StageError

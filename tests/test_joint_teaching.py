@@ -3,9 +3,6 @@ EOS, and every process deciding the same steps."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import torch
@@ -15,7 +12,7 @@ from nlgkd.models import load_pretrained
 from nlgkd.recipe import DecodingConfig, JointTeachingConfig
 from nlgkd.stages.distill import is_student_step, make_joint_teaching, mask_after_eos
 
-from conftest import distill_stage, with_stage
+from conftest import distill_stage, nlgkd_on_two_processes, with_stage
 
 
 def test_schedule_is_deterministic_and_keeps_its_ratio():
@@ -92,11 +89,8 @@ def test_two_processes_agree_on_student_steps(trained, tmp_path):
                                                        joint_teaching={"student_ratio": 0.4, "schedule": "random"}))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         "-m", "nlgkd", "run", str(path), "--stage", "jt2", "--runs-dir", str(runner.run_dir.parent)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = nlgkd_on_two_processes(["run", str(path), "--stage", "jt2", "--runs-dir", str(runner.run_dir.parent)],
+                                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((runner.run_dir / "jt2" / "stage.json").read_text())
     assert info["world_size"] == 2 and info["joint_teaching"]["processes_agree"]

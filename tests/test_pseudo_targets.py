@@ -6,13 +6,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +15,8 @@ import yaml
 from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
 from nlgkd.runner import Runner, StageError
 from nlgkd.stages.pseudo_targets import load_augmented, load_pseudo_targets
+
+from conftest import kill_once, nlgkd_on_two_processes
 
 TEACHER_STEPS = 30
 COLUMNS = {"source", "pt", "pt_index", "origin", "input_index", "teacher", "decoding", "score"}
@@ -70,12 +66,6 @@ def write_recipe(trained, path, *stages) -> None:
     recipe = copy.deepcopy(trained[0])
     recipe["stages"] += copy.deepcopy(list(stages))
     path.write_text(yaml.safe_dump(recipe))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------- pseudo_targets
@@ -128,13 +118,9 @@ def test_sampled_pts_columns_and_k_differ(sampled):
 def test_two_processes_give_the_same_pts_as_one(trained, sampled, tmp_path):
     copy_teacher(trained, tmp_path / "two")
     write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "nlgkd", "run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(tmp_path / "two")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        # ACCELERATE_USE_CPU: without it accelerate 1.15 runs torchrun's CPU processes as unrelated single ones
-        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
-    )
+    result = nlgkd_on_two_processes(
+        ["run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(tmp_path / "two")], cwd=tmp_path,
+        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "two" / "tiny" / "pts"
     assert json.loads((folder / "stage.json").read_text())["world_size"] == 2
@@ -150,16 +136,9 @@ def test_killed_run_resumes_to_the_same_pts(trained, sampled, tmp_path):
     root = tmp_path / "runs"
     copy_teacher(trained, root)
     write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
-    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", "run", str(tmp_path / "r.yaml"), "--stage", "pts",
-                             "--runs-dir", str(root)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     parts = root / "tiny" / ".pts.partial" / "parts"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(parts.glob("part-*.json")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the stage finished before it could be killed; give it more batches"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once(["run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(root)], tmp_path,
+              ready=lambda: bool(list(parts.glob("part-*.json"))), what="give it more batches")
     assert not (root / "tiny" / "pts").exists()  # no half artifact that looks finished
     written = len(list(parts.glob("part-*.json")))
     assert 1 <= written < 16

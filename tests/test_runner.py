@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import yaml
 
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
+
+from conftest import kill_once, nlgkd_on_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,15 +89,9 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe):
     tiny_recipe["stages"] = [teacher]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
-    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "runs" / "tiny" / ".teacher.partial" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(checkpoints.glob("step-*")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the stage finished before it could be killed; raise max_steps"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once(["run", str(path), "--runs-dir", str(tmp_path / "runs")], tmp_path,
+              ready=lambda: bool(list(checkpoints.glob("step-*"))), what="raise max_steps")
     assert not (tmp_path / "runs" / "tiny" / "teacher").exists()  # no half artifact that looks finished
 
     result = run_cli(["run", str(path), "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
@@ -111,11 +106,7 @@ def test_two_processes_give_the_same_results_as_one(tmp_path, tiny_recipe):
     path.write_text(yaml.safe_dump(tiny_recipe))
     one = run_cli(["run", str(path), "--runs-dir", str(tmp_path / "one")], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-         "-m", "nlgkd", "run", str(path), "--runs-dir", str(tmp_path / "two")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    two = nlgkd_on_two_processes(["run", str(path), "--runs-dir", str(tmp_path / "two")], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "tiny" / "teacher" / "stage.json").read_text())["world_size"] == 2
     read = lambda root: [json.loads(line)["prediction"] for line in

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import collate, data_fingerprint, encode
-from ..generation import is_causal
-from ..models import forward_on_targets
+from ..models import forward_on_targets, is_causal
+from .pseudo_targets import encode_pseudo_targets
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -39,10 +39,7 @@ def cached_examples(ctx, cfg, tokenizer) -> list[dict]:
         train, _ = encode(ctx.data()["train"], tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
         examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"]} for r in train]
     for name in cfg.pseudo_targets:
-        from .pseudo_targets import load_pseudo_targets
-
-        pts = load_pseudo_targets(ctx.artifact_dir(name)).rename_column("pt", "target")
-        pts, _ = encode(pts, tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
+        pts = encode_pseudo_targets(ctx.artifact_dir(name), tokenizer, data_cfg)
         examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"]} for r in pts]
     if not examples:
         raise ValueError("nothing to cache: set gold: true or pseudo_targets: [a stage]")

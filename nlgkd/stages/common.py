@@ -6,10 +6,10 @@ from functools import partial
 import torch
 
 from ..data import collate, encode
-from ..generation import generate, is_causal
+from ..generation import generate
 from ..losses import cross_entropy_loss
 from ..metrics import text_metrics
-from ..models import target_logits
+from ..models import is_causal, target_logits
 from ..recipe import DecodingConfig
 
 

@@ -17,9 +17,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ..data import data_fingerprint, encode
+from ..data import data_fingerprint
 from ..features import QKVCapture, attentions, hidden_states
-from ..generation import gather_objects, generation_kwargs, is_causal
+from ..generation import gather_objects, generation_kwargs
 from ..loop import train
 from ..losses import (
     attention_score_mse,
@@ -33,8 +33,9 @@ from ..losses import (
     relation_kd_loss,
     sparse_kd_loss,
 )
-from ..models import check_same_vocabulary, forward_on_targets, save_model
+from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
 from .common import encode_splits, make_collator, make_validator
+from .pseudo_targets import encode_pseudo_targets
 
 HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": projected_mse_loss}
 
@@ -84,18 +85,10 @@ def width(model) -> int:
     return getattr(config, "d_model", None) or getattr(config, "hidden_size", None) or config.n_embd
 
 
-def target_positions(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-    """Decoder-only hidden states [B, L, D] at the positions whose logits predict the targets -> [B, T, D]."""
-    t = batch["labels"].shape[1]
-    positions = batch["target_offsets"][:, None] + torch.arange(t, device=hidden.device) - 1
-    positions = positions.clamp(0, hidden.shape[1] - 1)
-    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-
-
 def side_hidden(outputs, side: str, layer: int, batch: dict, causal: bool) -> torch.Tensor:
     """Output of layer `layer` on `side` (index 0 of hidden_states is the embeddings)."""
     hidden = hidden_states(outputs, side)[layer + 1]
-    return target_positions(batch, hidden) if causal and side == "decoder" else hidden
+    return at_target_positions(hidden, batch) if causal and side == "decoder" else hidden
 
 
 def side_mask(batch: dict, side: str, causal: bool) -> torch.Tensor:
@@ -221,11 +214,7 @@ def training_data(ctx, cfg, tokenizer, encoded):
     gold = list(encoded["train"]) if cfg.gold and "train" in encoded else []
     groups: list[list[dict]] = []
     for name in cfg.pseudo_targets:
-        from .pseudo_targets import load_pseudo_targets
-
-        pts = load_pseudo_targets(ctx.artifact_dir(name)).rename_column("pt", "target")
-        data_cfg = ctx.recipe.data
-        pts, truncated = encode(pts, tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
+        pts = encode_pseudo_targets(ctx.artifact_dir(name), tokenizer, ctx.recipe.data)
         by_input: dict[tuple, list[dict]] = {}
         for row in pts:
             by_input.setdefault((name, row["origin"], row["input_index"]), []).append(row)

@@ -43,8 +43,8 @@ import datasets
 import torch
 
 from ..data import collate, encode
-from ..generation import gather_objects, generate, is_causal, length_buckets
-from ..models import target_logits
+from ..generation import gather_objects, generate, length_buckets
+from ..models import is_causal, target_logits
 
 EXAMPLES_IN_LOG = 3
 
@@ -55,6 +55,13 @@ def load_pseudo_targets(folder: str | Path) -> datasets.Dataset:
     if not path.exists():
         raise ValueError(f"{folder} has no pseudo-target dataset ({path} is missing); run its pseudo_targets stage")
     return datasets.load_from_disk(str(path))
+
+
+def encode_pseudo_targets(folder: str | Path, tokenizer, data_cfg) -> datasets.Dataset:
+    """A finished stage's PTs tokenized as training examples (the PT is the target), truncated like gold."""
+    pts = load_pseudo_targets(folder).rename_column("pt", "target")
+    encoded, _ = encode(pts, tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
+    return encoded
 
 
 def load_augmented(folder: str | Path) -> datasets.Dataset:
