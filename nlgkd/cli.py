@@ -1,8 +1,10 @@
 """The `nlgkd` command: parses arguments, then calls the library.
 
-    nlgkd run RECIPE [--stage NAME | --from NAME] [--force] [--set key.path=value ...] [--runs-dir DIR]
+    nlgkd run RECIPE [--stage NAME | --from NAME] [--variant NAME] [--force] [--dry-run] [--set key.path=value ...] [--runs-dir DIR]
     nlgkd validate RECIPE [--set ...]
     nlgkd stages [KIND]
+    nlgkd report RUN_DIR [--teacher NAME] [--metric NAME] [--out DIR]
+    nlgkd serve MODEL_DIR [--port P] [--host H] [--name NAME]
 """
 from __future__ import annotations
 
@@ -18,12 +20,19 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     runner = Runner(recipe, runs_root=args.runs_dir)
-    outcome = runner.run(only=args.stage, start_from=args.start_from, force=args.force)
+    if args.dry_run:
+        runner.dry_run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
+        return 0
+    outcome = runner.run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
     ran = [name for name, what in outcome.items() if what == "ran"]
     skipped = [name for name, what in outcome.items() if what == "skipped"]
+    waiting = [name for name, what in outcome.items() if what == "waiting"]
+    reused = [name for name, what in outcome.items() if what == "reused"]
     runner.accelerator.print(
         f"{recipe.name}: ran {len(ran)} stage(s){' ' + str(ran) if ran else ''}, "
-        f"skipped {len(skipped)} finished one(s); artifacts in {runner.run_dir}"
+        f"{f'copied {len(reused)} with the same fingerprint as another {reused}, ' if reused else ''}"
+        f"skipped {len(skipped)} finished one(s)"
+        f"{f', {len(waiting)} wait for other variants {waiting}' if waiting else ''}; artifacts in {runner.run_dir}"
     )
     runner.accelerator.end_training()
     return 0
@@ -33,7 +42,37 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     print(f"{args.recipe}: valid recipe {recipe.name!r} with {len(recipe.stages)} stage(s):")
     for stage in recipe.stages:
-        print(f"  {stage.index + 1}. {stage.name} ({stage.kind})")
+        copies = [s for s in recipe.instances if s.index == stage.index]
+        line = f"  {stage.index + 1}. {stage.name} ({stage.kind})"
+        if stage.variants:
+            line += f"  variants: {', '.join(stage.variants)}"
+        elif copies and copies[0].variant:
+            line += f"  once per variant of {copies[0].varied}: {', '.join(s.key for s in copies)}"
+        elif copies and copies[0].kind == "evaluate" and any("@" in n for n in copies[0].config.models):
+            line += f"  rows: {', '.join(copies[0].config.models)}"
+        print(line)
+    if len(recipe.instances) > len(recipe.stages):
+        print(f"{len(recipe.instances)} stage runs with the variants; `nlgkd run RECIPE --variant NAME` runs one")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, name=args.name, max_source_length=args.max_source_length,
+          default_max_tokens=args.max_tokens)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        paths = write_report(args.run_dir, out_dir=args.out, teacher=args.teacher, metric=args.metric)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -46,12 +85,14 @@ def cmd_stages(args) -> int:
         print(f"{args.kind}: {cls.__doc__.strip()}\n")
         for name, typ, help_text in config_help(cls):
             print(f"  {name:24s} {typ:40s} {help_text}")
+        print(f"  {'variants':24s} {'mapping of mapping':40s} name -> fields to override; one run per variant")
         return 0
     width = max(len(k) for k in STAGE_CONFIGS)
     for kind, cls in STAGE_CONFIGS.items():
         first_line = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{kind:{width}s}  {first_line}")
-    print("\n`nlgkd stages KIND` lists a kind's fields.")
+    print("\n`nlgkd stages KIND` lists a kind's fields. Any stage may also declare `variants:` (name -> fields "
+          "to override,\ne.g. {beam: {decoding.strategy: beam}}): it then runs once per variant, as NAME@VARIANT.")
     return 0
 
 
@@ -65,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--stage", help="run only this stage (its inputs must have finished)")
     which.add_argument("--from", dest="start_from", help="re-run this stage and every one after it")
     run.add_argument("--force", action="store_true", help="re-run every selected stage")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list what would run; API teachers print their requests, tokens and cost, and send nothing")
+    run.add_argument("--variant", help="run one variant (NAME or STAGE@NAME), what reads it and the shared stages")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. stages.teacher.epochs=3 (repeatable)")
     run.add_argument("--runs-dir", default=os.environ.get("NLGKD_RUNS_DIR", "runs"),
@@ -79,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     stages = sub.add_parser("stages", help="list the stage kinds, or one kind's fields")
     stages.add_argument("kind", nargs="?")
     stages.set_defaults(func=cmd_stages)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server over a local model")
+    serve.add_argument("model_dir", help="a model folder, e.g. runs/demo/teacher (or a hub name)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    serve.add_argument("--name", help="model name clients ask for (default: the folder's name)")
+    serve.add_argument("--max-source-length", type=int, default=512, help="input tokens kept (default 512)")
+    serve.add_argument("--max-tokens", type=int, default=256, help="answer tokens when a request sets no max_tokens")
+    serve.set_defaults(func=cmd_serve)
+
+    report = sub.add_parser("report", help="collect a run directory's evaluations into tables and plots")
+    report.add_argument("run_dir", help="a run directory, e.g. runs/study-demo")
+    report.add_argument("--teacher", help="model row that counts as the teacher (default: see `nlgkd/report.py`)")
+    report.add_argument("--out", help="where report.md, report.html and the PNGs go (default: RUN_DIR/report)")
+    report.add_argument("--metric", default="bleu", help="quality metric of the plots and %% of teacher: bleu, "
+                        "chrf, rouge1, rouge2 or rougeL (default: bleu)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import string
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import datasets
 import torch
 
-from .recipe import DataConfig, RecipeError
+from .recipe import DataConfig, DataSource, RecipeError
 
 SPLITS = ("train", "validation", "test", "unlabeled")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -33,38 +34,61 @@ class DataReport:
     sizes: dict[str, int] = field(default_factory=dict)
     dropped_empty: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, dict[str, int]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)  # multi-task: split sizes per task
 
 
 # ------------------------------------------------------------------------------------- loading
 def load_splits(config: DataConfig, seed: int = 0) -> tuple[datasets.DatasetDict, DataReport]:
-    """Load every configured split as text pairs; empty examples are dropped and counted (or an error)."""
-    if config.task == "demo":
-        from .demo_task import make_demo_splits
-
-        sizes = {s: getattr(config.demo, s) for s in SPLITS}
-        raw = make_demo_splits(sizes, seed=seed)
-        splits = {name: datasets.Dataset.from_list(rows) for name, rows in raw.items() if rows}
-    elif config.hub is not None:
-        splits = _load_hub(config)
+    """Load every configured split as text pairs; empty examples are dropped and counted (or an error).
+    With `data.tasks`, each task is loaded the same way, its prefix put before its sources, and the splits
+    concatenated with a `task` column naming each example's task."""
+    if not config.tasks:
+        result, report = _load_source(config, config, seed, "data")
     else:
-        splits = {}
-        for split in SPLITS:
-            path = getattr(config, split)
-            if path is not None:
-                splits[split] = _load_file(path, f"data.{split}")
-    report = DataReport()
-    result = {}
-    for split, ds in splits.items():
-        limit = config.max_examples.get(split)
-        if limit is not None and len(ds) > limit:
-            ds = ds.select(range(limit))
-        ds, dropped = _to_pairs(ds, config, split)
-        report.sizes[split] = len(ds)
-        report.dropped_empty[split] = dropped
-        result[split] = ds
+        per_split: dict[str, list[datasets.Dataset]] = {}
+        report = DataReport()
+        for name, task in config.tasks.items():
+            splits, task_report = _load_source(task, config, seed, f"data.tasks.{name}")
+            report.tasks[name] = task_report.sizes
+            for split, ds in splits.items():
+                ds = ds.map(lambda row: {"source": task.prefix + row["source"], "task": name},
+                            load_from_cache_file=False, keep_in_memory=True)
+                per_split.setdefault(split, []).append(ds)
+                report.dropped_empty[split] = report.dropped_empty.get(split, 0) + task_report.dropped_empty[split]
+        result = {split: datasets.concatenate_datasets(parts) for split, parts in per_split.items()}
+        report.sizes = {split: len(ds) for split, ds in result.items()}
     if "train" not in result and "unlabeled" not in result:
         raise RecipeError("data: no train split was loaded; set data.train, data.hub or data.task")
     return datasets.DatasetDict(result), report
+
+
+def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
+    """(split -> text pairs, report) of one dataset; `config` has the settings shared by all tasks."""
+    if source.task == "demo":
+        from .demo_task import make_demo_splits
+
+        sizes = {s: getattr(source.demo, s) for s in SPLITS}
+        raw = make_demo_splits(sizes, seed=seed)
+        splits = {name: datasets.Dataset.from_list(rows) for name, rows in raw.items() if rows}
+    elif source.hub is not None:
+        splits = _load_hub(source, where)
+    else:
+        splits = {}
+        for split in SPLITS:
+            path = getattr(source, split)
+            if path is not None:
+                splits[split] = _load_file(path, f"{where}.{split}")
+    report = DataReport()
+    result = {}
+    for split, ds in splits.items():
+        limit = source.max_examples.get(split)
+        if limit is not None and len(ds) > limit:
+            ds = ds.select(range(limit))
+        ds, dropped = _to_pairs(ds, source, config.on_empty, split, where)
+        report.sizes[split] = len(ds)
+        report.dropped_empty[split] = dropped
+        result[split] = ds
+    return result, report
 
 
 def _load_file(path: str, field_path: str) -> datasets.Dataset:
@@ -88,16 +112,16 @@ def _load_file(path: str, field_path: str) -> datasets.Dataset:
         raise RecipeError(f"{field_path}: could not read {path!r}: {err}") from None
 
 
-def _load_hub(config: DataConfig) -> dict[str, datasets.Dataset]:
-    loaded = datasets.load_dataset(config.hub, config.hub_config)
+def _load_hub(source: DataSource, where: str) -> dict[str, datasets.Dataset]:
+    loaded = datasets.load_dataset(source.hub, source.hub_config)
     splits = {}
     for split in SPLITS:
-        hub_split = config.hub_splits.get(split, split)
+        hub_split = source.hub_splits.get(split, split)
         if hub_split in loaded:
             splits[split] = loaded[hub_split]
     if "train" not in splits:
         raise RecipeError(
-            f"data.hub: {config.hub!r} has splits {list(loaded)}; map one to train with data.hub_splits"
+            f"{where}.hub: {source.hub!r} has splits {list(loaded)}; map one to train with {where}.hub_splits"
         )
     return splits
 
@@ -116,17 +140,18 @@ def render(template: str, row: dict) -> str:
     return template.format_map({k: "" if v is None else v for k, v in row.items()})
 
 
-def _to_pairs(ds: datasets.Dataset, config: DataConfig, split: str) -> tuple[datasets.Dataset, int]:
+def _to_pairs(ds: datasets.Dataset, source: DataSource, on_empty: str, split: str,
+              where: str = "data") -> tuple[datasets.Dataset, int]:
     """Map columns to source/target text; drop (and count) or reject examples with empty text."""
     needs_target = split != "unlabeled"
-    specs = {"source": config.source}
+    specs = {"source": source.source}
     if needs_target:
-        specs["target"] = config.target
+        specs["target"] = source.target
     for role, spec in specs.items():
         for column in template_fields(spec):
             if column not in ds.column_names:
                 raise RecipeError(
-                    f"data.{role}: column {column!r} is not in the {split} split; its columns are {ds.column_names}"
+                    f"{where}.{role}: column {column!r} is not in the {split} split; its columns are {ds.column_names}"
                 )
     rows = []
     dropped = 0
@@ -134,15 +159,15 @@ def _to_pairs(ds: datasets.Dataset, config: DataConfig, split: str) -> tuple[dat
         pair = {role: render(spec, row).strip() for role, spec in specs.items()}
         empty = [role for role, text in pair.items() if not text]
         if empty:
-            if config.on_empty == "error":
+            if on_empty == "error":
                 raise RecipeError(
-                    f"data: {split} example {i} has an empty {empty[0]}; fix the data or set data.on_empty: drop"
+                    f"{where}: {split} example {i} has an empty {empty[0]}; fix the data or set data.on_empty: drop"
                 )
             dropped += 1
             continue
         rows.append(pair)
     if not rows:
-        raise RecipeError(f"data: the {split} split has no usable examples ({dropped} empty ones dropped)")
+        raise RecipeError(f"{where}: the {split} split has no usable examples ({dropped} empty ones dropped)")
     return datasets.Dataset.from_list(rows), dropped
 
 
@@ -150,9 +175,11 @@ def data_fingerprint(config: DataConfig, seed: int) -> str:
     """Hash of the data config and the bytes of every local data file."""
     h = hashlib.sha256(json.dumps(_plain(config), sort_keys=True).encode())
     h.update(str(seed).encode())
-    for split in SPLITS:
-        path = getattr(config, split)
-        if path and Path(path).exists():
+    for source in [config, *config.tasks.values()]:
+        for split in SPLITS:
+            path = getattr(source, split)
+            if not (path and Path(path).exists()):
+                continue
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
@@ -163,6 +190,34 @@ def _plain(config: Any) -> Any:
     from .recipe import to_dict
 
     return to_dict(config)
+
+
+def task_mixture(examples: list[dict], weights: dict[str, float | None], seed: int, epoch: int) -> list[dict]:
+    """One epoch of multi-task training examples, drawn by the tasks' sampling weights (MT-DNN).
+
+    The epoch keeps the total size N; task t contributes round(N * w_t / sum(w)) examples, where a task
+    without a weight counts with its own size (so all-None weights give the plain concatenation). A task
+    walks through a seeded permutation of its examples, repeated when it must give more than it has, so
+    every example is seen before any repeats. Pure in (seed, epoch): resumes and processes agree.
+    """
+    by_task: dict[str, list[dict]] = {}
+    for ex in examples:
+        by_task.setdefault(ex["task"], []).append(ex)
+    if all(weights.get(t) is None for t in by_task):
+        return list(examples)
+    effective = {t: weights.get(t) if weights.get(t) is not None else float(len(rows)) for t, rows in by_task.items()}
+    total_weight = sum(effective.values())
+    rng = random.Random(seed * 1_000_003 + epoch)
+    mixed = []
+    for task in sorted(by_task):
+        rows = by_task[task]
+        want = round(len(examples) * effective[task] / total_weight)
+        order: list[int] = []
+        while len(order) < want:
+            order += rng.sample(range(len(rows)), len(rows))
+        mixed += [rows[i] for i in order[:want]]
+    rng.shuffle(mixed)
+    return mixed
 
 
 # ---------------------------------------------------------------------------------- tokenizing
@@ -197,8 +252,10 @@ def encode(
 
 
 # ---------------------------------------------------------------------------------- collating
-def collate(examples: list[dict], pad_id: int, causal: bool, sep_id: int | None = None) -> dict[str, torch.Tensor]:
-    """Batch tokenized examples (see module docstring for the shapes). Right padding for training."""
+def collate(examples: list[dict], pad_id: int, causal: bool, sep_id: int | None = None,
+            tasks: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Batch tokenized examples (see module docstring for the shapes). Right padding for training.
+    With `tasks` (multi-task data) the batch also has `task_index` [B]: each example's position in `tasks`."""
     targets = [ex["target_ids"] for ex in examples]
     width = max(len(t) for t in targets)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -206,11 +263,15 @@ def collate(examples: list[dict], pad_id: int, causal: bool, sep_id: int | None 
         labels[i, : len(t)] = torch.tensor(t)
     if not causal:
         input_ids, attention_mask = pad([ex["source_ids"] for ex in examples], pad_id, left=False)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    prompts = [causal_prompt(ex["source_ids"], sep_id) for ex in examples]
-    input_ids, attention_mask = pad([p + t for p, t in zip(prompts, targets)], pad_id, left=False)
-    offsets = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "target_offsets": offsets}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    else:
+        prompts = [causal_prompt(ex["source_ids"], sep_id) for ex in examples]
+        input_ids, attention_mask = pad([p + t for p, t in zip(prompts, targets)], pad_id, left=False)
+        offsets = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "target_offsets": offsets}
+    if tasks:
+        batch["task_index"] = torch.tensor([tasks.index(ex["task"]) for ex in examples], dtype=torch.long)
+    return batch
 
 
 def causal_prompt(source_ids: list[int], sep_id: int | None) -> list[int]:

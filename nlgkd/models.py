@@ -30,6 +30,9 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     """(model, tokenizer) from a hub name or a local `save_pretrained` folder, safetensors weights only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from . import lstm
+
+    lstm.register()  # nlgkd's own LSTM student (model_type nlgkd_lstm) loads through the Auto classes too
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as err:
@@ -95,6 +98,13 @@ def fresh_config(cfg: ModelConfig, tokenizer):
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     vocab = len(tokenizer)
+    if cfg.arch == "lstm":
+        from .lstm import LSTMSeq2SeqConfig
+
+        # d_model is the embedding and hidden width; attention_heads and ffn_dim do not apply
+        return LSTMSeq2SeqConfig(vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                                 decoder_layers=cfg.decoder_layers, dropout=cfg.dropout,
+                                 decoder_start_token_id=tokenizer.eos_token_id, **ids)
     if cfg.arch in ("bart", "mbart"):
         # mbart is BART with pre-layer-norm blocks, which train from scratch more stably at high lr
         config_class = BartConfig if cfg.arch == "bart" else MBartConfig
@@ -119,7 +129,7 @@ def fresh_config(cfg: ModelConfig, tokenizer):
             n_layer=cfg.decoder_layers, n_head=cfg.attention_heads, n_inner=cfg.ffn_dim,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0, **ids,
         )
-    raise ValueError(f"arch {cfg.arch!r} is not one of bart, mbart, t5, gpt2")
+    raise ValueError(f"arch {cfg.arch!r} is not one of bart, mbart, t5, gpt2, lstm")
 
 
 def build_fresh(cfg: ModelConfig, texts: list[str], seed: int, tokenizer=None):
@@ -132,6 +142,10 @@ def build_fresh(cfg: ModelConfig, texts: list[str], seed: int, tokenizer=None):
         tokenizer = train_tokenizer(texts, cfg.tokenizer, cfg.vocab_size, encoder_decoder)
     config = fresh_config(cfg, tokenizer)
     torch.manual_seed(seed)
+    if cfg.arch == "lstm":
+        from .lstm import LSTMSeq2SeqForConditionalGeneration
+
+        return LSTMSeq2SeqForConditionalGeneration(config), tokenizer
     auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     model = auto.from_config(config)
     return model, tokenizer

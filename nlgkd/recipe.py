@@ -11,8 +11,10 @@ the finetune stage trains the `models.teacher` entry, and `prune` starts from th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,8 +55,8 @@ class DemoSizes:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    """Where examples come from and how they become (source, target) text pairs."""
+class DataSource:
+    """One dataset: the built-in task, files or a hub name, and how rows become (source, target) text."""
 
     task: Optional[Literal["demo"]] = field(default=None, metadata=doc("built-in task that needs no download"))
     demo: DemoSizes = field(default_factory=DemoSizes, metadata=doc("split sizes of the demo task"))
@@ -71,12 +73,31 @@ class DataConfig:
         default="source", metadata=doc("source column, or a template like '{context}; answer: {answer}'")
     )
     target: str = field(default="target", metadata=doc("target column, or a template"))
+    max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}"))
+
+
+@dataclass(kw_only=True)
+class TaskData(DataSource):
+    """One task of a multi-task recipe (MT-DNN): its own dataset, a source prefix and a sampling weight."""
+
+    prefix: str = field(default="", metadata=doc("prepended to every source, e.g. 'summarize: '"))
+    weight: Optional[float] = field(default=None, metadata=doc(
+        "share of each training epoch drawn from this task, relative to the other tasks' weights "
+        "(smaller tasks are repeated, larger ones subsampled); default: its own train size"))
+
+
+@dataclass(kw_only=True)
+class DataConfig(DataSource):
+    """Where examples come from: one dataset (the fields of DataSource) or several tasks (`tasks:`)."""
+
+    tasks: dict[str, TaskData] = field(default_factory=dict, metadata=doc(
+        "several datasets in one recipe, by task name; each example keeps its task (per-task teachers "
+        "in distill: teachers_by_task)"))
     max_source_length: int = field(default=256, metadata=doc("tokens; longer sources are truncated and counted"))
     max_target_length: int = field(default=128, metadata=doc("tokens; longer targets are truncated and counted"))
     on_empty: Literal["drop", "error"] = field(
         default="drop", metadata=doc("examples with empty source/target: drop and count, or stop")
     )
-    max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}"))
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -90,9 +111,11 @@ class ModelConfig:
     name_or_path: Optional[str] = field(default=None, metadata=doc("hub name or local folder (init: pretrained)"))
     revision: Optional[str] = None
     trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
-    arch: Literal["bart", "mbart", "t5", "gpt2"] = field(
+    arch: Literal["bart", "mbart", "t5", "gpt2", "lstm"] = field(
         default="t5", metadata=doc("family of a fresh model; mbart = BART with pre-layer-norm. Post-LN bart "
-                                   "trained from scratch can learn to ignore its input (transformers#18461)"))
+                                   "trained from scratch can learn to ignore its input (transformers#18461). "
+                                   "lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
+                                   "d_model, encoder_layers, decoder_layers, dropout"))
     d_model: int = 256
     encoder_layers: int = 4
     decoder_layers: int = 4
@@ -168,6 +191,8 @@ class EvaluateConfig:
     """Decode a split with each model; BLEU, chrF, ROUGE, lengths, size and speed; a comparison table."""
 
     produces: ClassVar[str] = "metrics"
+    # a varied stage in `models` becomes one row per variant (the comparison), not one evaluate per variant
+    expands_variants: ClassVar[bool] = True
     models: list[str] = field(metadata=ref("models", "models to evaluate"))
     split: Literal["test", "validation", "train"] = "test"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -226,6 +251,30 @@ class JointTeachingConfig:
 
 
 @dataclass(kw_only=True)
+class DenoisingConfig:
+    """General distillation data (TinyBERT / DistilBERT's first stage): denoising pairs made from raw text
+    the way the teacher was pretrained; input = corrupted text, target = the original (nlgkd/denoising.py)."""
+
+    splits: list[Literal["train", "validation", "test", "unlabeled"]] = field(
+        default_factory=lambda: ["train", "unlabeled"], metadata=doc("splits whose text is used (unless file:)"))
+    columns: list[Literal["source", "target"]] = field(
+        default_factory=lambda: ["source"], metadata=doc("text of those splits: sources and/or targets"))
+    file: Optional[str] = field(default=None, metadata=doc(
+        "raw text instead of the splits: .txt (one text per line), .jsonl, .csv or .parquet"))
+    file_column: str = field(default="text", metadata=doc("column of file: holding the text (not for .txt)"))
+    family: Optional[Literal["bart", "t5"]] = field(default=None, metadata=doc(
+        "bart: sentence permutation + text infilling with <mask>; t5: span corruption with <extra_id_N> "
+        "sentinels; default: the teacher's family"))
+    noise: Optional[float] = field(default=None, metadata=doc(
+        "share of words (bart) or tokens (t5) corrupted; default 0.3 for bart, 0.15 for t5"))
+    mean_span: float = field(default=3.0, metadata=doc("bart: Poisson lambda of span lengths; t5: mean span length"))
+    permute_sentences: bool = field(default=True, metadata=doc("bart: shuffle each text's sentences"))
+    seed: Optional[int] = field(default=None, metadata=doc(
+        "default: the recipe seed; the noise of text i in epoch e depends only on (seed, e, i)"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("use the first N texts"))
+
+
+@dataclass(kw_only=True)
 class DistillConfig(TrainArgs):
     """Train a student against one or more teachers with word-level, hidden-state and attention KD (S3)."""
 
@@ -233,6 +282,9 @@ class DistillConfig(TrainArgs):
     student: str = field(metadata=ref("model", "model to train (e.g. a prune stage)"))
     teacher: Optional[Union[str, list[str]]] = field(
         default=None, metadata=ref("models", "teacher, or a list of teachers (an ensemble averages them)"))
+    teachers_by_task: dict[str, list[str]] = field(default_factory=dict, metadata=ref(
+        "models", "multi-task data: each task's teachers (MT-DNN); a task with none ([] or left out) "
+        "trains on gold cross-entropy alone. Use instead of teacher:"))
     objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
         default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
     alpha: float = field(default=0.0, metadata=doc("loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy"))
@@ -254,6 +306,61 @@ class DistillConfig(TrainArgs):
         default=None, metadata=ref("logits", "a cache_logits stage: KD from stored top-k, no teacher loaded"))
     cache_tail: Literal["renormalize", "bucket"] = field(
         default="renormalize", metadata=doc("teacher mass outside the cached top-k: see losses.sparse_kd_loss"))
+    cross_tokenizer: bool = field(default=False, metadata=doc(
+        "allow a teacher with another tokenizer (e.g. BART -> T5): per batch it scores the target text under its "
+        "own tokenizer and its top-k is aligned to the student's tokens by character offsets "
+        "(nlgkd/alignment.py); objective logits_kd or noisy_kd, forward_kl, one teacher; mass lost in the "
+        "alignment is handled by cache_tail"))
+    cross_tokenizer_top_k: int = field(default=20, metadata=doc(
+        "cross_tokenizer: teacher alternatives kept per teacher token (and slots per student token)"))
+    denoising: Optional[DenoisingConfig] = field(default=None, metadata=doc(
+        "general distillation: denoising pairs of raw text join the training data (with gold: false, they "
+        "are all of it); the teacher's prediction of the original text is the soft target. With objective: "
+        "finetune and no teacher, it is denoising pretraining of the student itself"))
+
+
+@dataclass(kw_only=True)
+class ApiTeacherConfig:
+    """An LLM behind an OpenAI-compatible chat API as the teacher (`nlgkd/api_teacher.py`): OpenAI, vLLM,
+    Ollama, TGI, or `nlgkd serve`. Answers are cached in runs/<recipe>/api_cache.sqlite and never paid twice."""
+
+    model: str = field(metadata=doc("model name the endpoint knows, e.g. gpt-4o"))
+    base_url: Optional[str] = field(default=None, metadata=doc(
+        "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; default: OpenAI's (or $OPENAI_BASE_URL)"))
+    api_key_env: Optional[str] = field(default="OPENAI_API_KEY", metadata=doc(
+        "environment variable holding the key (never put the key in a recipe); null: the endpoint needs none"))
+    system: Optional[str] = field(default=None, metadata=doc("system message of every request"))
+    prompt: str = field(default="{source}", metadata=doc("user message; {source} is replaced by the input"))
+    shots: int = field(default=0, metadata=doc("k-shot examples from the train split (the same k for every "
+                                               "request, drawn with the recipe seed): user prompt, assistant target"))
+    n_per_request: bool = field(default=True, metadata=doc(
+        "ask for the K outputs with n=K in one request; false: K requests (seeds seed..seed+K-1) for endpoints "
+        "that ignore n"))
+    logprobs: bool = field(default=False, metadata=doc("ask for the answer tokens' log-probabilities"))
+    top_logprobs: int = field(default=0, metadata=doc("alternatives per token with their log-probabilities (<= 20)"))
+    concurrency: int = field(default=8, metadata=doc("requests in flight at once"))
+    requests_per_minute: Optional[float] = field(default=None, metadata=doc("rate limit (spaced evenly)"))
+    tokens_per_minute: Optional[float] = field(default=None, metadata=doc(
+        "rate limit on estimated prompt + max completion tokens"))
+    timeout: float = field(default=60.0, metadata=doc(
+        "seconds without an answer (or to connect) before a request is abandoned and retried"))
+    max_retries: int = field(default=6, metadata=doc(
+        "retries of a request after 429, 5xx, timeouts, dropped connections, malformed or empty answers"))
+    backoff: float = field(default=1.0, metadata=doc(
+        "seconds before the first retry; doubles each retry, jittered (a Retry-After header wins)"))
+    backoff_max: float = field(default=60.0, metadata=doc("longest wait between retries without Retry-After"))
+    input_price: float = field(default=0.0, metadata=doc("price per million prompt tokens (cost estimates, budget)"))
+    output_price: float = field(default=0.0, metadata=doc("price per million completion tokens"))
+    max_cost: Optional[float] = field(default=None, metadata=doc(
+        "budget in the prices' currency: no request is sent whose worst case would pass it"))
+    max_total_tokens: Optional[int] = field(default=None, metadata=doc(
+        "budget in tokens (prompt + completion) of this run; answers from the cache are free"))
+    on_budget: Literal["stop", "finish"] = field(default="stop", metadata=doc(
+        "budget reached: stop (an error; answers stay cached, a re-run with a larger budget continues) or "
+        "finish (write the PTs paid for so far)"))
+    allow_failures: int = field(default=0, metadata=doc(
+        "requests that may still fail after their retries and the stage finishes without them (listed in "
+        "failures.jsonl); more stop the stage"))
 
 
 @dataclass(kw_only=True)
@@ -261,7 +368,12 @@ class PseudoTargetsConfig:
     """Generate K pseudo-targets per input with a teacher: sequence-level KD data (study stages S4-S7)."""
 
     produces: ClassVar[str] = "dataset"
-    teacher: str = field(metadata=ref("model", "model that writes the pseudo-targets"))
+    teacher: Optional[str] = field(default=None, metadata=ref("model", "model that writes the pseudo-targets"))
+    teacher_api: Optional[ApiTeacherConfig] = field(default=None, metadata=doc(
+        "instead of teacher: an LLM behind an OpenAI-compatible API (decoding: greedy or sample only)"))
+    align_to: Optional[str] = field(default=None, metadata=ref("model", (
+        "with teacher_api logprobs: the student whose tokenizer the API's top logprobs are aligned to; the "
+        "stage then also writes soft targets that distill reads with cached_teacher: this stage")))
     inputs: list[Literal["train", "validation", "test", "unlabeled"]] = field(
         default_factory=lambda: ["train"], metadata=doc("splits whose sources get pseudo-targets"))
     augmented: list[str] = field(default_factory=list, metadata=ref("datasets", "augment stages whose inputs to label"))
@@ -270,6 +382,13 @@ class PseudoTargetsConfig:
         metadata=doc("how the teacher writes; default: nucleus sampling p=0.95, K=4"))
     max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split"))
     save_every: int = field(default=10, metadata=doc("batches between writes to disk (a kill loses at most these)"))
+
+    def __post_init__(self):
+        if (self.teacher is None) == (self.teacher_api is None):
+            raise RecipeError("give teacher: (a model) or teacher_api: (an OpenAI-compatible endpoint), one of them")
+        if self.align_to is not None and (self.teacher_api is None or not self.teacher_api.logprobs
+                                          or not self.teacher_api.top_logprobs):
+            raise RecipeError("align_to: needs teacher_api with logprobs: true and top_logprobs: 1..20")
 
 
 @dataclass(kw_only=True)
@@ -318,6 +437,16 @@ class Stage:
     kind: str
     config: Any
     index: int
+    # `variants:` of the recipe stage: variant name -> its config (the stage's fields plus the overrides)
+    variants: dict[str, Any] = field(default_factory=dict)
+    # set on the copies the runner runs (`Recipe.instances`): which variant, and of which stage
+    variant: Optional[str] = None
+    varied: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """`name`, or `name@variant`: the run-directory folder and how other stages may pin it."""
+        return f"{self.name}@{self.variant}" if self.variant else self.name
 
 
 @dataclass
@@ -329,6 +458,9 @@ class Recipe:
     stages: list[Stage]
     source: str = "<recipe>"  # file the recipe came from, for messages
     raw: dict = field(default_factory=dict)
+    # what the runner runs, in order: one copy per variant of a varied stage and of every stage that reads
+    # it, with references pinned to `name@variant` (see `expand_variants`); other stages as they are
+    instances: list[Stage] = field(default_factory=list)
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -337,13 +469,28 @@ class Recipe:
         raise RecipeError(f"{self.source}: no stage named {name!r}; stages are {[s.name for s in self.stages]}")
 
     def resolve(self, name: str, before: int) -> tuple[str, Any]:
-        """('stage', Stage) for the latest stage named `name` before index `before`, else ('model', ModelConfig)."""
+        """('stage', Stage) for the latest stage named `name` before index `before`, else ('model', ModelConfig).
+        `name@variant` is that variant's copy; once the recipe is expanded, plain names give the runnable copy."""
+        base, _, variant = name.partition("@")
         for stage in reversed(self.stages[:before]):
-            if stage.name == name:
+            if stage.name == base:
+                for instance in self.instances:
+                    if instance.index == stage.index and instance.variant == (variant or None):
+                        return "stage", instance
+                if variant:
+                    raise KeyError(name)
                 return "stage", stage
-        if name in self.models:
+        if not variant and name in self.models:
             return "model", self.models[name]
         raise KeyError(name)
+
+    def variant_names(self) -> dict[str, list[str]]:
+        """varied stage -> its variant names, in recipe order."""
+        found: dict[str, list[str]] = {}
+        for instance in self.instances:
+            if instance.variant is not None and instance.varied == instance.name:
+                found.setdefault(instance.name, []).append(instance.variant)
+        return found
 
 
 # ------------------------------------------------------------------------------ typed construction
@@ -414,6 +561,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads `5e-4` (no dot) as a string; accept what is plainly a number
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+            return float(value)
         raise RecipeError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -445,7 +595,10 @@ def build(cls: type, raw: Any, path: str, ignore: tuple[str, ...] = ()) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
             raise RecipeError(f"{path}.{name}: required field is missing ({help_text})")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except RecipeError as err:  # a config's own check across fields (__post_init__)
+        raise RecipeError(f"{path}: {err}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -476,7 +629,12 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise RecipeError(f"--set {assignment!r}: expected key.path=value, e.g. stages.teacher.epochs=3")
     key, text = assignment.split("=", 1)
     value = yaml.safe_load(text) if text.strip() else ""
-    parts = key.strip().split(".")
+    set_path(raw, key.strip().split("."), value, label=f"--set {key}")
+
+
+def set_path(raw: dict, parts: list[str], value: Any, label: str) -> None:
+    """Set `raw[parts[0]][parts[1]]... = value`, making missing mappings; `--set` and stage variants use it.
+    `label` starts every error message (the option or the recipe field being applied)."""
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
@@ -484,11 +642,13 @@ def apply_override(raw: dict, assignment: str) -> None:
             node = _list_item(node, part, where)
         else:
             if not isinstance(node, dict):
-                raise RecipeError(f"--set {key}: {where} is not a mapping")
+                raise RecipeError(f"{label}: {where} is not a mapping")
             node = node.setdefault(part, {})
+            if node is None:
+                raise RecipeError(f"{label}: {where} is null; give it as a whole mapping instead")
     last = parts[-1]
     if isinstance(node, list):
-        raise RecipeError(f"--set {key}: cannot replace a whole stage; set one of its fields")
+        raise RecipeError(f"{label}: cannot replace a whole stage; set one of its fields")
     node[last] = value
 
 
@@ -540,6 +700,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         stages = [_build_stage(s, i) for i, s in enumerate(raw_stages)]
         recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw)
         check_references(recipe)
+        recipe.instances = expand_variants(recipe)
         check_data(recipe)
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
@@ -561,8 +722,48 @@ def _build_stage(raw: Any, index: int) -> Stage:
         hint = difflib.get_close_matches(str(kind), list(STAGE_CONFIGS), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise RecipeError(f"{path}.kind: {kind!r} is not a stage kind{did_you_mean}; kinds: {', '.join(STAGE_CONFIGS)}")
-    config = build(STAGE_CONFIGS[kind], raw, path, ignore=("name", "kind"))
-    return Stage(name=name, kind=kind, config=config, index=index)
+    config = build(STAGE_CONFIGS[kind], raw, path, ignore=("name", "kind", "variants"))
+    variants = _build_variants(raw, kind, name, index)
+    return Stage(name=name, kind=kind, config=config, index=index, variants=variants)
+
+
+def _build_variants(raw: dict, kind: str, name: str, index: int) -> dict[str, Any]:
+    """{variant name: config} from a stage's `variants:`. Each variant is the stage's own fields with its
+    overrides set through `set_path` (what `--set` uses): `objective: noisy_kd` replaces a field,
+    `decoding.strategy: beam` changes one field inside a nested mapping and keeps its siblings."""
+    path = f"stages[{index}] ({name}).variants"
+    spec = raw.get("variants")
+    if spec is None:
+        return {}
+    example = "{beam: {decoding.strategy: beam}, sample: {decoding.strategy: sample}}"
+    if not isinstance(spec, dict) or not spec:
+        raise RecipeError(f"{path}: expected a mapping of variant name -> fields to override, e.g. {example}")
+    cls = STAGE_CONFIGS[kind]
+    fields = {yaml_name(f): f for f in dataclasses.fields(cls) if f.init}
+    allowed = sorted(fields)
+    variants = {}
+    for variant, overrides in spec.items():
+        where = f"{path}.{variant}"
+        if not isinstance(variant, str) or not variant.replace("_", "").replace("-", "").isalnum():
+            raise RecipeError(f"{where}: a variant name uses letters, digits, '_' and '-' (it names a folder)")
+        if overrides is None:
+            overrides = {}  # the stage exactly as written: a baseline next to the changed variants
+        if not isinstance(overrides, dict):
+            raise RecipeError(f"{where}: expected a mapping of fields to override, e.g. {example}")
+        variant_raw = copy.deepcopy({k: v for k, v in raw.items() if k != "variants"})
+        for key, value in overrides.items():
+            parts = str(key).split(".")
+            if parts[0] not in allowed:
+                hint = difflib.get_close_matches(parts[0], allowed, n=1)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise RecipeError(f"{where}.{key}: {parts[0]!r} is not a field of a {kind} stage{did_you_mean}; "
+                                  f"a variant overrides the stage's own fields: {', '.join(allowed)}")
+            default = fields[parts[0]].default_factory
+            if len(parts) > 1 and parts[0] not in variant_raw and default is not dataclasses.MISSING:
+                variant_raw[parts[0]] = to_dict(default())  # `decoding.top_p` keeps the field's other defaults
+            set_path(variant_raw, parts, copy.deepcopy(value), label=f"{where}.{key}")
+        variants[variant] = build(cls, variant_raw, f"stages[{index}] ({name}@{variant})", ignore=("name", "kind"))
+    return variants
 
 
 SINGULAR = {"models": "model", "datasets": "dataset"}
@@ -576,10 +777,14 @@ def references(config: Any) -> list[tuple[str, str, str]]:
         value = getattr(config, f.name)
         if kind is None or value is None:
             continue
-        names = value if isinstance(value, list) else [value]
-        for i, name in enumerate(names):
-            where = f"{yaml_name(f)}[{i}]" if isinstance(value, list) else yaml_name(f)
-            found.append((where, SINGULAR.get(kind, kind), name))
+        if isinstance(value, dict):  # e.g. teachers_by_task: {task: [model, ...]}
+            named = [(f"{yaml_name(f)}.{key}[{i}]", name) for key, names in value.items()
+                     for i, name in enumerate(names)]
+        elif isinstance(value, list):
+            named = [(f"{yaml_name(f)}[{i}]", name) for i, name in enumerate(value)]
+        else:
+            named = [(yaml_name(f), value)]
+        found += [(where, SINGULAR.get(kind, kind), name) for where, name in named]
     return found
 
 
@@ -599,12 +804,15 @@ def check_references(recipe: Recipe) -> None:
             if target not in recipe.models:
                 raise RecipeError(f"models.{name}.{where}: {target!r} is not a models: entry ({list(recipe.models)})")
     for stage in recipe.stages:
-        for where, kind, target in references(stage.config):
-            path = f"stages[{stage.index}] ({stage.name}).{where}"
+        # the stage as written and each of its variants (a variant may point a reference elsewhere)
+        configs = [(stage.name, stage.config)] + [(f"{stage.name}@{v}", c) for v, c in stage.variants.items()]
+        for label, where, kind, target in [(label, *r) for label, config in configs for r in references(config)]:
+            path = f"stages[{stage.index}] ({label}).{where}"
             try:
-                resolved = recipe.resolve(target, before=stage.index)
+                # `name@variant` pins one variant; which variants exist is checked by expand_variants
+                resolved = recipe.resolve(target.partition("@")[0], before=stage.index)
             except KeyError:
-                later = [s for s in recipe.stages[stage.index:] if s.name == target]
+                later = [s for s in recipe.stages[stage.index:] if s.name == target.partition("@")[0]]
                 if later:
                     raise RecipeError(
                         f"{path}: {target!r} is a stage that runs later (stages[{later[0].index}]); "
@@ -615,12 +823,125 @@ def check_references(recipe: Recipe) -> None:
                 did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise RecipeError(f"{path}: unknown name {target!r}{did_you_mean}; known here: {known}") from None
             got = produces(resolved)
+            if kind == "logits" and got == "dataset" and getattr(resolved[1].config, "align_to", None):
+                continue  # pseudo_targets from an API with align_to also writes the cache_logits layout
             if got != kind:
                 raise RecipeError(f"{path}: {target!r} gives a {got}, but a {kind} is needed here")
 
 
+def expand_variants(recipe: Recipe) -> list[Stage]:
+    """The stages the runner runs (`Recipe.instances`), in recipe order, with variants spelled out:
+
+    - a stage with `variants:` runs once per variant, as `name@variant` (its own folder);
+    - a stage that reads a varied stage, directly or through a stage that does, runs once per variant too
+      and reads the same variant: `final_ft` after `objective` runs as `final_ft@logits_kd`, ...;
+    - an evaluate stage (`expands_variants`) runs once, with a row per variant of each varied stage it lists;
+    - `name@variant` in a recipe pins one variant; a stage that only pins does not vary.
+    References in the copies are rewritten to the `name@variant` they read, so fingerprints, folders and
+    stage.json say exactly what was used, and a stage that reads no varied stage is unchanged (made once).
+    A stage varies with one varied stage at most: reading two, or having variants and reading a varied
+    stage, would need every combination; the error says to pin one instead.
+    """
+    axes: dict[str, Optional[tuple[str, list[str]]]] = {}  # stage name -> (varied stage, variant names)
+    instances = []
+    for stage in recipe.stages:
+        configs = [(stage.name, stage.config)] + [(f"{stage.name}@{v}", c) for v, c in stage.variants.items()]
+        read: dict[str, tuple[tuple[str, list[str]], str, str]] = {}  # varied stage -> (axis, path, name read)
+        for label, config in configs:
+            for where, _, target in references(config):
+                base, _, pin = target.partition("@")
+                kind, obj = recipe.resolve(base, stage.index)
+                axis = axes.get(obj.name) if kind == "stage" else None
+                path = f"stages[{stage.index}] ({label}).{where}"
+                if pin and axis is None:
+                    raise RecipeError(f"{path}: {target!r}: {base!r} has no variants; write {base!r}")
+                if pin and pin not in axis[1]:
+                    hint = difflib.get_close_matches(pin, axis[1], n=1)
+                    did_you_mean = f" (did you mean {base + '@' + hint[0]!r}?)" if hint else ""
+                    raise RecipeError(f"{path}: {target!r}: {base!r} has no variant {pin!r}{did_you_mean}; "
+                                      f"its variants: {', '.join(axis[1])}")
+                if not pin and axis is not None:
+                    read.setdefault(axis[0], (axis, path, target))
+        if stage.variants:
+            for (varied, variants), path, target in read.values():
+                raise RecipeError(
+                    f"{path}: {target!r} has a variant per {varied!r} variant ({', '.join(variants)}), and this stage "
+                    f"has variants of its own; pin the one it reads, e.g. {target + '@' + variants[0]!r}")
+            axis = (stage.name, list(stage.variants))
+        elif getattr(STAGE_CONFIGS[stage.kind], "expands_variants", False):
+            axis = None
+        elif len(read) > 1:
+            (first, (_, _, t1)), (second, (axis2, path, t2)) = list(read.items())[:2]
+            raise RecipeError(
+                f"{path}: this stage reads {t1!r} (varies with {first!r}) and {t2!r} (varies with {second!r}); "
+                f"a stage varies with one varied stage: pin the other, e.g. {t2 + '@' + axis2[1][0]!r}")
+        else:
+            axis = next(iter(read.values()))[0] if read else None
+        axes[stage.name] = axis
+        if axis is None:
+            instances.append(dataclasses.replace(stage, config=_pin(recipe, stage, stage.config, None, axes),
+                                                 variants={}))
+            continue
+        for variant in axis[1]:
+            config = stage.variants[variant] if stage.variants else stage.config
+            instances.append(dataclasses.replace(stage, config=_pin(recipe, stage, config, variant, axes),
+                                                 variants={}, variant=variant, varied=axis[0]))
+    return instances
+
+
+def _pin(recipe: Recipe, stage: Stage, config: Any, variant: Optional[str], axes: dict) -> Any:
+    """`config` with each reference to a varied stage written as the `name@variant` it reads: this copy's
+    variant, or every variant (an evaluate stage, `variant` None)."""
+    def pin(names: list[str]) -> list[str]:
+        pinned = []
+        for name in names:
+            kind, obj = recipe.resolve(name, stage.index) if "@" not in name else ("pinned", None)
+            axis = axes.get(obj.name) if kind == "stage" else None
+            if axis is None:
+                pinned.append(name)
+            elif variant is not None:
+                pinned.append(f"{name}@{variant}")
+            else:
+                pinned += [f"{name}@{v}" for v in axis[1]]
+        return pinned
+
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("ref") is None or value is None:
+            continue
+        if isinstance(value, dict):  # e.g. teachers_by_task: {task: [model, ...]}
+            changes[f.name] = {key: pin(names) for key, names in value.items()}
+        elif isinstance(value, list):
+            changes[f.name] = pin(value)
+        elif len(pin([value])) == 1:
+            changes[f.name] = pin([value])[0]
+        else:
+            raise RecipeError(f"stages[{stage.index}] ({stage.name}).{yaml_name(f)}: {value!r} has variants "
+                              f"({', '.join(pin([value]))}) and this field takes one name; pin one of them")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def check_data(recipe: Recipe) -> None:
     data = recipe.data
-    sources = [data.task is not None, data.hub is not None, data.train is not None]
-    if sum(sources) != 1:
+    if data.tasks:
+        if _has_source(data) or data.validation or data.test or data.unlabeled:
+            raise RecipeError("data: with data.tasks, give each task's dataset under its name "
+                              "(data.tasks.NAME.train, ...), not at the top of data:")
+        for name, task in data.tasks.items():
+            if not _has_source(task):
+                raise RecipeError(f"data.tasks.{name}: give exactly one of task (built-in), hub (dataset "
+                                  "name) or train (file)")
+            if task.weight is not None and task.weight <= 0:
+                raise RecipeError(f"data.tasks.{name}.weight: must be > 0 (leave it out for the task's own size)")
+        return
+    if not _has_source(data):
+        raise RecipeError("data: give exactly one of task (built-in), hub (dataset name) or train (file), "
+                          "or several datasets under tasks:")
+
+
+def _has_source(source: DataSource) -> bool:
+    given = [source.task is not None, source.hub is not None, source.train is not None]
+    if sum(given) > 1:
         raise RecipeError("data: give exactly one of task (built-in), hub (dataset name) or train (file)")
+    return any(given)

@@ -81,7 +81,7 @@ class StageContext:
         return self.recipe.seed
 
     def log(self, message: str) -> None:
-        self.accelerator.print(f"[{self.stage.name}] {message}")
+        self.accelerator.print(f"[{self.stage.key}] {message}")
 
     def data(self):
         return self.runner.data()
@@ -108,14 +108,14 @@ class Runner:
         self.accelerator = accelerator
         self._data = None
         self._data_report = None
-        self._fingerprints: dict[int, str] = {}
+        self._fingerprints: dict[str, str] = {}  # stage key -> fingerprint
 
     # ----------------------------------------------------------------------------- artifacts
     def finished_dir(self, stage: Stage) -> Path:
-        return self.run_dir / stage.name
+        return self.run_dir / stage.key  # `name`, or `name@variant` for a variant
 
     def partial_dir(self, stage: Stage) -> Path:
-        return self.run_dir / f".{stage.name}.partial"
+        return self.run_dir / f".{stage.key}.partial"
 
     def stage_record(self, stage: Stage) -> dict | None:
         path = self.finished_dir(stage) / "stage.json"
@@ -143,20 +143,20 @@ class Runner:
 
     # ---------------------------------------------------------------------------- fingerprints
     def fingerprint(self, stage: Stage) -> str:
-        if stage.index not in self._fingerprints:
+        if stage.key not in self._fingerprints:
             from .data import data_fingerprint
 
             inputs = {}
             for where, kind, name in references(stage.config):
                 inputs[where] = self.reference_fingerprint(name, stage.index)
-            self._fingerprints[stage.index] = short_hash({
+            self._fingerprints[stage.key] = short_hash({
                 "kind": stage.kind,
                 "config": to_dict(stage.config),
                 "inputs": inputs,
                 "data": data_fingerprint(self.recipe.data, self.recipe.seed),
                 "seed": self.recipe.seed,
             })
-        return self._fingerprints[stage.index]
+        return self._fingerprints[stage.key]
 
     def reference_fingerprint(self, name: str, before: int) -> str:
         kind, target = self.recipe.resolve(name, before)
@@ -176,7 +176,7 @@ class Runner:
         if kind == "stage":
             path = self.finished_dir(target)
             if not (path / "stage.json").exists():
-                raise StageError(f"stage {target.name!r} has not finished; run `nlgkd run RECIPE --stage {target.name}`")
+                raise StageError(f"stage {target.key!r} has not finished; run `nlgkd run RECIPE --stage {target.key}`")
             return load_pretrained(str(path), trust_remote_code=False)
         model: ModelConfig = target
         if model.init == "pretrained":
@@ -211,38 +211,143 @@ class Runner:
                 f"run directory {self.run_dir} is not writable ({err.strerror}); pass --runs-dir to write elsewhere"
             ) from None
 
-    def plan(self, only: str | None = None, start_from: str | None = None, force: bool = False) -> list[tuple[Stage, str]]:
-        """(stage, action) for every stage: 'run', 'skip' (finished, same fingerprint) or 'leave' (not selected)."""
+    def plan(self, only: str | None = None, start_from: str | None = None, force: bool = False,
+             variant: str | None = None) -> list[tuple[Stage, str]]:
+        """(stage, action) for every stage to run (`Recipe.instances`, variants spelled out): 'run', 'skip'
+        (finished, same fingerprint), 'leave' (not selected) or 'wait' (with `variant`: a shared stage that
+        reads other variants, which have not finished). `only`/`start_from` take `name` or `name@variant`;
+        `variant` takes a variant name or `stage@variant` and selects it, what reads it and the shared stages."""
+        instances = self.recipe.instances or self.recipe.stages
         names = [s.name for s in self.recipe.stages]
+        keys = [s.key for s in instances]
         for flag, value in (("--stage", only), ("--from", start_from)):
-            if value is not None and value not in names:
-                raise RecipeError(f"{flag} {value}: no such stage; stages are {names}")
-        start = names.index(start_from) if start_from else None
-        plan = []
-        for stage in self.recipe.stages:
-            if only is not None and stage.name != only:
+            if value is not None and value not in names and value not in keys:
+                varied = [k for k in keys if "@" in k]
+                extra = f", or one variant: {', '.join(varied)}" if varied else ""
+                raise RecipeError(f"{flag} {value}: no such stage; stages are {names}{extra}")
+        start = next(i for i, s in enumerate(instances) if start_from in (s.name, s.key)) if start_from else None
+        if variant is not None:
+            choices = {s.variant for s in instances if s.variant} | {f"{s.varied}@{s.variant}" for s in instances
+                                                                     if s.variant and s.varied == s.name}
+            if variant not in choices:
+                listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in self.recipe.variant_names().items())
+                raise RecipeError(f"--variant {variant}: no stage of {self.recipe.source} has this variant; "
+                                  + (f"variants are {listed}" if listed else "the recipe declares no variants:"))
+        plan: list[tuple[Stage, str]] = []
+        waiting: set[str] = set()
+        for i, stage in enumerate(instances):
+            chosen = variant is None or stage.variant is None or variant in (stage.variant, f"{stage.varied}@{stage.variant}")
+            if (only is not None and only not in (stage.name, stage.key)) or not chosen:
                 plan.append((stage, "leave"))
-            elif force or (start is not None and stage.index >= start) or not self.is_done(stage):
+            elif variant is not None and self._reads_unfinished_other_variant(stage, waiting, {s.key: a for s, a in plan}):
+                waiting.add(stage.key)
+                plan.append((stage, "wait"))
+            elif force or (start is not None and i >= start) or not self.is_done(stage):
                 plan.append((stage, "run"))
             else:
                 plan.append((stage, "skip"))
         return plan
 
-    def run(self, only: str | None = None, start_from: str | None = None, force: bool = False) -> dict[str, str]:
+    def _reads_unfinished_other_variant(self, stage: Stage, waiting: set[str], actions: dict[str, str]) -> bool:
+        """Whether a stage reads a stage left out of this run (another variant) that has not finished."""
+        for _, _, name in references(stage.config):
+            kind, target = self.recipe.resolve(name, stage.index)
+            if kind == "stage" and (target.key in waiting or
+                                    (actions.get(target.key) == "leave" and not self.is_done(target))):
+                return True
+        return False
+
+    def run(self, only: str | None = None, start_from: str | None = None, force: bool = False,
+            variant: str | None = None) -> dict[str, str]:
         self.check_writable()
-        plan = self.plan(only, start_from, force)
+        plan = self.plan(only, start_from, force, variant)
+        to_run = sum(action == "run" for _, action in plan)
         outcome = {}
         for stage, action in plan:
             if action == "leave":
                 continue
+            if action == "wait":
+                self.accelerator.print(f"[{stage.key}] waits: it reads other variants that have not finished; run "
+                                       "them (or the recipe without --variant), then it runs")
+                outcome[stage.key] = "waiting"
+                continue
             if action == "skip":
-                self.accelerator.print(f"[{stage.name}] done earlier with the same inputs and config; skipped")
-                outcome[stage.name] = "skipped"
+                self.accelerator.print(f"[{stage.key}] done earlier with the same inputs and config; skipped")
+                outcome[stage.key] = "skipped"
                 continue
             self.check_inputs(stage)
+            done = sum(what in ("ran", "reused") for what in outcome.values())
+            self.accelerator.print(f"[{stage.key}] stage {done + 1} of {to_run} to run")
+            same = None if force or start_from else self.same_artifact(stage)
+            if same is not None:
+                self.reuse(stage, same)
+                outcome[stage.key] = "reused"
+                continue
             self.run_stage(stage)
-            outcome[stage.name] = "ran"
+            outcome[stage.key] = "ran"
         return outcome
+
+    def same_artifact(self, stage: Stage) -> Stage | None:
+        """A finished stage of this recipe with this stage's fingerprint under another name: the same kind,
+        config, inputs, data and seed, so the same artifact. An ablation's baseline is often another stage's
+        variant (the next study stage starts from the last one's winner); it is copied, not trained again."""
+        fingerprint = self.fingerprint(stage)
+        for other in self.recipe.instances:
+            if other.key != stage.key and other.kind == stage.kind and self.fingerprint(other) == fingerprint \
+                    and self.is_done(other):
+                return other
+        return None
+
+    def reuse(self, stage: Stage, same: Stage) -> None:
+        """Make `stage`'s folder from the finished `same` (files hard-linked where possible; artifacts are
+        never changed in place), with its own stage.json saying where it came from."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            partial = self.partial_dir(stage)
+            shutil.rmtree(partial, ignore_errors=True)
+
+            def link_or_copy(src, dst):
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+
+            shutil.copytree(self.finished_dir(same), partial, copy_function=link_or_copy)
+            record = json.loads((partial / "stage.json").read_text())
+            record.pop("variant", None)
+            record.pop("variant_of", None)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            record.update(name=stage.name, reused_from=same.key, started=now, ended=now, wall_seconds=0.0,
+                          cpu_seconds=0.0, **({"variant": stage.variant, "variant_of": stage.varied}
+                                              if stage.variant else {}))
+            (partial / "stage.json").unlink()  # a hard link: write a new file, keep the other stage's
+            (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
+            final = self.finished_dir(stage)
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            acc.print(f"[{stage.key}] same kind, config and inputs as {same.key!r}: its artifact is copied, "
+                      f"not made again -> {final}")
+        acc.wait_for_everyone()
+
+    def dry_run(self, only: str | None = None, start_from: str | None = None, force: bool = False,
+                variant: str | None = None) -> None:
+        """`nlgkd run --dry-run`: list the stages `run` would run; kinds in `DRY_RUNS` (API teachers) also print
+        their requests and estimated cost. Nothing runs, nothing is written, nothing is sent."""
+        from .stages import DRY_RUNS
+
+        for stage, action in self.plan(only, start_from, force, variant):
+            if action != "run":
+                continue
+            if stage.kind not in DRY_RUNS:
+                self.accelerator.print(f"[{stage.key}] would run ({stage.kind})")
+                continue
+            ctx = StageContext(runner=self, stage=stage, out_dir=self.partial_dir(stage),
+                               fingerprint=self.fingerprint(stage))
+            try:
+                DRY_RUNS[stage.kind](ctx)
+            except (ValueError, KeyError) as err:  # e.g. its inputs come from a stage that has not run yet
+                self.accelerator.print(f"[{stage.key}] would run ({stage.kind}); cannot estimate it yet: {err}")
 
     def check_inputs(self, stage: Stage) -> None:
         """Every earlier stage this one reads must be finished with its current fingerprint."""
@@ -250,8 +355,8 @@ class Runner:
             resolved_kind, target = self.recipe.resolve(name, stage.index)
             if resolved_kind == "stage" and not self.is_done(target):
                 raise StageError(
-                    f"stage {stage.name!r} needs {target.name!r} ({where}), which has not finished with the current "
-                    f"recipe; run it first: `nlgkd run RECIPE --stage {target.name}` (or run the whole recipe)"
+                    f"stage {stage.key!r} needs {target.key!r} ({where}), which has not finished with the current "
+                    f"recipe; run it first: `nlgkd run RECIPE --stage {target.key}` (or run the whole recipe)"
                 )
 
     def run_stage(self, stage: Stage) -> None:
@@ -265,18 +370,19 @@ class Runner:
             if partial.exists() and (not marker.exists() or marker.read_text() != fingerprint):
                 shutil.rmtree(partial)  # left by a different config: nothing to resume
             if partial.exists():
-                acc.print(f"[{stage.name}] found an unfinished run of this stage; resuming it")
+                acc.print(f"[{stage.key}] found an unfinished run of this stage; resuming it")
             partial.mkdir(parents=True, exist_ok=True)
             marker.write_text(fingerprint)
         acc.wait_for_everyone()
-        acc.print(f"[{stage.name}] running ({stage.kind})")
+        acc.print(f"[{stage.key}] running ({stage.kind})")
         ctx = StageContext(runner=self, stage=stage, out_dir=partial, fingerprint=fingerprint)
         started = time.time()
+        cpu_started = time.process_time()
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             STAGES[stage.kind](ctx)
         except (ValueError, KeyError) as err:  # bad input found by the stage: say where, keep what is done
-            raise StageError(f"stage {stage.name!r} ({stage.kind}): {err}") from err
+            raise StageError(f"stage {stage.key!r} ({stage.kind}): {err}") from err
         acc.wait_for_everyone()
         if acc.is_main_process:
             record = {
@@ -292,6 +398,8 @@ class Runner:
                 "started": started_at,
                 "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "wall_seconds": round(time.time() - started, 2),
+                "cpu_seconds": round(time.process_time() - cpu_started, 2),  # this process, all its threads
+                **({"variant": stage.variant, "variant_of": stage.varied} if stage.variant else {}),
                 "versions": package_versions(),
                 **ctx.info,
             }
@@ -300,10 +408,10 @@ class Runner:
             (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
             final = self.finished_dir(stage)
             if final.exists():
-                trash = self.run_dir / f".{stage.name}.old"
+                trash = self.run_dir / f".{stage.key}.old"
                 shutil.rmtree(trash, ignore_errors=True)
                 final.rename(trash)
                 shutil.rmtree(trash)
             partial.rename(final)
-            acc.print(f"[{stage.name}] finished in {record['wall_seconds']:.1f}s -> {final}")
+            acc.print(f"[{stage.key}] finished in {record['wall_seconds']:.1f}s -> {final}")
         acc.wait_for_everyone()

@@ -43,6 +43,13 @@ def test_wrong_type_names_field(tiny_recipe):
         parse_recipe(tiny_recipe)
 
 
+def test_exponent_without_dot_is_a_number(tiny_recipe):
+    # PyYAML (YAML 1.1) loads `5e-4` as the string '5e-4'; users write it that way everywhere
+    tiny_recipe["stages"][0]["lr"] = yaml.safe_load("5e-4")
+    assert isinstance(tiny_recipe["stages"][0]["lr"], str)
+    assert parse_recipe(tiny_recipe).stages[0].config.lr == pytest.approx(5e-4)
+
+
 def test_literal_lists_allowed_values(tiny_recipe):
     tiny_recipe["stages"][1]["decoding"]["strategy"] = "beams"
     with pytest.raises(RecipeError, match=r"decoding\.strategy: 'beams' is not allowed \(did you mean 'beam'\?\); allowed: greedy, beam"):

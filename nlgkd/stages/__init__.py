@@ -11,3 +11,8 @@ STAGES = {
     "pseudo_targets": pseudo_targets.run,
     "augment": augment.run,
 }
+
+# `nlgkd run --dry-run`: kinds that can say what they would send or spend; the others are only listed
+DRY_RUNS = {
+    "pseudo_targets": pseudo_targets.dry_run,
+}

@@ -115,11 +115,14 @@ class LogitCache:
         self.logprobs = np.load(folder / "topk_logprobs.npy", mmap_mode="r")
 
     def check(self, tokenizer, data_fp: str, where: str) -> None:
+        # soft targets of an API teacher (`alignment.write_soft_targets`) carry their own (source, PT) pairs
+        soft = self.manifest.get("kind") == "soft_targets"
         if self.manifest["tokenizer"] != tokenizer_hash(tokenizer):
+            fix = ("set that pseudo_targets stage's align_to: to this student" if soft else
+                   "re-run cache_logits with the student's teacher, or give the student tokenizer_from: the teacher")
             raise ValueError(f"{where}: the cache was made with another tokenizer ({self.manifest['vocab_size']} "
-                             f"tokens) than the student's ({len(tokenizer)}); re-run cache_logits with the "
-                             "student's teacher, or give the student tokenizer_from: the teacher")
-        if self.manifest["data_fingerprint"] != data_fp:
+                             f"tokens) than the student's ({len(tokenizer)}); {fix}")
+        if self.manifest.get("data_fingerprint") not in (None, data_fp):  # None: soft targets without one
             raise ValueError(f"{where}: the cache was made from other data than this recipe's; re-run cache_logits")
 
     def training_examples(self) -> list[dict]:

@@ -5,7 +5,7 @@ from functools import partial
 
 import torch
 
-from ..data import collate, encode
+from ..data import collate, encode, task_mixture
 from ..generation import generate
 from ..losses import cross_entropy_loss
 from ..metrics import text_metrics
@@ -30,9 +30,21 @@ def encode_splits(ctx, tokenizer, splits=("train", "validation")) -> dict:
     return encoded
 
 
-def make_collator(model, tokenizer):
+def make_collator(model, tokenizer, tasks: tuple[str, ...] = ()):
+    """Batches for `model`; with `tasks` (multi-task data) they carry each example's `task_index`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return partial(collate, pad_id=pad_id, causal=is_causal(model), sep_id=tokenizer.eos_token_id)
+    return partial(collate, pad_id=pad_id, causal=is_causal(model), sep_id=tokenizer.eos_token_id, tasks=tasks)
+
+
+def mixed_by_task(ctx, examples):
+    """epoch -> examples: multi-task data resampled by the tasks' weights (`data.tasks.NAME.weight`);
+    `examples` as they are for single-task data or when no task sets a weight."""
+    tasks = ctx.recipe.data.tasks
+    if not any(task.weight is not None for task in tasks.values()):
+        return lambda epoch: examples
+    weights = {name: task.weight for name, task in tasks.items()}
+    rows = list(examples)
+    return lambda epoch: task_mixture(rows, weights, ctx.seed, epoch)
 
 
 def cross_entropy_step(model, batch, normalizer, label_smoothing=0.0):

@@ -6,6 +6,9 @@ The loss is a weighted sum of terms, each logged on its own:
     hidden       PKD / DistilBERT cosine / TinyBERT projected MSE on mapped layers (`hidden:`)
     attention    MiniLM-v2 Q/K/V relations or TinyBERT attention MSE (`attention:`), via forward hooks
 Every term is normalized by the global count of target tokens (see `nlgkd/loop.py`).
+The data: gold targets, pseudo-targets, and with `denoising:` the denoising pairs of general distillation
+(`nlgkd/denoising.py`, TinyBERT/DistilBERT's first stage). LSTM students (`nlgkd/lstm.py`) take the
+word-level terms; hidden and attention terms refuse them in `check_distill_setup`.
 """
 from __future__ import annotations
 
@@ -33,8 +36,11 @@ from ..losses import (
     relation_kd_loss,
     sparse_kd_loss,
 )
+from ..alignment import cross_tokenizer_targets, soft_targets_folder
+from ..denoising import make_denoising_data
+from ..lstm import is_lstm
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
-from .common import encode_splits, make_collator, make_validator
+from .common import encode_splits, make_collator, make_validator, mixed_by_task
 from .pseudo_targets import encode_pseudo_targets
 
 HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": projected_mse_loss}
@@ -54,9 +60,30 @@ class StudentWithProjections(nn.Module):
 
 
 def teacher_names(cfg) -> list[str]:
+    """Every teacher the stage loads (each once, also when several tasks share it)."""
+    if cfg.teachers_by_task:
+        return list(dict.fromkeys(name for names in cfg.teachers_by_task.values() for name in names))
     if cfg.teacher is None:
         return []
     return [cfg.teacher] if isinstance(cfg.teacher, str) else list(cfg.teacher)
+
+
+def task_teacher_indices(cfg, tasks: list[str], names: list[str]) -> list[list[int]]:
+    """For each task (in `data.tasks` order), the indices into `names` of its teachers; [] = none."""
+    return [[names.index(n) for n in cfg.teachers_by_task.get(task, [])] for task in tasks]
+
+
+def check_teachers_by_task(cfg, tasks: list[str]) -> None:
+    if not tasks:
+        raise ValueError("teachers_by_task needs multi-task data: list the datasets under data.tasks")
+    unknown = [t for t in cfg.teachers_by_task if t not in tasks]
+    if unknown:
+        raise ValueError(f"teachers_by_task: {unknown} are not tasks of data.tasks ({tasks})")
+    if cfg.teacher is not None or cfg.cached_teacher is not None:
+        raise ValueError("give teachers_by_task or teacher:/cached_teacher:, not both")
+    if cfg.objective == "finetune" or cfg.hidden or cfg.attention or cfg.joint_teaching:
+        raise ValueError("teachers_by_task supports the word-level objectives (logits_kd, noisy_kd, "
+                         "logits_mse) only; hidden:, attention: and joint_teaching: need one teacher: for all")
 
 
 def resolve_teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -101,6 +128,25 @@ def side_mask(batch: dict, side: str, causal: bool) -> torch.Tensor:
 
 def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, names) -> None:
     """Fail before training on combinations that cannot work, naming the recipe field."""
+    recurrent = [(role, name) for role, name, model in [("student", cfg.student, student),
+                                                        *(("teacher", n, t) for n, t in zip(names, teachers))]
+                 if is_lstm(model)]
+    for field_name, spec, needs in (("hidden", cfg.hidden, "per-layer hidden states"),
+                                    ("attention", cfg.attention, "attention maps / Q-K-V projections")):
+        if spec is not None and recurrent:
+            role, name = recurrent[0]
+            raise ValueError(
+                f"{field_name}.loss {spec.loss!r} ({field_name} KD) needs the {needs} of a transformer, but {role} "
+                f"{name!r} is an LSTM encoder-decoder (model_type nlgkd_lstm); remove {field_name}: and distill it "
+                "with objective: logits_kd, logits_mse or noisy_kd (with pseudo_targets if you like)")
+    if cfg.denoising is not None:
+        if cfg.cached_teacher is not None or cfg.teachers_by_task:
+            raise ValueError("denoising: the soft targets are the teacher's own denoising predictions on pairs "
+                             "made on the fly; give teacher: (not cached_teacher: or teachers_by_task:)")
+        if is_causal(student):
+            raise ValueError(f"denoising: builds encoder-decoder pairs, but student {cfg.student!r} is decoder-only")
+    if cfg.cross_tokenizer:
+        check_cross_tokenizer(cfg, teachers)
     if cfg.cached_teacher is not None:
         if teachers:
             raise ValueError("give teacher: or cached_teacher:, not both")
@@ -118,8 +164,12 @@ def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, n
             raise ValueError(f"objective {cfg.objective!r} needs a teacher: set teacher: (a model or a list)")
     word_level = cfg.objective != "finetune"
     for teacher, t_tok, name in zip(teachers, teacher_tokenizers, names):
-        if word_level:
-            check_same_vocabulary(t_tok, tokenizer, name, cfg.student)
+        if word_level and not cfg.cross_tokenizer:
+            try:
+                check_same_vocabulary(t_tok, tokenizer, name, cfg.student)
+            except ValueError as err:
+                raise ValueError(f"{err}; or set cross_tokenizer: true on this distill stage (logits_kd through "
+                                 "the teacher's top-k aligned to the student's tokens)") from None
         if is_causal(teacher) != is_causal(student):
             raise ValueError(
                 f"teacher {name!r} is {'decoder-only' if is_causal(teacher) else 'encoder-decoder'} but student "
@@ -136,10 +186,69 @@ def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, n
         raise ValueError("attention.sides: decoder-only models have no cross-attention; use decoder_self")
 
 
+
+def check_cross_tokenizer(cfg, teachers) -> None:
+    """cross_tokenizer: only what the teacher's top-k, aligned to the student's tokens, can give."""
+    if cfg.cached_teacher is not None or cfg.teachers_by_task or cfg.denoising is not None:
+        raise ValueError("cross_tokenizer: needs one local teacher: (not cached_teacher:, teachers_by_task: or "
+                         "denoising:)")
+    if len(teachers) != 1:
+        raise ValueError(f"cross_tokenizer: needs exactly one teacher:, got {len(teachers)}; ensembles of "
+                         "teachers with other tokenizers are not supported")
+    if cfg.objective not in ("logits_kd", "noisy_kd"):
+        raise ValueError(f"cross_tokenizer: objective {cfg.objective!r} needs the teacher's logits over the student's "
+                         "vocabulary; use objective: logits_kd or noisy_kd (KD from the aligned top-k)")
+    if cfg.divergence != "forward_kl":
+        raise ValueError(f"cross_tokenizer: divergence {cfg.divergence!r} cannot be computed from an aligned top-k; "
+                         "use divergence: forward_kl")
+    for field_name, spec in (("hidden", cfg.hidden), ("attention", cfg.attention)):
+        if spec is not None:
+            raise ValueError(f"cross_tokenizer: {field_name}.loss {spec.loss!r} compares teacher and student position "
+                             f"by position, which needs the same tokenizer; remove {field_name}: or give the student "
+                             "tokenizer_from: the teacher")
+    if cfg.joint_teaching is not None:
+        raise ValueError("cross_tokenizer: joint_teaching is not supported (the teacher would have to re-read the "
+                         "student's samples as text); remove joint_teaching:")
+    if cfg.cross_tokenizer_top_k < 1:
+        raise ValueError(f"cross_tokenizer_top_k must be >= 1, got {cfg.cross_tokenizer_top_k}")
+
+
+def make_cross_tokenizer_kd(cfg, teacher, teacher_tokenizer, tokenizer, data_cfg):
+    """batch -> its teacher_topk_ids / teacher_topk_logprobs: the teacher reads each example's source and
+    target text under its own tokenizer, and its top-k is aligned to the student's target tokens
+    (`alignment.cross_tokenizer_targets`); the loss is then `sparse_kd_loss`, as from a cache."""
+
+    def soft_targets(batch: dict) -> dict:
+        ids, logprobs = cross_tokenizer_targets(
+            teacher, teacher_tokenizer, tokenizer, batch["source_text"], batch["target_text"], batch["labels"],
+            cfg.cross_tokenizer_top_k, data_cfg.max_source_length, data_cfg.max_target_length)
+        return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs}
+
+    return soft_targets
+
+
+def with_texts(collate_fn):
+    """cross_tokenizer: batches also carry each example's source and target text, for the teacher."""
+
+    def collate_with_texts(examples: list[dict]) -> dict:
+        if any("source" not in ex or "target" not in ex for ex in examples):
+            raise ValueError("cross_tokenizer: a training example has no source/target text for the teacher to "
+                             "re-tokenize; use gold targets or pseudo_targets stages")
+        batch = collate_fn(examples)
+        batch["source_text"] = [ex["source"] for ex in examples]
+        batch["target_text"] = [ex["target"] for ex in examples]
+        return batch
+
+    return collate_with_texts
+
+
 def run(ctx) -> None:
     cfg = ctx.config
     acc = ctx.accelerator
     student, tokenizer = ctx.load_model(cfg.student)
+    tasks = list(ctx.recipe.data.tasks)
+    if cfg.teachers_by_task:
+        check_teachers_by_task(cfg, tasks)
     names = teacher_names(cfg)
     loaded = [ctx.load_model(name) for name in names]
     teachers = [m for m, _ in loaded]
@@ -165,19 +274,30 @@ def run(ctx) -> None:
     module = StudentWithProjections(student, projections)
 
     encoded = encode_splits(ctx, tokenizer)
-    collate_fn = make_collator(student, tokenizer)
+    collate_fn = make_collator(student, tokenizer, tasks=tuple(tasks) if cfg.teachers_by_task else ())
     if cfg.cached_teacher is not None:
         from .cache_logits import LogitCache
 
-        cache = LogitCache(ctx.artifact_dir(cfg.cached_teacher))
+        cache = LogitCache(soft_targets_folder(ctx.artifact_dir(cfg.cached_teacher)))
         cache.check(tokenizer, data_fingerprint(ctx.recipe.data, ctx.recipe.seed), "cached_teacher")
         cached = cache.training_examples()
         data_for_epoch = lambda epoch: cached  # noqa: E731
         collate_fn = lambda examples: cache.collate(  # noqa: E731
             examples, pad_id=tokenizer.pad_token_id, causal=causal, sep_id=tokenizer.eos_token_id)
+    elif cfg.denoising is not None:
+        # the corruption the teacher was pretrained with (no teacher: objective finetune, the student's own)
+        data_for_epoch = with_denoising(ctx, cfg, tokenizer, encoded, (teachers or [student])[0].config.model_type)
     else:
         data_for_epoch = training_data(ctx, cfg, tokenizer, encoded)
-    compute_loss = make_loss(cfg, teachers, causal)
+    if cfg.teachers_by_task:
+        compute_loss = make_loss_by_task(cfg, teachers, task_teacher_indices(cfg, tasks, names))
+    elif cfg.cross_tokenizer:
+        # the teacher never sees the student's ids: it re-tokenizes each example's text (make_cross_tokenizer_kd)
+        compute_loss = make_loss(cfg, [], causal, make_cross_tokenizer_kd(cfg, teachers[0], loaded[0][1], tokenizer,
+                                                                          ctx.recipe.data))
+        collate_fn = with_texts(collate_fn)
+    else:
+        compute_loss = make_loss(cfg, teachers, causal)
     prepare, student_steps = None, []
     if cfg.joint_teaching is not None:
         prepare, student_steps = make_joint_teaching(cfg, tokenizer, ctx.seed, acc, causal)
@@ -211,7 +331,7 @@ def run(ctx) -> None:
 def training_data(ctx, cfg, tokenizer, encoded):
     """epoch -> tokenized examples: gold targets (if `gold`) plus this epoch's pseudo-targets.
     `pt_schedule: cycle` gives each input its PT number (epoch mod K), as in the study; `all` gives all K."""
-    gold = list(encoded["train"]) if cfg.gold and "train" in encoded else []
+    gold_for_epoch = mixed_by_task(ctx, list(encoded["train"]) if cfg.gold and "train" in encoded else [])
     groups: list[list[dict]] = []
     for name in cfg.pseudo_targets:
         pts = encode_pseudo_targets(ctx.artifact_dir(name), tokenizer, ctx.recipe.data)
@@ -220,12 +340,22 @@ def training_data(ctx, cfg, tokenizer, encoded):
             by_input.setdefault((name, row["origin"], row["input_index"]), []).append(row)
         groups += [sorted(rows, key=lambda r: r["pt_index"]) for rows in by_input.values()]
         ctx.log(f"{name}: {len(pts)} pseudo-targets for {len(by_input)} inputs")
-    if not gold and not groups:
+    if not gold_for_epoch(0) and not groups:
         raise ValueError("no training targets: set gold: true (with a train split) or pseudo_targets: [a stage]")
     if cfg.pt_schedule == "all":
-        everything = gold + [row for rows in groups for row in rows]
-        return lambda epoch: everything
-    return lambda epoch: gold + [rows[epoch % len(rows)] for rows in groups]
+        every_pt = [row for rows in groups for row in rows]
+        return lambda epoch: gold_for_epoch(epoch) + every_pt
+    return lambda epoch: gold_for_epoch(epoch) + [rows[epoch % len(rows)] for rows in groups]
+
+
+def with_denoising(ctx, cfg, tokenizer, encoded, teacher_model_type: str):
+    """epoch -> this epoch's denoising pairs (general distillation, `nlgkd/denoising.py`), plus the stage's
+    gold targets and pseudo-targets when it has any (`gold: false` and no pseudo_targets: pairs only)."""
+    denoised = make_denoising_data(ctx, cfg.denoising, tokenizer, teacher_model_type)
+    if not cfg.gold and not cfg.pseudo_targets:
+        return denoised
+    task_data = training_data(ctx, cfg, tokenizer, encoded)
+    return lambda epoch: task_data(epoch) + denoised(epoch)
 
 
 def is_student_step(jt, seed: int, step: int) -> bool:
@@ -283,13 +413,16 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
     return prepare, student_steps
 
 
-def make_loss(cfg, teachers: list[nn.Module], causal: bool):
-    """compute_loss(model, batch, normalizer) -> (loss, logs) for the loop."""
+def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
+    """compute_loss(model, batch, normalizer) -> (loss, logs) for the loop. `soft_targets(batch)`, when
+    given, adds teacher_topk_ids / teacher_topk_logprobs to each batch (cross_tokenizer), like a cache."""
     want_hidden = cfg.hidden is not None
     want_attn_probs = cfg.attention is not None and cfg.attention.loss == "tinybert"
     minilm = cfg.attention is not None and cfg.attention.loss == "minilm"
 
     def compute_loss(model, batch, normalizer):
+        if soft_targets is not None:
+            batch = {**batch, **soft_targets(batch)}
         mask = batch["labels"] != -100
         local_tokens = mask.sum()
         kwargs = {}
@@ -371,6 +504,48 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool):
                     term = attention_prob_term(cfg.attention, s_out, t_outs[0], batch, causal)
                 logs["attention"] = term.detach()
                 loss = loss + cfg.attention.weight * share * term
+        return loss, {k: float(v) for k, v in logs.items()}
+
+    return compute_loss
+
+
+def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[int]]):
+    """compute_loss for multi-task data with per-task teachers (MT-DNN distillation): the rows of each
+    task are distilled from that task's teachers (several: their distributions averaged), mixed with gold
+    cross-entropy by `alpha`; rows of a task without teachers train on gold cross-entropy alone. Every
+    term sums over tokens and divides by the window's token count, so the task groups add up exactly."""
+
+    def compute_loss(model, batch, normalizer):
+        s_logits, _ = model(batch)
+        mask = batch["labels"] != -100
+        word_total = s_logits.new_zeros(())
+        ce_total = s_logits.new_zeros(())
+        loss = s_logits.new_zeros(())
+        agree = s_logits.new_zeros(())
+        for task, indices in enumerate(task_teachers):
+            rows = (batch["task_index"] == task).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            ce = cross_entropy_loss(s_logits[rows], batch["labels"][rows], num_tokens=normalizer,
+                                    label_smoothing=cfg.label_smoothing)
+            ce_total = ce_total + ce.detach()
+            if not indices:
+                loss = loss + ce
+                continue
+            sub = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+            with torch.no_grad():  # not inference_mode: teacher tensors are read by the student's backward
+                t_logits = [forward_on_targets(teachers[i], sub)[0] for i in indices]
+            if cfg.objective == "logits_mse":
+                target = torch.stack(t_logits).mean(0) if len(t_logits) > 1 else t_logits[0]
+                word = logits_mse_loss(s_logits[rows], target, mask[rows], num_tokens=normalizer)
+            else:
+                word = kd_loss(s_logits[rows], t_logits if len(t_logits) > 1 else t_logits[0], mask[rows],
+                               temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
+                               num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+            word_total = word_total + word.detach()
+            loss = loss + (1 - cfg.alpha) * word + cfg.alpha * ce
+            agree = agree + ((s_logits[rows].argmax(-1) == t_logits[0].argmax(-1)) & mask[rows]).sum() / normalizer
+        logs = {"ce": ce_total, cfg.objective: word_total, "agreement": agree}
         return loss, {k: float(v) for k, v in logs.items()}
 
     return compute_loss

@@ -49,7 +49,14 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
         examples=len(sources),
         split=cfg.split,
         decoding=cfg.decoding.strategy,
+        # mean token counts, for the report's FLOPs-per-generated-token estimate
+        source_tokens=sum(map(len, sources)) / max(1, len(sources)),
+        output_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in predictions)
+        / max(1, len(predictions)),  # + 1: the end-of-sequence token is generated too
     )
+    kind, target = ctx.recipe.resolve(name, ctx.stage.index)
+    if kind == "stage" and target.variant:  # the report groups rows by the stage whose variants they are
+        metrics.update(variant=target.variant, variant_of=target.varied)
     rows = [{"source": s, "reference": r, "prediction": p, "outputs": o}
             for s, r, p, o in zip(split["source"], references, predictions, outputs)]
     del model

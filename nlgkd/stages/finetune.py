@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 from ..loop import train
 from ..models import save_model
-from .common import cross_entropy_step, encode_splits, make_collator, make_validator
+from .common import cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task
 
 
 def run(ctx) -> None:
@@ -20,7 +20,7 @@ def run(ctx) -> None:
 
     result = train(
         model=model,
-        train_data=encoded["train"],
+        train_data=mixed_by_task(ctx, encoded["train"]),
         collate_fn=make_collator(model, tokenizer),
         compute_loss=compute_loss,
         evaluate=make_validator(model, tokenizer, encoded, ctx, cfg),

@@ -79,22 +79,26 @@ def collect_inputs(ctx) -> list[dict]:
     if not cfg.inputs and not cfg.augmented:
         raise ValueError("inputs and augmented are both empty; list splits in inputs (e.g. [train, unlabeled]) "
                          "or augment stages in augmented")
-    sources: list[tuple[str, list[str]]] = []
+    sources: list[tuple[str, datasets.Dataset]] = []
     if cfg.inputs:
         data = ctx.data()
         for split in cfg.inputs:
             if split not in data:
                 raise ValueError(f"inputs: split {split!r} is not in the data (have {sorted(data)}); "
                                  "remove it from inputs or configure it under data:")
-            sources.append((split, list(data[split]["source"])))
+            sources.append((split, data[split]))
     for name in cfg.augmented:
-        sources.append((name, list(load_augmented(ctx.artifact_dir(name))["source"])))
+        sources.append((name, load_augmented(ctx.artifact_dir(name))))
     rows = []
-    for origin, texts in sources:
+    for origin, ds in sources:
+        texts = list(ds["source"])
+        # multi-task data: a PT keeps its input's task, so distill can pick that task's teachers
+        tasks = list(ds["task"]) if "task" in ds.column_names else [""] * len(texts)
         if cfg.max_examples is not None:
             texts = texts[: cfg.max_examples]
         # the data loader drops empty sources; augmented ones are checked here
-        rows += [{"source": t, "origin": origin, "input_index": i} for i, t in enumerate(texts) if t.strip()]
+        rows += [{"source": t, "origin": origin, "input_index": i, "task": tasks[i]}
+                 for i, t in enumerate(texts) if t.strip()]
     if not rows:
         raise ValueError(f"no inputs: {cfg.inputs + cfg.augmented} give no non-empty sources")
     return rows
@@ -154,6 +158,10 @@ def read_parts(folder: Path, batches: list[list[int]]) -> dict[int, dict]:
 # -------------------------------------------------------------------------------------------- stage
 def run(ctx) -> None:
     cfg = ctx.config
+    if cfg.teacher_api is not None:  # an LLM behind an OpenAI-compatible API
+        from ..api_teacher import run_stage
+
+        return run_stage(ctx)
     acc = ctx.accelerator
     inputs = collect_inputs(ctx)
     model, tokenizer = ctx.load_model(cfg.teacher)
@@ -190,6 +198,17 @@ def run(ctx) -> None:
     ctx.log(f"wrote {len(rows)} pseudo-targets for {len(inputs)} inputs ({empty} empty and {duplicates} "
             f"duplicate outputs dropped) in {stats['seconds']:.1f}s")
     log_examples(ctx, inputs, outputs)
+
+
+def dry_run(ctx) -> None:
+    """`nlgkd run --dry-run`: what the stage would ask an API teacher, and its estimated cost."""
+    if ctx.config.teacher_api is not None:
+        from ..api_teacher import dry_run as api_dry_run
+
+        return api_dry_run(ctx)
+    inputs = collect_inputs(ctx)
+    ctx.log(f"dry run: {len(inputs)} inputs x {ctx.config.decoding.num_return_sequences} outputs from the local "
+            f"teacher {ctx.config.teacher!r} (no API, no cost)")
 
 
 def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
@@ -286,7 +305,7 @@ def build_rows(inputs, outputs, scores, teacher: str, strategy: str, dedup: bool
             seen.add(text)
             rows.append({"source": item["source"], "pt": text, "pt_index": kept, "origin": item["origin"],
                          "input_index": item["input_index"], "teacher": teacher, "decoding": strategy,
-                         "score": score})
+                         "score": score, "task": item.get("task", "")})
             kept += 1
     return rows, empty, duplicates
 
