@@ -1,0 +1,290 @@
+"""`nlgkd serve MODEL_DIR`: an OpenAI-compatible chat-completions server over a local seq2seq or causal model.
+
+It lets you self-host a teacher for a `pseudo_targets` stage with `teacher_api:` (and it is what the tests
+talk to). Endpoints:
+    GET  /v1/models             the one served model
+    POST /v1/chat/completions   n, temperature (0 = greedy), top_p, max_tokens / max_completion_tokens, seed,
+                                logprobs, top_logprobs (<= 20); no streaming
+How chat messages become the model's input:
+    encoder-decoder     the last user message's text is the source, tokenized as nlgkd tokenizes sources
+    decoder-only        the tokenizer's chat template when it has one; else the last user message followed
+                        by EOS, the `source + </s> + target` layout nlgkd trains decoder-only models on
+System messages and earlier turns (k-shot examples) are ignored by the first and the last layout: a
+fine-tuned teacher does not read instructions.
+
+Logprobs are those of the model's own distribution at temperature 1 (log-softmax of the raw logits), as
+OpenAI reports them. `logprobs.content` has one entry per generated token up to, not including, EOS; each
+`token` is the text that token adds to the decoded output (pieces concatenate to `message.content`; a token
+that ends inside a multi-byte character adds "" and the next one the whole character) and `bytes` its UTF-8
+bytes. `top_logprobs` entries are the top tokens decoded on their own.
+
+Requests are served one at a time (the model runs in a worker thread, so the server keeps accepting
+connections); a `seed` makes sampling repeatable.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+MAX_N = 64
+
+
+class ApiError(Exception):
+    """An OpenAI-style error answer."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool_calls...: not used by a local model
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatRequest(BaseModel):
+    # unknown parameters are refused, not ignored: stop, penalties, logit_bias, tools... would change the answer
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    messages: list[ChatMessage]
+    # null means the default, as in the OpenAI API (some clients send explicit nulls)
+    n: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = None
+    user: Optional[str] = None  # accepted and ignored: it only identifies the caller
+
+    def with_defaults(self) -> "ChatRequest":
+        defaults = {"n": 1, "temperature": 1.0, "top_p": 1.0, "logprobs": False, "stream": False}
+        return self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+def message_text(message: ChatMessage) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def check_request(req: ChatRequest, served_name: str) -> None:
+    if req.stream:
+        raise ApiError(400, "stream: true is not supported by nlgkd serve; send stream: false", "stream")
+    if req.model is not None and req.model != served_name:
+        raise ApiError(404, f"model {req.model!r} is not served here; this server serves {served_name!r}", "model",
+                       kind="not_found_error")
+    if not req.messages:
+        raise ApiError(400, "messages: expected at least one message", "messages")
+    if not any(m.role == "user" for m in req.messages):
+        raise ApiError(400, "messages: no user message; the last user message is the model's input", "messages")
+    if not 1 <= req.n <= MAX_N:
+        raise ApiError(400, f"n: must be between 1 and {MAX_N}, got {req.n}", "n")
+    if not 0.0 <= req.temperature <= 2.0:
+        raise ApiError(400, f"temperature: must be between 0 and 2, got {req.temperature}", "temperature")
+    if not 0.0 < req.top_p <= 1.0:
+        raise ApiError(400, f"top_p: must be in (0, 1], got {req.top_p}", "top_p")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name)
+        if value is not None and value < 1:
+            raise ApiError(400, f"{name}: must be at least 1, got {value}", name)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs: must be between 0 and {MAX_TOP_LOGPROBS}, got {req.top_logprobs}",
+                           "top_logprobs")
+
+
+# ------------------------------------------------------------------------------------------ the model
+class ServedModel:
+    """A model and its tokenizer, and one function: chat request -> OpenAI chat.completion dict."""
+
+    def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_source_length = max_source_length
+        self.default_max_tokens = default_max_tokens
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.lock = threading.Lock()  # one generate at a time; the global torch seed is set per request
+
+    def input_ids(self, messages: list[ChatMessage]) -> list[int]:
+        tok = self.tokenizer
+        if not self.encoder_decoder and getattr(tok, "chat_template", None):
+            chat = [{"role": m.role, "content": message_text(m)} for m in messages]
+            ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            return list(ids)
+        source = next(message_text(m) for m in reversed(messages) if m.role == "user")
+        if not source.strip():
+            raise ApiError(400, "messages: the last user message is empty", "messages")
+        ids = tok(source, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_source_length:  # truncated as nlgkd truncates sources (keeps the last token)
+            ids = ids[: self.max_source_length - 1] + [ids[-1]]
+        if not self.encoder_decoder:
+            from .data import causal_prompt
+
+            ids = causal_prompt(ids, tok.eos_token_id)
+        return ids
+
+    @torch.inference_mode()
+    def complete(self, req: ChatRequest) -> dict:
+        from .generation import model_cache_kwargs
+
+        req = req.with_defaults()
+        ids = self.input_ids(req.messages)
+        max_new = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+        greedy = req.temperature == 0.0
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        kwargs = dict(max_new_tokens=max_new, pad_token_id=pad_id, eos_token_id=tok.eos_token_id,
+                      return_dict_in_generate=True, output_logits=req.logprobs)
+        if greedy:  # n identical answers: generate once
+            kwargs.update(do_sample=False, num_beams=1, num_return_sequences=1)
+        else:
+            # top_k=0: OpenAI sampling has no top-k, and transformers' default is 50
+            kwargs.update(do_sample=True, num_beams=1, num_return_sequences=req.n, temperature=req.temperature,
+                          top_p=req.top_p, top_k=0)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        with self.lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
+                                      **model_cache_kwargs(self.model))
+        start = 1 if self.encoder_decoder else len(ids)  # after the decoder start token / the prompt
+        sequences = out.sequences[:, start:].tolist()
+        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1) if req.logprobs else None
+        choices, completion_tokens = [], 0
+        for row, seq in enumerate(sequences):
+            ended = tok.eos_token_id in seq
+            tokens = seq[: seq.index(tok.eos_token_id)] if ended else seq
+            completion_tokens += len(tokens) + int(ended)
+            text = tok.decode(tokens, skip_special_tokens=True)
+            choice = {"index": row, "message": {"role": "assistant", "content": text},
+                      "finish_reason": "stop" if ended else "length", "logprobs": None}
+            if logprobs is not None:
+                pieces = token_pieces(tok, tokens)
+                text = "".join(pieces)
+                choice["message"]["content"] = text
+                choice["logprobs"] = {"content": self.logprob_entries(tokens, pieces, logprobs[row],
+                                                                      req.top_logprobs or 0)}
+            choices.append(choice)
+        if greedy and req.n > 1:
+            choices = [{**choices[0], "index": i} for i in range(req.n)]
+            completion_tokens *= req.n
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.name, "system_fingerprint": None, "choices": choices,
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(ids) + completion_tokens},
+        }
+
+    def logprob_entries(self, tokens: list[int], pieces: list[str], logprobs: torch.Tensor, top: int) -> list[dict]:
+        entries = []
+        if top:
+            top_values, top_ids = logprobs[: len(tokens)].topk(top, dim=-1)
+        for t, (token_id, piece) in enumerate(zip(tokens, pieces)):
+            alternatives = []
+            if top:
+                for value, alt in zip(top_values[t].tolist(), top_ids[t].tolist()):
+                    alt_text = self.tokenizer.decode([alt])
+                    alternatives.append({"token": alt_text, "logprob": value, "bytes": list(alt_text.encode())})
+            entries.append({"token": piece, "logprob": logprobs[t, token_id].item(), "bytes": list(piece.encode()),
+                            "top_logprobs": alternatives})
+        return entries
+
+
+def token_pieces(tokenizer, tokens: list[int]) -> list[str]:
+    """The text each token adds to the decoded output; the pieces concatenate to the decoded text.
+
+    Decoding prefixes: a token that ends inside a multi-byte character (the decoded prefix ends in U+FFFD)
+    adds "" until the character is complete."""
+    pieces, done = [], ""
+    for i in range(len(tokens)):
+        text = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
+        if text.endswith("\ufffd") and i + 1 < len(tokens):
+            pieces.append("")
+            continue
+        if text.startswith(done):
+            pieces.append(text[len(done):])
+        else:  # a decoder that rewrites earlier text (clean-up of spaces): the token adds what is new
+            common = 0
+            while common < min(len(done), len(text)) and done[common] == text[common]:
+                common += 1
+            pieces.append(text[common:])
+            text = done[:common] + text[common:]
+        done = text
+    return pieces
+
+
+# --------------------------------------------------------------------------------------------- app
+def create_app(served: ServedModel) -> FastAPI:
+    app = FastAPI(title="nlgkd serve", version="1")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return error_response(err.status, err.message, err.param, err.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
+        return error_response(400, f"invalid request: {problems}")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "nlgkd"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        req = req.with_defaults()
+        check_request(req, served.name)
+        return await asyncio.to_thread(served.complete, req)
+
+    return app
+
+
+def load_served_model(model_dir: str, name: str | None = None, device: str | None = None,
+                      max_source_length: int = 512, default_max_tokens: int = 256) -> ServedModel:
+    from .models import load_pretrained
+
+    model, tokenizer = load_pretrained(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    return ServedModel(model, tokenizer, name or Path(model_dir).resolve().name, max_source_length,
+                       default_max_tokens)
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+          max_source_length: int = 512, default_max_tokens: int = 256, log_level: str = "info") -> None:
+    import uvicorn
+
+    served = load_served_model(model_dir, name, max_source_length=max_source_length,
+                               default_max_tokens=default_max_tokens)
+    print(f"serving {model_dir} as model {served.name!r} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(create_app(served), host=host, port=port, log_level=log_level)

@@ -1,0 +1,187 @@
+"""`nlgkd serve`: an OpenAI-compatible server over a local model, talked to over real HTTP on 127.0.0.1 by the
+real `openai` client. Its answers are the model's own generations, its logprobs the model's own
+log-probabilities, and its errors OpenAI-shaped."""
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from conftest import free_port
+
+SOURCE = "name: Giraffe | area: city centre | family: no"
+
+
+class ServerThread:
+    """A uvicorn server in a background thread (started and stopped by the test)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    from nlgkd.serve import create_app, load_served_model
+
+    served = load_served_model(str(trained[1] / "tiny" / "teacher"), name="teacher", device="cpu")
+    with ServerThread(create_app(served)) as server:
+        yield served, openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
+
+
+def model_samples(served, source: str, seed: int, n: int, **kwargs) -> tuple[list[int], list[list[int]]]:
+    """The model's own sampled continuations (token ids, EOS cut), as `generate` makes them with this seed."""
+    from nlgkd.generation import model_cache_kwargs
+
+    ids = served.tokenizer(source)["input_ids"]
+    torch.manual_seed(seed)
+    out = served.model.generate(input_ids=torch.tensor([ids]), do_sample=True, top_k=0, num_return_sequences=n,
+                                **kwargs, **model_cache_kwargs(served.model))
+    eos = served.tokenizer.eos_token_id
+    sequences = []
+    for seq in out[:, 1:].tolist():
+        sequences.append(seq[: seq.index(eos)] if eos in seq else seq)
+    return ids, sequences
+
+
+def test_answers_are_the_models_own_samples(served):
+    model, client = served
+    answer = client.chat.completions.create(
+        model="teacher", messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": SOURCE}],
+        n=3, temperature=0.9, top_p=0.95, max_tokens=12, seed=7)
+    ids, sequences = model_samples(model, SOURCE, seed=7, n=3, temperature=0.9, top_p=0.95, max_new_tokens=12)
+    assert [c.message.content for c in answer.choices] == [model.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert answer.usage.prompt_tokens == len(ids)
+    eos_count = sum(len(s) < 12 for s in sequences)  # those that stopped count their EOS
+    assert answer.usage.completion_tokens == sum(len(s) for s in sequences) + eos_count
+    assert {c.finish_reason for c in answer.choices} <= {"stop", "length"}
+    # a seed makes the answer repeatable
+    again = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": SOURCE}],
+                                           n=3, temperature=0.9, top_p=0.95, max_tokens=12, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in answer.choices]
+
+
+def test_logprobs_are_the_models_log_probabilities(served):
+    from nlgkd.models import forward_on_targets
+
+    model, client = served
+    answer = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": SOURCE}],
+                                            n=2, temperature=1.0, max_tokens=10, seed=3, logprobs=True,
+                                            top_logprobs=4)
+    _, sequences = model_samples(model, SOURCE, seed=3, n=2, max_new_tokens=10)
+    source_ids = model.tokenizer(SOURCE)["input_ids"]
+    for choice, tokens in zip(answer.choices, sequences):
+        entries = choice.logprobs.content
+        assert len(entries) == len(tokens)  # one per generated token, EOS not included
+        assert "".join(e.token for e in entries) == choice.message.content
+        assert all(bytes(e.bytes) == e.token.encode() for e in entries)
+        # teacher-forced log-softmax of the same tokens: the numbers the server reports
+        batch = {"input_ids": torch.tensor([source_ids]), "attention_mask": torch.ones(1, len(source_ids), dtype=torch.long),
+                 "labels": torch.tensor([tokens])}
+        with torch.no_grad():
+            logits, _ = forward_on_targets(model.model, batch)
+        expected = torch.log_softmax(logits[0].float(), dim=-1)
+        for t, entry in enumerate(entries):
+            assert entry.logprob == pytest.approx(expected[t, tokens[t]].item(), abs=1e-4)
+            assert len(entry.top_logprobs) == 4
+            top = [alt.logprob for alt in entry.top_logprobs]
+            assert top == sorted(top, reverse=True)
+            assert top[0] == pytest.approx(expected[t].max().item(), abs=1e-4)
+            assert entry.top_logprobs[0].token == model.tokenizer.decode([int(expected[t].argmax())])
+
+
+def test_greedy_n_gives_n_equal_answers(served):
+    _, client = served
+    answer = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": SOURCE}],
+                                            n=2, temperature=0, max_tokens=6)
+    assert len(answer.choices) == 2
+    assert answer.choices[0].message.content == answer.choices[1].message.content
+    # explicit nulls mean the defaults, as in the OpenAI API
+    single = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": SOURCE}],
+                                            temperature=0, max_tokens=6, extra_body={"n": None, "logprobs": None})
+    assert [c.message.content for c in single.choices] == [answer.choices[0].message.content]
+
+
+def test_token_pieces_hold_back_split_characters():
+    from nlgkd.serve import token_pieces
+
+    class ByteTokenizer:  # one byte per token, decoded like a byte-level BPE
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", "replace")
+
+    ids = list("né €".encode())
+    pieces = token_pieces(ByteTokenizer(), ids)
+    assert "".join(pieces) == "né €"
+    assert pieces == ["n", "", "é", " ", "", "", "€"]
+
+
+def test_errors_are_openai_shaped(served):
+    _, client = served
+    messages = [{"role": "user", "content": SOURCE}]
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model="teacher", messages=messages, stream=True)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):  # refused, not silently ignored
+        client.chat.completions.create(model="teacher", messages=messages, presence_penalty=1.0)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="teacher", messages=messages, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="user message"):
+        client.chat.completions.create(model="teacher", messages=[{"role": "system", "content": "x"}])
+    with pytest.raises(openai.NotFoundError, match="teacher"):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert [m.id for m in client.models.list()] == ["teacher"]
+
+
+def test_decoder_only_model_continues_the_last_user_message(served):
+    """A causal model reads `last user message + EOS` (nlgkd's decoder-only layout) and answers with the
+    continuation only."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nlgkd.data import causal_prompt
+    from nlgkd.serve import ServedModel, create_app
+
+    tokenizer = served[0].tokenizer
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
+    causal = ServedModel(model, tokenizer, "gpt")
+    with ServerThread(create_app(causal)) as server:
+        client = openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
+        answer = client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "an earlier turn"}, {"role": "assistant", "content": "x"},
+                                   {"role": "user", "content": SOURCE}],
+            n=2, temperature=1.0, max_tokens=8, seed=5, logprobs=True)
+    prompt = causal_prompt(tokenizer(SOURCE)["input_ids"], tokenizer.eos_token_id)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=True, top_k=0, num_return_sequences=2, max_new_tokens=8,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    expected = []
+    for seq in out[:, len(prompt):].tolist():
+        seq = seq[: seq.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in seq else seq
+        expected.append(tokenizer.decode(seq, skip_special_tokens=True))
+    assert [c.message.content for c in answer.choices] == expected
+    assert answer.usage.prompt_tokens == len(prompt)
+    assert all("".join(e.token for e in c.logprobs.content) == c.message.content for c in answer.choices)
