@@ -1,0 +1,485 @@
+"""`nlgkd report RUN_DIR`: every evaluation of a run directory in one table, and the study's plots.
+
+The report reads the run directory only:
+    <stage>/stage.json      kind, resolved config, variant, seed, train steps/epochs, wall and CPU seconds
+    <eval>/metrics.json     of every finished evaluate stage: one row per evaluated model
+    <model>/config.json and the *.safetensors headers of evaluated stage models (the FLOPs estimate)
+and writes into RUN_DIR/report/ (or --out): report.md, report.html (self-contained: the images are
+embedded), quality_vs_latency.png (the Pareto view) and ablation_<stage>.png per ablated stage.
+
+Columns:
+    quality      the evaluate metrics (BLEU, chrF, ROUGE-1/2/L); `metric` (default BLEU) is the one the
+                 plots, "% teacher" and the ablation tables use
+    % teacher    100 * score / the score of the model's teacher (column "teacher"), from that teacher's row in
+                 the same evaluate stage (else in one with the same split and decoding)
+    compression  teacher parameters / model parameters
+    latency      evaluate's milliseconds per generation batch; seq/s its throughput; peak memory as measured
+    MFLOPs/tok   an estimate per generated token (`flops_per_token`); n/a when the model is not a stage
+                 artifact of this run or its architecture is not one the estimate knows
+    steps/epochs optimizer steps and epochs of the stage that made the model (0 for a pruned copy) and the seed
+Which row is a model's teacher: `--teacher NAME` for every row; else its own teacher, found by following
+the stage that made it back through `finetune` (model:) and `prune` (from:, the model it was cut from) to
+a `distill` stage's `teacher:` (the first, for an ensemble); else the run's teacher: the model the run's
+distill / pseudo_targets / cache_logits stages name as `teacher:` most often, else a row called `teacher`.
+So a recipe with two model pairs compares each student with its own teacher. Without a teacher row,
+"% teacher" and compression are n/a.
+
+Ablations: rows of variants (`name@variant`, or a stage that follows a varied stage) are grouped by the
+stage whose `variants:` they come from. The first variant in recipe order is the baseline of its group
+(write the recipe's baseline variant first); each group gets a table with the change against it, what
+its variants change in the stage's config, and a bar chart.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUALITY = ["bleu", "chrf", "rouge1", "rouge2", "rougeL"]
+
+
+class ReportError(RuntimeError):
+    """The run directory cannot be reported; the message names the folder or option and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stage_records(run_dir: Path) -> dict[str, dict]:
+    """Folder name -> stage.json of every finished stage, in the order the stages started."""
+    records = {}
+    for path in sorted(run_dir.glob("*/stage.json")):
+        record = read_json(path)
+        if isinstance(record, dict) and record.get("status") == "done":
+            records[path.parent.name] = record
+    return dict(sorted(records.items(), key=lambda item: str(item[1].get("started", ""))))
+
+
+def safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from the headers of a folder's *.safetensors files (no tensor is loaded)."""
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+# tensors that are looked up (embeddings) or cost nothing per token (position biases); the LM head is
+# counted separately as 2 * d_model * vocab
+EMBEDDING = re.compile(r"(embed_tokens|embed_positions|shared\.|wte\.|wpe\.|lm_head|relative_attention_bias|"
+                       r"embed_scale)")
+LAYER = re.compile(r"\.(?:block|layers|layer|h)\.(\d+)\.")
+ARCHITECTURES = {"t5", "mt5", "bart", "mbart", "marian", "pegasus", "gpt2", "opt", "llama"}
+
+
+def flops_per_token(model_dir: Path, source_tokens: float | None, output_tokens: float | None) -> float | None:
+    """Forward FLOPs per generated token (multiply-add = 2), after Kaplan et al. (2020), with
+    N_enc, N_dec the non-embedding parameters of the encoder and decoder, n_enc, n_dec their layers,
+    d the model width, d_attn the attention width (T5: heads * d_kv), V the vocabulary, S the mean source
+    and T the mean generated length in tokens (from the evaluate stage):
+
+        encoder-decoder:  2 N_dec + 2 d V + 2 n_dec d_attn (T + 2 S) + (2 N_enc S + 4 n_enc d_attn S^2) / T
+        decoder-only:     2 N     + 2 d V + 2 n     d_attn (T + 2 S) + (2 N S     + 2 n d_attn S^2) / T
+
+    Per token the decoder applies each weight once (2 N_dec) and the LM head (2 d V); self-attention over the
+    t tokens so far costs 4 d_attn t per layer, 2 d_attn T on average, and cross-attention to the source (or,
+    decoder-only, attention to the prompt) 4 d_attn S. The encoder (or prompt) pass runs once per input and
+    is spread over its T generated tokens. Cross-attention keys/values of the source are counted per token
+    (an upper bound: with a KV cache they are computed once). None when the folder has no config/weights,
+    or the architecture is not one listed in ARCHITECTURES (e.g. an LSTM).
+    """
+    config = read_json(model_dir / "config.json")
+    if not config or not source_tokens or not output_tokens or config.get("model_type") not in ARCHITECTURES:
+        return None
+    shapes = safetensors_shapes(model_dir)
+    if not shapes:
+        return None
+    encoder_decoder = bool(config.get("is_encoder_decoder"))
+    params = {"encoder": 0, "decoder": 0}
+    layers = {"encoder": set(), "decoder": set()}
+    for name, shape in shapes.items():
+        side = "encoder" if encoder_decoder and "encoder." in name else "decoder"
+        match = LAYER.search(name)
+        if match:
+            layers[side].add(match.group(1))
+        if not EMBEDDING.search(name):
+            numel = 1
+            for n in shape:
+                numel *= n
+            params[side] += numel
+    d = config.get("d_model") or config.get("hidden_size") or config.get("n_embd")
+    vocab = config.get("vocab_size")
+    heads, d_kv = config.get("num_heads"), config.get("d_kv")
+    d_attn = heads * d_kv if heads and d_kv else d
+    if not d or not vocab:
+        return None
+    S, T = float(source_tokens), float(output_tokens)
+    n_enc, n_dec = len(layers["encoder"]), len(layers["decoder"])
+    per_token = 2 * params["decoder"] + 2 * d * vocab + 2 * n_dec * d_attn * (T + 2 * S)
+    if encoder_decoder:
+        once = 2 * params["encoder"] * S + 4 * n_enc * d_attn * S**2
+    else:
+        once = 2 * params["decoder"] * S + 2 * n_dec * d_attn * S**2
+    return per_token + once / T
+
+
+# ------------------------------------------------------------------------------------------ the table
+@dataclass
+class Report:
+    run_dir: Path
+    metric: str
+    teacher: str | None
+    teacher_rule: str
+    rows: list[dict]
+    stages: dict[str, dict]
+    groups: dict[str, list[dict]] = field(default_factory=dict)  # ablated stage -> its rows, baseline first
+    changes: dict[str, dict[str, str]] = field(default_factory=dict)  # ablated stage -> variant -> change
+
+
+def pick_teacher(rows: list[dict], stages: dict[str, dict], teacher: str | None) -> tuple[str | None, str]:
+    """(teacher row name, the rule that chose it); see the module docstring."""
+    names = [r["model"] for r in rows]
+    if teacher is not None:
+        if teacher not in names:
+            raise ReportError(f"--teacher {teacher}: no evaluated model has this name; models: {sorted(set(names))}")
+        return teacher, "--teacher"
+    named = Counter()
+    for record in stages.values():
+        if record.get("kind") in ("distill", "pseudo_targets", "cache_logits"):
+            value = (record.get("config") or {}).get("teacher")
+            for name in value if isinstance(value, list) else [value]:
+                if name in names:
+                    named[name] += 1
+    if named:
+        return named.most_common(1)[0][0], "the teacher: the run's distill/pseudo_targets stages name most"
+    if "teacher" in names:
+        return "teacher", "the row called teacher"
+    return None, "none found (pass --teacher NAME)"
+
+
+def own_teacher(model: str, stages: dict[str, dict], names: set[str]) -> str | None:
+    """The teacher a model was distilled from or cut from, following its stages back (see the docstring)."""
+    seen = set()
+    while model in stages and model not in seen:
+        seen.add(model)
+        record = stages[model]
+        config = record.get("config") or {}
+        if record.get("kind") == "distill":
+            teacher = config.get("teacher")
+            teacher = teacher[0] if isinstance(teacher, list) and teacher else teacher
+            return teacher if teacher in names else None
+        if record.get("kind") == "prune":
+            return config.get("from") if config.get("from") in names else None
+        if record.get("kind") != "finetune":
+            return None
+        model = config.get("model")
+    return None
+
+
+def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = None) -> Report:
+    """Every evaluate row of `run_dir` with the derived columns, and the ablation groups."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run directory; pass the folder a run wrote, e.g. runs/demo")
+    stages = stage_records(run_dir)
+    evaluations = [key for key, r in stages.items() if r.get("kind") == "evaluate"]
+    if not evaluations:
+        raise ReportError(f"{run_dir}: no finished evaluate stage (stages found: {list(stages) or 'none'}); add an "
+                          "evaluate stage listing the models to compare to the recipe and run it")
+    rows = []
+    for key in evaluations:
+        metrics = read_json(run_dir / key / "metrics.json")
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{run_dir / key / 'metrics.json'}: missing or unreadable; re-run the stage "
+                              f"(`nlgkd run RECIPE --stage {key} --force`)")
+        for model, values in metrics.items():
+            rows.append({"model": model, "evaluation": key, **values})
+    if metric not in rows[0]:
+        known = [k for k in QUALITY if k in rows[0]]
+        raise ReportError(f"--metric {metric}: not in the evaluate metrics; choose one of {known}")
+    teacher_name, rule = pick_teacher(rows, stages, teacher)
+    names = {r["model"] for r in rows}
+    for row in rows:
+        own = None if teacher is not None else own_teacher(row["model"], stages, names)
+        row["teacher"] = own or teacher_name
+        add_derived(row, rows, stages, run_dir, metric)
+    teachers = {r["teacher"] for r in rows}
+    for row in rows:
+        row["is_teacher"] = row["model"] in teachers
+    report = Report(run_dir=run_dir, metric=metric, teacher=teacher_name, teacher_rule=rule, rows=rows,
+                    stages=stages)
+    group_ablations(report)
+    return report
+
+
+def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
+    teacher = row["teacher"]
+    reference = None
+    if teacher is not None:
+        same_stage = [r for r in rows if r["model"] == teacher and r["evaluation"] == row["evaluation"]]
+        alike = [r for r in rows if r["model"] == teacher and r.get("split") == row.get("split")
+                 and r.get("decoding") == row.get("decoding")]
+        reference = (same_stage or alike or [None])[0]
+    score, params = row.get(metric), row.get("params")
+    if reference and reference.get(metric) and score is not None:
+        row["pct_teacher"] = 100.0 * score / reference[metric]
+    if reference and reference.get("params") and params:
+        row["compression"] = reference["params"] / params
+    record = stages.get(row["model"])
+    model_dir = run_dir / row["model"]
+    row["mflops_per_token"] = None
+    if record is not None and model_dir.is_dir():
+        flops = flops_per_token(model_dir, row.get("source_tokens"), row.get("output_tokens"))
+        row["mflops_per_token"] = None if flops is None else flops / 1e6
+        train = record.get("train") or {}
+        row["steps"] = train.get("steps", 0)
+        row["epochs"] = train.get("epochs", 0)
+        row["seed"] = (record.get("config") or {}).get("seed") or record.get("seed")
+        row.setdefault("variant", record.get("variant"))
+        row.setdefault("variant_of", record.get("variant_of"))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def group_ablations(report: Report) -> None:
+    """Rows of one varied stage's variants, per evaluate stage (a model evaluated twice appears once per
+    evaluation); and what each variant changes in that stage's config against the baseline."""
+    for row in report.rows:
+        if row.get("variant_of"):
+            report.groups.setdefault(row["variant_of"], []).append(row)
+    for varied, rows in report.groups.items():
+        configs = {}
+        for key, record in report.stages.items():
+            if record.get("variant_of") == varied and key.split("@")[0] == varied:
+                configs[record.get("variant")] = flatten(record.get("config") or {})
+        names = [r["variant"] for r in rows if r.get("variant") in configs]
+        if not names:
+            continue
+        base = configs[names[0]]
+        report.changes[varied] = {}
+        for name in dict.fromkeys(names):
+            diff = [f"{k}={configs[name].get(k)}" for k in sorted(set(base) | set(configs[name]))
+                    if configs[name].get(k) != base.get(k)]
+            report.changes[varied][name] = ", ".join(diff) if diff else "baseline"
+
+
+# ------------------------------------------------------------------------------------------ plots
+def plot_pareto(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.get("latency_ms") and r.get(report.metric) is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    groups = sorted({r.get("variant_of") or "" for r in rows})
+    colors = plt.get_cmap("tab10")
+    for i, group in enumerate(groups):
+        members = [r for r in rows if (r.get("variant_of") or "") == group and not r["is_teacher"]]
+        if members:
+            ax.scatter([r["latency_ms"] for r in members], [r[report.metric] for r in members], s=36,
+                       color=colors(i % 10), label=f"variants of {group}" if group else "other models")
+    for r in rows:
+        if r["is_teacher"]:
+            ax.scatter([r["latency_ms"]], [r[report.metric]], marker="*", s=220, color="black", label="teacher")
+        ax.annotate(r["model"], (r["latency_ms"], r[report.metric]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    frontier, best = [], float("-inf")  # fastest first: a model is on the frontier if nothing faster is better
+    for r in sorted(rows, key=lambda r: (r["latency_ms"], -r[report.metric])):
+        if r[report.metric] > best:
+            frontier.append(r)
+            best = r[report.metric]
+    if len(frontier) > 1:
+        ax.step([r["latency_ms"] for r in frontier], [r[report.metric] for r in frontier], where="post",
+                color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
+    latencies = [r["latency_ms"] for r in rows]
+    if latencies and max(latencies) > 10 * min(latencies):
+        ax.set_xscale("log")
+    ax.set_xlabel("generation latency (ms per batch, lower is better)")
+    ax.set_ylabel(f"{report.metric} (higher is better)")
+    ax.set_title(f"{report.run_dir.name}: quality vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_ablation(report: Report, varied: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["model"] if len({x["evaluation"] for x in rows}) == 1 else f"{r['model']}\n({r['evaluation']})"
+              for r in rows]
+    scores = [r.get(report.metric) or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(rows) + 2), 4.2), dpi=110)
+    bars = ax.bar(range(len(rows)), scores, color=["#4c72b0" if i else "#8c8c8c" for i in range(len(rows))])
+    for bar, row in zip(bars, rows):
+        pct = f"\n{row['pct_teacher']:.0f}% of T" if row.get("pct_teacher") is not None else ""
+        ax.annotate(f"{row.get(report.metric, 0):.2f}{pct}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    teacher = [r for r in report.rows if r["model"] == rows[0]["teacher"] and r["evaluation"] == rows[0]["evaluation"]]
+    if teacher and teacher[0].get(report.metric) is not None:
+        ax.axhline(teacher[0][report.metric], color="black", linestyle="--", linewidth=1,
+                   label=f"teacher {teacher[0][report.metric]:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=20 if len(rows) > 4 else 0)
+    ax.set_ylabel(report.metric)
+    top = max(scores + [teacher[0].get(report.metric) or 0 if teacher else 0])
+    ax.set_ylim(0, top * 1.2 if top > 0 else 1)
+    ax.set_title(f"ablation: {varied} (grey: baseline)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def main_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    m = report.metric
+    header = ["model", "evaluation", *[q for q in QUALITY if any(q in r for r in report.rows)],
+              "teacher", f"% teacher ({m})", "params", "compression", "latency ms", "seq/s", "peak MB", "MFLOPs/tok",
+              "steps", "epochs", "seed"]
+    body = []
+    for r in report.rows:
+        name = r["model"]
+        body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in QUALITY if any(q in x for x in report.rows)],
+                     r.get("teacher") or "n/a", fmt(r.get("pct_teacher"), 1), fmt(r.get("params")),
+                     "n/a" if r.get("compression") is None else f"{r['compression']:.2f}x",
+                     fmt(r.get("latency_ms"), 1), fmt(r.get("seq_per_s"), 1), fmt(r.get("peak_mem_mb"), 0),
+                     fmt(r.get("mflops_per_token"), 3), fmt(r.get("steps")), fmt(r.get("epochs")), fmt(r.get("seed"))])
+    return header, body
+
+
+def ablation_table(report: Report, varied: str) -> tuple[list[str], list[list[str]]]:
+    rows, m = report.groups[varied], report.metric
+    header = ["variant", "model", "changes", m, f"Δ vs {rows[0]['variant']}", "% teacher", "latency ms", "params",
+              "steps"]
+    body = []
+    for r in rows:
+        base = next((b for b in rows if b["evaluation"] == r["evaluation"]), rows[0])
+        delta = r.get(m) - base.get(m) if r.get(m) is not None and base.get(m) is not None else None
+        body.append([r.get("variant") or "", r["model"], report.changes.get(varied, {}).get(r.get("variant"), ""),
+                     fmt(r.get(m)), "—" if r is base else (f"{delta:+.2f}" if delta is not None else "n/a"),
+                     fmt(r.get("pct_teacher"), 1), fmt(r.get("latency_ms"), 1), fmt(r.get("params")),
+                     fmt(r.get("steps"))])
+    return header, body
+
+
+def stages_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["stage", "kind", "variant of", "wall s", "CPU s", "steps"]
+    body = [[key, r.get("kind", ""), r.get("variant_of") or "", fmt(r.get("wall_seconds"), 1),
+             fmt(r.get("cpu_seconds"), 1), fmt((r.get("train") or {}).get("steps"))]
+            for key, r in report.stages.items()]
+    total_wall = sum(r.get("wall_seconds") or 0 for r in report.stages.values())
+    total_cpu = sum(r.get("cpu_seconds") or 0 for r in report.stages.values())
+    body.append(["total", "", "", fmt(total_wall, 1), fmt(total_cpu, 1), ""])
+    return header, body
+
+
+def md_table(header: list[str], body: list[list[str]]) -> str:
+    clean = lambda c: str(c).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(clean, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(clean, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;"
+       "text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}"
+       "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:1px 3px}")
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher: str | None = None,
+                 metric: str = "bleu") -> list[Path]:
+    """Write report.md, report.html and the PNGs; returns their paths."""
+    report = collect(run_dir, metric=metric, teacher=teacher)
+    out = Path(out_dir) if out_dir else report.run_dir / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportError(f"{out}: cannot write the report there ({err.strerror}); pass --out DIR") from None
+    pngs = {"quality_vs_latency.png": None}
+    plot_pareto(report, out / "quality_vs_latency.png")
+    for varied, rows in report.groups.items():
+        name = f"ablation_{varied}.png"
+        plot_ablation(report, varied, rows, out / name)
+        pngs[name] = varied
+
+    # the same blocks become Markdown and HTML: ("h1"|"h2"|"p", text), ("table", (header, body)), ("img", file)
+    blocks: list[tuple[str, Any]] = [
+        ("h1", f"Report: {report.run_dir.name}"),
+        ("p", f"Every evaluation in {report.run_dir} ({len(report.rows)} rows). Main metric: {metric}. Each row is "
+              "compared with its own teacher (the distill teacher or pruned-from model its stages lead back to), "
+              f"else with the run's teacher, {report.teacher or 'n/a'} ({report.teacher_rule}). Latency is per generation batch of the evaluate "
+              "stage; MFLOPs/tok is an estimate per generated token (formula in nlgkd/report.py: flops_per_token)."),
+        ("table", main_table(report)),
+        ("h2", "Quality vs latency"),
+        ("img", "quality_vs_latency.png"),
+    ]
+    for varied in report.groups:
+        blocks += [("h2", f"Ablation: {varied}"), ("table", ablation_table(report, varied)),
+                   ("img", f"ablation_{varied}.png")]
+    blocks += [("h2", "Stages"), ("p", "Wall and CPU seconds as recorded in each stage.json (CPU: the main "
+                                      "process, all its threads)."), ("table", stages_table(report))]
+
+    md, body = [], []
+    for kind, content in blocks:
+        if kind in ("h1", "h2"):
+            md.append(f"{'#' if kind == 'h1' else '##'} {content}\n")
+            body.append(f"<{kind}>{html.escape(content)}</{kind}>")
+        elif kind == "p":
+            md.append(content + "\n")
+            body.append(f"<p>{html.escape(content)}</p>")
+        elif kind == "table":
+            md.append(md_table(*content) + "\n")
+            body.append(html_table(*content))
+        elif kind == "img":
+            md.append(f"![{content}]({content})\n")
+            data = base64.b64encode((out / content).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(content)}" src="data:image/png;base64,{data}"></p>')
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {html.escape(report.run_dir.name)}"
+            f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return [out / "report.md", out / "report.html", *[out / p for p in pngs]]

@@ -1,0 +1,142 @@
+"""`nlgkd report`: a run directory with known metrics gives the expected rows, derived numbers, ablation
+groups, plots and a self-contained HTML page."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nlgkd.cli import main as cli_main
+from nlgkd.report import ReportError, collect, flops_per_token, write_report
+
+
+def write_stage(run_dir: Path, key: str, kind: str, config: dict, **facts) -> Path:
+    folder = run_dir / key
+    folder.mkdir(parents=True)
+    record = {"name": key.split("@")[0], "kind": kind, "status": "done", "config": config, "seed": 0,
+              "started": f"2024-01-01T00:00:{len(list(run_dir.iterdir())):02d}", "wall_seconds": 2.0,
+              "cpu_seconds": 3.0, **facts}
+    (folder / "stage.json").write_text(json.dumps(record))
+    return folder
+
+
+def metrics(bleu, params, **extra) -> dict:
+    return {"bleu": bleu, "chrf": bleu + 10, "rouge1": 50.0, "rouge2": 30.0, "rougeL": 45.0, "params": params,
+            "latency_ms": 1000.0 / (params / 1000), "seq_per_s": params / 1000, "peak_mem_mb": 100.0,
+            "split": "test", "decoding": "greedy", **extra}
+
+
+def tiny_t5(folder: Path) -> None:
+    """d=4, vocab 10, one encoder and one decoder layer holding one 4x4 weight each (16 params a side)."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True, "d_model": 4,
+                                                    "vocab_size": 10, "num_heads": 1, "d_kv": 4}))
+    save_file({"shared.weight": torch.zeros(10, 4),
+               "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4),
+               "decoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4),
+               "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": torch.zeros(32, 1)},
+              str(folder / "model.safetensors"))
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """teacher (finetune) -> kd@plain, kd@noisy (a varied distill stage) -> eval with known numbers."""
+    run = tmp_path / "study"
+    write_stage(run, "teacher", "finetune", {"model": "teacher"}, train={"steps": 500, "epochs": 8.0})
+    tiny_t5(run / "teacher")
+    for i, (variant, objective) in enumerate([("plain", "logits_kd"), ("noisy", "noisy_kd")]):
+        write_stage(run, f"kd@{variant}", "distill", {"student": "student", "teacher": "teacher",
+                                                        "objective": objective, "lr": 0.001},
+                    train={"steps": 100, "epochs": 1.5 + i}, variant=variant, variant_of="kd")
+    # a second pair: `big`, cut into `pruned` and fine-tuned: its teacher is big, not the run's teacher
+    write_stage(run, "big", "finetune", {"model": "big"}, train={"steps": 10, "epochs": 1.0})
+    write_stage(run, "pruned", "prune", {"from": "big", "decoder_layers": [0]})
+    write_stage(run, "pruned_ft", "finetune", {"model": "pruned"}, train={"steps": 10, "epochs": 1.0})
+    eval_dir = write_stage(run, "eval", "evaluate", {"models": ["teacher", "kd@plain", "kd@noisy", "big",
+                                                               "pruned_ft"]})
+    (eval_dir / "metrics.json").write_text(json.dumps({
+        "teacher": metrics(40.0, 4000, source_tokens=2.0, output_tokens=4.0),
+        "kd@plain": metrics(30.0, 1000, variant="plain", variant_of="kd"),
+        "kd@noisy": metrics(34.0, 2000, variant="noisy", variant_of="kd"),
+        "big": metrics(50.0, 8000),
+        "pruned_ft": metrics(25.0, 2000),
+    }))
+    return run
+
+
+def test_rows_and_derived_numbers(run_dir):
+    report = collect(run_dir)
+    assert [r["model"] for r in report.rows] == ["teacher", "kd@plain", "kd@noisy", "big", "pruned_ft"]
+    assert report.teacher == "teacher" and "distill" in report.teacher_rule
+    rows = {r["model"]: r for r in report.rows}
+    assert rows["kd@plain"]["pct_teacher"] == pytest.approx(75.0)
+    assert rows["kd@noisy"]["pct_teacher"] == pytest.approx(85.0)
+    assert rows["kd@plain"]["compression"] == pytest.approx(4.0)
+    assert rows["kd@noisy"]["compression"] == pytest.approx(2.0)
+    assert rows["pruned_ft"]["teacher"] == "big" and rows["kd@plain"]["teacher"] == "teacher"
+    assert rows["pruned_ft"]["pct_teacher"] == pytest.approx(50.0) and rows["pruned_ft"]["compression"] == 4.0
+    assert rows["big"]["teacher"] == "teacher" and rows["big"]["is_teacher"] and not rows["kd@plain"]["is_teacher"]
+    assert rows["teacher"]["steps"] == 500 and rows["kd@noisy"]["epochs"] == 2.5 and rows["kd@noisy"]["seed"] == 0
+    # the stage folder has no weights: FLOPs are not computable; the teacher's are (see the next test)
+    assert rows["kd@plain"]["mflops_per_token"] is None
+    assert rows["teacher"]["mflops_per_token"] == pytest.approx(208 / 1e6)
+    assert list(report.groups) == ["kd"] and [r["model"] for r in report.groups["kd"]] == ["kd@plain", "kd@noisy"]
+    assert report.changes["kd"] == {"plain": "baseline", "noisy": "objective=noisy_kd"}
+
+    by_chrf = collect(run_dir, metric="chrf", teacher="kd@noisy")  # --teacher: one teacher for every row
+    pct = {r["model"]: r["pct_teacher"] for r in by_chrf.rows}
+    assert pct["kd@plain"] == pytest.approx(100 * 40 / 44) and pct["pruned_ft"] == pytest.approx(100 * 35 / 44)
+
+
+def test_flops_formula_by_hand(tmp_path):
+    # encoder-decoder, S = 2 source and T = 4 generated tokens, N_enc = N_dec = 16, d = d_attn = 4, V = 10:
+    # per token 2*16 + 2*4*10 + 2*1*4*(4 + 2*2) = 176; once per input (2*16*2 + 4*1*4*2^2) / 4 = 32
+    tiny_t5(tmp_path)
+    assert flops_per_token(tmp_path, 2.0, 4.0) == pytest.approx(208)
+    # decoder-only: one 4x12 weight (N = 48); per token 2*48 + 80 + 64 = 240; once (2*48*2 + 2*1*4*4) / 4 = 56
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 4, "vocab_size": 10}))
+    save_file({"transformer.wte.weight": torch.zeros(10, 4), "transformer.wpe.weight": torch.zeros(8, 4),
+               "transformer.h.0.attn.c_attn.weight": torch.zeros(4, 12)}, str(gpt / "model.safetensors"))
+    assert flops_per_token(gpt, 2.0, 4.0) == pytest.approx(296)
+    # unknown architecture, or no token counts: not computable
+    (gpt / "config.json").write_text(json.dumps({"model_type": "lstm", "d_model": 4, "vocab_size": 10}))
+    assert flops_per_token(gpt, 2.0, 4.0) is None
+    assert flops_per_token(tmp_path, None, 4.0) is None
+
+
+def test_written_report(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["report", str(run_dir), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| kd@plain | eval | 30.00 | 40.00 |" in md
+    assert "| teacher | 75.0 | 1,000 | 4.00x |" in md  # its teacher, % teacher, params, compression
+    assert "## Ablation: kd" in md and "| noisy | kd@noisy | objective=noisy_kd | 34.00 | +4.00 | 85.0 |" in md
+    assert "![ablation_kd.png](ablation_kd.png)" in md
+    import matplotlib.image
+
+    for name in ("quality_vs_latency.png", "ablation_kd.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 400 and image.std() > 0  # a real, non-blank picture
+    page = (out / "report.html").read_text()
+    assert page.count("src=\"data:image/png;base64,") == 2 and "ablation_kd.png\" src=\"data" in page
+    assert 'src="http' not in page and "<link" not in page  # self-contained: nothing is fetched
+
+
+def test_report_errors(tmp_path, run_dir, capsys):
+    with pytest.raises(ReportError, match="no such run directory"):
+        collect(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    write_stage(empty, "teacher", "finetune", {"model": "teacher"})
+    with pytest.raises(ReportError, match=r"no finished evaluate stage \(stages found: \['teacher'\]\); add an "
+                                          "evaluate stage"):
+        collect(empty)
+    with pytest.raises(ReportError, match=r"--teacher huge: no evaluated model has this name; models: \['big'"):
+        collect(run_dir, teacher="huge")
+    with pytest.raises(ReportError, match=r"--metric meteor: not in the evaluate metrics; choose one of \['bleu'"):
+        collect(run_dir, metric="meteor")
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
