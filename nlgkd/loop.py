@@ -272,6 +272,7 @@ def save_checkpoint(accelerator, root: Path, state: dict) -> None:
     tmp = root / f"tmp-step-{state['step']}"
     final = root / f"step-{state['step']}"
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         tmp.rename(final)
