@@ -286,6 +286,7 @@ FEATURES = datasets.Features({
     "teacher": datasets.Value("string"),
     "decoding": datasets.Value("string"),
     "score": datasets.Value("float32"),
+    "task": datasets.Value("string"),  # multi-task data: the input's task ("" otherwise)
 })
 
 
