@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 MODEL_TYPE = "nlgkd_lstm"
@@ -193,6 +194,25 @@ class LSTMSeq2SeqForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def get_encoder(self, modality=None) -> LSTMEncoder:
         return self.encoder
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Embedding ~ N(0, 1) (PyTorch's default), Linear and LSTM weights Xavier-uniform, biases zero.
+        transformers' usual N(0, 0.02) keeps every signal of this unnormalized network tiny: on the demo task
+        a 64-wide LSTM trained with Adam sat at the unigram loss (~4.4 nats) for 100+ steps, while with this
+        init it reached 0.54 nats in 100 steps. (`transformers.initialization` skips loaded weights.)"""
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LSTM):
+            for name, param in module.named_parameters():
+                if "weight" in name:
+                    init.xavier_uniform_(param)
+                else:
+                    init.zeros_(param)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
