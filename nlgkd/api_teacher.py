@@ -264,6 +264,7 @@ class RateLimiter:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self.next_slot = 0.0
         self.paused_until = 0.0
+        self.waited_s = 0.0  # planned spacing, summed over requests: > 0 means the limits held the stage back
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
@@ -273,6 +274,7 @@ class RateLimiter:
         start = max(now, self.next_slot, self.paused_until)
         interval = max(60.0 / self.rpm if self.rpm else 0.0, tokens * 60.0 / self.tpm if self.tpm else 0.0)
         self.next_slot = start + interval
+        self.waited_s += start - now
         await asyncio.sleep(start - now)
         while time.monotonic() < self.paused_until:  # a pause that began while this request waited
             await asyncio.sleep(self.paused_until - time.monotonic())
@@ -346,6 +348,7 @@ class ApiStats:
     cached_cost: float = 0.0  # what the cache hits cost when they were paid
     budget_reached: bool = False
     seconds: float = 0.0
+    rate_limit_wait_s: float = 0.0  # summed over requests: how long the rate limits held them back
 
     def record(self) -> dict:
         out = {k: v for k, v in self.__dict__.items()}
@@ -670,6 +673,7 @@ def _run_main(ctx) -> None:
             answers.update(asyncio.run(sender.run(todo)))
             bar.close()
             stats.seconds = round(time.perf_counter() - started, 2)
+            stats.rate_limit_wait_s = round(sender.limiter.waited_s, 2)
             ctx.info["api"] = stats.record()
             if sender.fatal:
                 raise FatalApiError(f"teacher_api: {sender.fatal}. {stats.answered} answers of this run are kept in "

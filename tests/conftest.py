@@ -43,7 +43,13 @@ TEACHER_STEPS = 40
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained(tiny_trained):
+    """(recipe dict, runs root) with a trained tiny teacher and a decoder-pruned student (`tiny_trained`)."""
+    return tiny_trained
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
     """(recipe dict, runs root) with a trained tiny teacher and a decoder-pruned student, made once per
     session; tests add stages to a copy of the recipe and run them in the same runs root."""
     from nlgkd.recipe import parse_recipe
@@ -95,6 +101,50 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600):
          "-m", "nlgkd", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+# Stages one `torchrun --nproc_per_node 2` call runs in a copy of the `trained` run directory; tests compare
+# each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
+# tokenizer trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student
+# steps). Every process spends most of a minute importing torch and transformers on a slow disk, so the
+# suite starts the process group once.
+TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
+TWO_PROCESS_STAGES = [
+    {**TINY_RECIPE["stages"][0], "name": "ft2", "model": "fresh"},
+    {"name": "eval2", "kind": "evaluate", "models": ["ft2"],
+     "decoding": {"strategy": "greedy", "max_new_tokens": 24, "batch_size": 8}},
+    {"name": "pts2", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],
+     "max_examples": 16, "decoding": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 3,
+                                      "max_new_tokens": 12, "batch_size": 2}},
+    distill_stage("jt2", objective="logits_kd", max_steps=6,
+                  joint_teaching={"student_ratio": 0.4, "schedule": "random"}),
+]
+
+
+def with_two_process_stages(trained) -> dict:
+    recipe = copy.deepcopy(trained[0])
+    recipe["models"].update(copy.deepcopy(TWO_PROCESS_MODELS))
+    recipe["stages"].extend(copy.deepcopy(TWO_PROCESS_STAGES))
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def two_processes(tiny_trained, tmp_path_factory):
+    """TWO_PROCESS_STAGES run on 2 processes: (the recipe dict with them, that run's directory). The
+    1-process runs of the same stages are the tests' own, in the `trained` run directory."""
+    import shutil
+
+    import yaml
+
+    recipe = with_two_process_stages(tiny_trained)
+    root = tmp_path_factory.mktemp("two_processes")
+    for stage in ("teacher", "student"):  # finished: skipped by fingerprint, as in any re-run
+        shutil.copytree(tiny_trained[1] / "tiny" / stage, root / "tiny" / stage)
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = nlgkd_on_two_processes(["run", str(path), "--runs-dir", str(root)], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, root / "tiny"
 
 
 def kill_once(args: list[str], cwd, ready, what: str) -> None:

@@ -12,7 +12,7 @@ from nlgkd.models import load_pretrained
 from nlgkd.recipe import DecodingConfig, JointTeachingConfig
 from nlgkd.stages.distill import is_student_step, make_joint_teaching, mask_after_eos
 
-from conftest import distill_stage, nlgkd_on_two_processes, with_stage
+from conftest import distill_stage, with_stage
 
 
 def test_schedule_is_deterministic_and_keeps_its_ratio():
@@ -84,15 +84,9 @@ def test_joint_teaching_logs_both_prefix_kinds(trained):
     assert info["student_step_list"] == [1, 3]
 
 
-def test_two_processes_agree_on_student_steps(trained, tmp_path):
-    runner, recipe = with_stage(trained, distill_stage("jt2", objective="logits_kd", max_steps=6,
-                                                       joint_teaching={"student_ratio": 0.4, "schedule": "random"}))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    result = nlgkd_on_two_processes(["run", str(path), "--stage", "jt2", "--runs-dir", str(runner.run_dir.parent)],
-                                    cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads((runner.run_dir / "jt2" / "stage.json").read_text())
+def test_two_processes_agree_on_student_steps(two_processes):
+    _, two = two_processes  # jt2: logits KD, student_ratio 0.4, random schedule, 6 steps, on 2 processes
+    info = json.loads((two / "jt2" / "stage.json").read_text())
     assert info["world_size"] == 2 and info["joint_teaching"]["processes_agree"]
     jt = JointTeachingConfig(student_ratio=0.4, schedule="random")
     assert info["joint_teaching"]["student_step_list"] == [s for s in range(6) if is_student_step(jt, 0, s)]

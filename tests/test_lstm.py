@@ -18,7 +18,7 @@ from nlgkd.runner import Runner, StageError, make_accelerator
 
 LSTM = {"init": "fresh", "arch": "lstm", "d_model": 64, "encoder_layers": 2, "decoder_layers": 1, "dropout": 0.0,
         "tokenizer_from": "teacher"}
-STEPS = 40
+STEPS = 30
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
 from nlgkd.runner import Runner, StageError
 from nlgkd.stages.pseudo_targets import load_augmented, load_pseudo_targets
 
-from conftest import kill_once, nlgkd_on_two_processes
+from conftest import kill_once
 
 TEACHER_STEPS = 30
-COLUMNS = {"source", "pt", "pt_index", "origin", "input_index", "teacher", "decoding", "score"}
+COLUMNS = {"source", "pt", "pt_index", "origin", "input_index", "teacher", "decoding", "score", "task"}
 
 # sampled PTs, many small batches: the kill test needs batches to be written one by one
 SAMPLED = {"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],
@@ -115,19 +115,17 @@ def test_sampled_pts_columns_and_k_differ(sampled):
     assert not (folder / "parts").exists()  # part files go once the dataset is written
 
 
-def test_two_processes_give_the_same_pts_as_one(trained, sampled, tmp_path):
-    copy_teacher(trained, tmp_path / "two")
-    write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
-    result = nlgkd_on_two_processes(
-        ["run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(tmp_path / "two")], cwd=tmp_path,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    folder = tmp_path / "two" / "tiny" / "pts"
-    assert json.loads((folder / "stage.json").read_text())["world_size"] == 2
-    two = load_pseudo_targets(folder).to_list()
-    one = sampled[0]
-    assert len(two) == len(one)
-    for a, b in zip(one, two):
+def test_two_processes_give_the_same_pts_as_one(two_processes, tmp_path):
+    recipe, two = two_processes  # pts2: sampled, 3 per input, 32 inputs in batches of 2, on 2 processes
+    assert json.loads((two / "pts2" / "stage.json").read_text())["world_size"] == 2
+    one_dir = tmp_path / "one_process"
+    runner = Runner(parse_recipe(copy.deepcopy(recipe)), runs_root=one_dir)
+    shutil.copytree(two / "teacher", one_dir / "tiny" / "teacher")
+    runner.run(only="pts2")
+    one = load_pseudo_targets(runner.run_dir / "pts2").to_list()
+    two_rows = load_pseudo_targets(two / "pts2").to_list()
+    assert len(two_rows) == len(one) > 0
+    for a, b in zip(one, two_rows):
         assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
