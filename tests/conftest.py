@@ -130,8 +130,8 @@ def with_two_process_stages(trained) -> dict:
 
 @pytest.fixture(scope="session")
 def two_processes(tiny_trained, tmp_path_factory):
-    """TWO_PROCESS_STAGES run on 2 processes: (the recipe dict with them, that run's directory). The
-    1-process runs of the same stages are the tests' own, in the `trained` run directory."""
+    """The run directory where TWO_PROCESS_STAGES ran on 2 processes. The 1-process runs of the same stages
+    are the tests' own, in the `trained` run directory (recipe: `with_two_process_stages`)."""
     import shutil
 
     import yaml
@@ -144,7 +144,7 @@ def two_processes(tiny_trained, tmp_path_factory):
     path.write_text(yaml.safe_dump(recipe))
     result = nlgkd_on_two_processes(["run", str(path), "--runs-dir", str(root)], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    return recipe, root / "tiny"
+    return root / "tiny"
 
 
 def kill_once(args: list[str], cwd, ready, what: str) -> None:

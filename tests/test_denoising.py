@@ -3,7 +3,6 @@ sentinels / masks as each family expects and are reproducible by seed; a general
 the demo task."""
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -18,8 +17,7 @@ from nlgkd.denoising import (
     t5_span_corruption,
 )
 from nlgkd.models import SENTINELS, train_tokenizer
-from nlgkd.recipe import parse_recipe
-from nlgkd.runner import Runner, StageError
+from nlgkd.runner import StageError
 
 from conftest import with_stage
 

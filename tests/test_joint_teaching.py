@@ -6,7 +6,6 @@ import json
 from types import SimpleNamespace
 
 import torch
-import yaml
 
 from nlgkd.models import load_pretrained
 from nlgkd.recipe import DecodingConfig, JointTeachingConfig
@@ -85,7 +84,7 @@ def test_joint_teaching_logs_both_prefix_kinds(trained):
 
 
 def test_two_processes_agree_on_student_steps(two_processes):
-    _, two = two_processes  # jt2: logits KD, student_ratio 0.4, random schedule, 6 steps, on 2 processes
+    two = two_processes  # jt2: logits KD, student_ratio 0.4, random schedule, 6 steps, on 2 processes
     info = json.loads((two / "jt2" / "stage.json").read_text())
     assert info["world_size"] == 2 and info["joint_teaching"]["processes_agree"]
     jt = JointTeachingConfig(student_ratio=0.4, schedule="random")

@@ -16,7 +16,7 @@ from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
 from nlgkd.runner import Runner, StageError
 from nlgkd.stages.pseudo_targets import load_augmented, load_pseudo_targets
 
-from conftest import kill_once
+from conftest import kill_once, with_two_process_stages
 
 TEACHER_STEPS = 30
 COLUMNS = {"source", "pt", "pt_index", "origin", "input_index", "teacher", "decoding", "score", "task"}
@@ -115,17 +115,16 @@ def test_sampled_pts_columns_and_k_differ(sampled):
     assert not (folder / "parts").exists()  # part files go once the dataset is written
 
 
-def test_two_processes_give_the_same_pts_as_one(two_processes, tmp_path):
-    recipe, two = two_processes  # pts2: sampled, 3 per input, 32 inputs in batches of 2, on 2 processes
-    assert json.loads((two / "pts2" / "stage.json").read_text())["world_size"] == 2
-    one_dir = tmp_path / "one_process"
-    runner = Runner(parse_recipe(copy.deepcopy(recipe)), runs_root=one_dir)
-    shutil.copytree(two / "teacher", one_dir / "tiny" / "teacher")
+def test_two_processes_give_the_same_pts_as_one(tiny_trained, two_processes):
+    # pts2: sampled, 3 per input, 32 inputs in batches of 2; `tiny_trained` is conftest's run directory (this
+    # module's `trained` is another), where the 1-process run reads the same teacher
+    assert json.loads((two_processes / "pts2" / "stage.json").read_text())["world_size"] == 2
+    runner = Runner(parse_recipe(with_two_process_stages(tiny_trained)), runs_root=tiny_trained[1])
     runner.run(only="pts2")
     one = load_pseudo_targets(runner.run_dir / "pts2").to_list()
-    two_rows = load_pseudo_targets(two / "pts2").to_list()
-    assert len(two_rows) == len(one) > 0
-    for a, b in zip(one, two_rows):
+    two = load_pseudo_targets(two_processes / "pts2").to_list()
+    assert len(two) == len(one) > 0
+    for a, b in zip(one, two):
         assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from nlgkd.cli import main as cli_main
-from nlgkd.report import ReportError, collect, flops_per_token, write_report
+from nlgkd.report import ReportError, collect, flops_per_token
 
 
 def write_stage(run_dir: Path, key: str, kind: str, config: dict, **facts) -> Path:

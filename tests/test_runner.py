@@ -3,11 +3,7 @@ killed stage, and the same results on 2 processes as on 1."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,14 +13,6 @@ from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
 from conftest import kill_once, with_two_process_stages
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, cwd, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "nlgkd", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
 
 def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
     runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
@@ -105,7 +93,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe, capsys):
 
 def test_two_processes_give_the_same_results_as_one(trained, two_processes):
     # a fresh model (its tokenizer trained, checkpoints saved) fine-tuned on 2 processes, then evaluated
-    recipe, two = two_processes
+    two = two_processes
     runner = Runner(parse_recipe(with_two_process_stages(trained)), runs_root=trained[1])
     runner.run(only="ft2")
     runner.run(only="eval2")
