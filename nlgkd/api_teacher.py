@@ -265,6 +265,7 @@ class RateLimiter:
         self.next_slot = 0.0
         self.paused_until = 0.0
         self.waited_s = 0.0  # planned spacing, summed over requests: > 0 means the limits held the stage back
+        self.slots: list[float] = []  # each request's planned start (monotonic clock), in order of asking
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
@@ -274,6 +275,7 @@ class RateLimiter:
         start = max(now, self.next_slot, self.paused_until)
         interval = max(60.0 / self.rpm if self.rpm else 0.0, tokens * 60.0 / self.tpm if self.tpm else 0.0)
         self.next_slot = start + interval
+        self.slots.append(start)
         self.waited_s += start - now
         await asyncio.sleep(start - now)
         while time.monotonic() < self.paused_until:  # a pause that began while this request waited

@@ -334,16 +334,28 @@ def test_budget_stops_at_the_cap_and_a_larger_one_continues(tmp_path, api_key):
         assert set(endpoint.paid.values()) == {1} and len(endpoint.log) == 8
 
 
-def test_rate_limit_spaces_requests(tmp_path, api_key):
+def test_rate_limit_spaces_requests(tmp_path, api_key, monkeypatch):
+    from nlgkd import api_teacher
+
+    made, make_limiter = [], api_teacher.RateLimiter
+
+    def kept_limiter(*args):
+        made.append(make_limiter(*args))
+        return made[-1]
+
+    monkeypatch.setattr(api_teacher, "RateLimiter", kept_limiter)
     with FakeEndpoint() as endpoint:
         recipe = api_recipe(tmp_path, endpoint.base_url, requests_per_minute=600.0, concurrency=8)
         Runner(parse_recipe(recipe), runs_root=tmp_path / "runs").run()
-    # 600 per minute: one every 0.1 s, even with 8 workers (without the limit: all 10 at once). The planned
-    # waits are 0, 0.1, ..., 0.9 s, fewer by how late workers come back; arrival times at the server are not
-    # checked because a busy machine delays the first request by as much as the spacing.
+    # 600 per minute: one request every 0.1 s even with 8 workers (without the limit all 10 start at once).
+    # The planned starts are checked, not arrival times or waits: a busy machine delays requests by as much
+    # as the spacing, which can only spread the starts further.
+    (limiter,) = made
+    assert limiter.rpm == 600.0 and len(limiter.slots) == len(endpoint.log) == 10
+    gaps = [b - a for a, b in zip(limiter.slots, limiter.slots[1:])]
+    assert min(gaps) >= 0.1 - 1e-9
     record = json.loads((tmp_path / "runs" / "api" / "pts" / "stage.json").read_text())
-    assert record["api"]["rate_limit_wait_s"] >= 3.0
-    assert len(endpoint.log) == 10
+    assert record["api"]["rate_limit_wait_s"] == pytest.approx(limiter.waited_s, abs=0.01)
 
 
 def test_rate_limiter_spaces_concurrent_waits_evenly():
