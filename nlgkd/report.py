@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 import struct
 from collections import Counter
@@ -83,6 +84,7 @@ EMBEDDING = re.compile(r"(embed_tokens|embed_positions|shared\.|wte\.|wpe\.|lm_h
                        r"embed_scale)")
 LAYER = re.compile(r"\.(?:block|layers|layer|h)\.(\d+)\.")
 ARCHITECTURES = {"t5", "mt5", "bart", "mbart", "marian", "pegasus", "gpt2", "opt", "llama"}
+LSTM_TYPE = "nlgkd_lstm"  # nlgkd.lstm.MODEL_TYPE, not imported: the report reads folders and needs no torch model
 
 
 def flops_per_token(model_dir: Path, source_tokens: float | None, output_tokens: float | None) -> float | None:
@@ -98,15 +100,26 @@ def flops_per_token(model_dir: Path, source_tokens: float | None, output_tokens:
     t tokens so far costs 4 d_attn t per layer, 2 d_attn T on average, and cross-attention to the source (or,
     decoder-only, attention to the prompt) 4 d_attn S. The encoder (or prompt) pass runs once per input and
     is spread over its T generated tokens. Cross-attention keys/values of the source are counted per token
-    (an upper bound: with a KV cache they are computed once). None when the folder has no config/weights,
-    or the architecture is not one listed in ARCHITECTURES (e.g. an LSTM).
+    (an upper bound: with a KV cache they are computed once).
+
+    nlgkd's LSTM student (`nlgkd/lstm.py`), with N_dec its decoder weights except the bridge (the LSTM, the
+    attention projection, the combine layer) and N_once the encoder LSTM and the bridge, run once per input:
+
+        LSTM:             2 N_dec + 2 d V + 4 d S + 2 N_once S / T   (the bridge counted S times: an upper bound)
+
+    Per token the decoder applies each of its weights once, and Luong attention scores and averages the S
+    encoder states (2 d S each). None when the folder has no config/weights, or the architecture is neither
+    one listed in ARCHITECTURES nor the LSTM.
     """
     config = read_json(model_dir / "config.json")
-    if not config or not source_tokens or not output_tokens or config.get("model_type") not in ARCHITECTURES:
+    model_type = config.get("model_type") if config else None
+    if not source_tokens or not output_tokens or (model_type not in ARCHITECTURES and model_type != LSTM_TYPE):
         return None
     shapes = safetensors_shapes(model_dir)
     if not shapes:
         return None
+    if model_type == LSTM_TYPE:
+        return lstm_flops_per_token(config, shapes, float(source_tokens), float(output_tokens))
     encoder_decoder = bool(config.get("is_encoder_decoder"))
     params = {"encoder": 0, "decoder": 0}
     layers = {"encoder": set(), "decoder": set()}
@@ -134,6 +147,22 @@ def flops_per_token(model_dir: Path, source_tokens: float | None, output_tokens:
     else:
         once = 2 * params["decoder"] * S + 2 * n_dec * d_attn * S**2
     return per_token + once / T
+
+
+def lstm_flops_per_token(config: dict, shapes: dict[str, list[int]], S: float, T: float) -> float | None:
+    """The LSTM line of `flops_per_token`."""
+    d, vocab = config.get("d_model"), config.get("vocab_size")
+    if not d or not vocab:
+        return None
+    per_token = per_input = 0
+    for name, shape in shapes.items():
+        if EMBEDDING.search(name):
+            continue
+        if name.startswith("decoder.") and not name.startswith("decoder.bridge."):
+            per_token += math.prod(shape)
+        else:
+            per_input += math.prod(shape)
+    return 2 * per_token + 2 * d * vocab + 4 * d * S + 2 * per_input * S / T
 
 
 # ------------------------------------------------------------------------------------------ the table

@@ -102,8 +102,17 @@ def test_flops_formula_by_hand(tmp_path):
     save_file({"transformer.wte.weight": torch.zeros(10, 4), "transformer.wpe.weight": torch.zeros(8, 4),
                "transformer.h.0.attn.c_attn.weight": torch.zeros(4, 12)}, str(gpt / "model.safetensors"))
     assert flops_per_token(gpt, 2.0, 4.0) == pytest.approx(296)
+    # nlgkd's LSTM: decoder LSTM 16x4 (N_dec = 64), bridge 4x4 + encoder LSTM 8x4 (N_once = 48), d = 4:
+    # per token 2*64 + 2*4*10 + 4*4*2 = 240; once per input 2*48*2 / 4 = 48
+    lstm = tmp_path / "lstm"
+    lstm.mkdir()
+    (lstm / "config.json").write_text(json.dumps({"model_type": "nlgkd_lstm", "d_model": 4, "vocab_size": 10}))
+    save_file({"encoder.embed_tokens.weight": torch.zeros(10, 4), "encoder.lstm.weight_ih_l0": torch.zeros(8, 4),
+               "decoder.bridge.weight": torch.zeros(4, 4), "decoder.lstm.weight_ih_l0": torch.zeros(16, 4)},
+              str(lstm / "model.safetensors"))
+    assert flops_per_token(lstm, 2.0, 4.0) == pytest.approx(288)
     # unknown architecture, or no token counts: not computable
-    (gpt / "config.json").write_text(json.dumps({"model_type": "lstm", "d_model": 4, "vocab_size": 10}))
+    (gpt / "config.json").write_text(json.dumps({"model_type": "rwkv", "d_model": 4, "vocab_size": 10}))
     assert flops_per_token(gpt, 2.0, 4.0) is None
     assert flops_per_token(tmp_path, None, 4.0) is None
 
