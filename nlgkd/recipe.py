@@ -287,6 +287,8 @@ class DistillConfig(TrainArgs):
         "trains on gold cross-entropy alone. Use instead of teacher:"))
     objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
         default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
+    noise_dropout: Optional[float] = field(default=None, metadata=doc(
+        "noisy_kd: the teacher's dropout rate while it teaches (default: the rates it was trained with)"))
     alpha: float = field(default=0.0, metadata=doc("loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy"))
     temperature: float = 1.0
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"

@@ -12,6 +12,7 @@ from nlgkd.data import collate, encode, load_splits
 from nlgkd.models import load_pretrained, target_logits
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
+from nlgkd.stages.distill import set_teacher_noise
 
 from conftest import distill_stage, with_stage
 
@@ -33,7 +34,7 @@ OBJECTIVES = {
     "reverse_kl": {"objective": "logits_kd", "divergence": "reverse_kl"},
     "jsd": {"objective": "logits_kd", "divergence": "jsd", "jsd_beta": 0.3},
     "logits_mse": {"objective": "logits_mse"},
-    "noisy_kd": {"objective": "noisy_kd"},
+    "noisy_kd": {"objective": "noisy_kd", "noise_dropout": 0.1},  # the tests' teacher has no dropout of its own
     "ensemble": {"objective": "logits_kd", "teacher": ["teacher", "teacher"]},
     "pkd": {"hidden": {"loss": "pkd", "sides": ["encoder", "decoder"], "layer_map": "last"}},
     "cosine": {"hidden": {"loss": "cosine", "layer_map": [[0, 1]]}},
@@ -103,3 +104,29 @@ def test_kd_objective_without_teacher_is_refused(trained):
     runner, _ = with_stage(trained, {"name": "lonely", "kind": "distill", "student": "student"})
     with pytest.raises(StageError, match=r"objective 'logits_kd' needs a teacher"):
         runner.run(only="lonely")
+
+
+def test_noisy_kd_with_a_dropout_free_teacher_is_refused(trained):
+    # the tests' teacher has dropout 0: noisy KD would silently equal logits KD
+    runner, _ = with_stage(trained, distill_stage("noisy", objective="noisy_kd"))
+    with pytest.raises(StageError, match=r"teacher 'teacher' has no dropout .* set noise_dropout"):
+        runner.run(only="noisy")
+    runner, _ = with_stage(trained, distill_stage("plain", objective="logits_kd", noise_dropout=0.1))
+    with pytest.raises(StageError, match=r"noise_dropout is the teacher's dropout for objective: noisy_kd"):
+        runner.run(only="plain")
+
+
+def test_noise_dropout_makes_the_teacher_noisy(trained):
+    _, root = trained
+    teacher, _ = load_pretrained(str(root / "tiny" / "teacher"))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "decoder_input_ids": torch.tensor([[2, 9, 10, 11]])}
+    teacher.train()
+    with torch.no_grad():
+        assert torch.equal(teacher(**batch).logits, teacher(**batch).logits)  # its own dropout is 0
+        with pytest.raises(ValueError, match="has no dropout"):
+            set_teacher_noise(teacher, None, "teacher 'teacher'")
+        set_teacher_noise(teacher, 0.3, "teacher 'teacher'")
+        assert not torch.equal(teacher(**batch).logits, teacher(**batch).logits)
+        teacher.eval()  # eval mode turns the noise off again
+        assert torch.equal(teacher(**batch).logits, teacher(**batch).logits)

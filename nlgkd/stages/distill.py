@@ -126,8 +126,40 @@ def side_mask(batch: dict, side: str, causal: bool) -> torch.Tensor:
     return batch["labels"] != -100
 
 
+# where transformers models keep dropout rates: nn.Dropout modules (T5, GPT-2, the LSTM) or float attributes
+# that their forward passes to nn.functional.dropout (BART and its relatives)
+DROPOUT_RATE_ATTRIBUTES = ("dropout", "activation_dropout", "attention_dropout")
+
+
+def set_teacher_noise(teacher: torch.nn.Module, rate: float | None, where: str) -> None:
+    """Noisy KD's noise: every dropout rate of the teacher becomes `rate` (None keeps the trained rates).
+
+    A teacher whose rates are all 0 would teach exactly as in logits_kd: an error, not a silent no-op."""
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise ValueError(f"noise_dropout must be in [0, 1), got {rate}")
+    rates = []
+    for module in teacher.modules():
+        if isinstance(module, torch.nn.Dropout):
+            if rate is not None:
+                module.p = rate
+            rates.append(module.p)
+            continue
+        for attribute in DROPOUT_RATE_ATTRIBUTES:
+            value = getattr(module, attribute, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                if rate is not None:
+                    setattr(module, attribute, float(rate))
+                rates.append(getattr(module, attribute))
+    if not any(r > 0 for r in rates):
+        raise ValueError(f"{where} has no dropout (every rate is 0), so objective noisy_kd would equal logits_kd; "
+                         f"set noise_dropout: 0.1 (or another rate) on this stage")
+
+
 def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, names) -> None:
     """Fail before training on combinations that cannot work, naming the recipe field."""
+    if cfg.noise_dropout is not None and cfg.objective != "noisy_kd":
+        raise ValueError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
+                         f"{cfg.objective!r}; remove noise_dropout or set objective: noisy_kd")
     recurrent = [(role, name) for role, name, model in [("student", cfg.student, student),
                                                         *(("teacher", n, t) for n, t in zip(names, teachers))]
                  if is_lstm(model)]
@@ -256,11 +288,13 @@ def run(ctx) -> None:
     causal = is_causal(student)
 
     dtype = resolve_teacher_dtype(cfg.teacher_dtype, acc.device)
-    for teacher in teachers:
+    for name, teacher in zip(names, teachers):
         teacher.to(acc.device, dtype=dtype)
         teacher.requires_grad_(False)
         # noisy KD (Sun et al.'s "noisy teacher"): the teacher keeps its dropout on
         teacher.train(cfg.objective == "noisy_kd")
+        if cfg.objective == "noisy_kd":
+            set_teacher_noise(teacher, cfg.noise_dropout, f"teacher {name!r}")
     if cfg.attention and cfg.attention.loss == "tinybert":
         for model in [student, *teachers]:
             model.set_attn_implementation("eager")  # attention probabilities are only returned by eager
