@@ -320,6 +320,13 @@ class DistillConfig(TrainArgs):
         "are all of it); the teacher's prediction of the original text is the soft target. With objective: "
         "finetune and no teacher, it is denoising pretraining of the student itself"))
 
+    def __post_init__(self):
+        if self.noise_dropout is not None and self.objective != "noisy_kd":
+            raise RecipeError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
+                              f"{self.objective!r}; remove noise_dropout or set objective: noisy_kd")
+        if self.noise_dropout is not None and not 0.0 <= self.noise_dropout < 1.0:
+            raise RecipeError(f"noise_dropout must be in [0, 1), got {self.noise_dropout}")
+
 
 @dataclass(kw_only=True)
 class ApiTeacherConfig:

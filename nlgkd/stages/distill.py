@@ -135,8 +135,6 @@ def set_teacher_noise(teacher: torch.nn.Module, rate: float | None, where: str) 
     """Noisy KD's noise: every dropout rate of the teacher becomes `rate` (None keeps the trained rates).
 
     A teacher whose rates are all 0 would teach exactly as in logits_kd: an error, not a silent no-op."""
-    if rate is not None and not 0.0 <= rate < 1.0:
-        raise ValueError(f"noise_dropout must be in [0, 1), got {rate}")
     rates = []
     for module in teacher.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -146,10 +144,10 @@ def set_teacher_noise(teacher: torch.nn.Module, rate: float | None, where: str) 
             continue
         for attribute in DROPOUT_RATE_ATTRIBUTES:
             value = getattr(module, attribute, None)
-            if isinstance(value, float) and not isinstance(value, bool):
+            if isinstance(value, float):
                 if rate is not None:
-                    setattr(module, attribute, float(rate))
-                rates.append(getattr(module, attribute))
+                    setattr(module, attribute, rate)
+                rates.append(rate if rate is not None else value)
     if not any(r > 0 for r in rates):
         raise ValueError(f"{where} has no dropout (every rate is 0), so objective noisy_kd would equal logits_kd; "
                          f"set noise_dropout: 0.1 (or another rate) on this stage")
@@ -157,9 +155,6 @@ def set_teacher_noise(teacher: torch.nn.Module, rate: float | None, where: str) 
 
 def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, names) -> None:
     """Fail before training on combinations that cannot work, naming the recipe field."""
-    if cfg.noise_dropout is not None and cfg.objective != "noisy_kd":
-        raise ValueError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
-                         f"{cfg.objective!r}; remove noise_dropout or set objective: noisy_kd")
     recurrent = [(role, name) for role, name, model in [("student", cfg.student, student),
                                                         *(("teacher", n, t) for n, t in zip(names, teachers))]
                  if is_lstm(model)]
