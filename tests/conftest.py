@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,23 +92,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600):
-    """`torchrun --nproc_per_node 2 -m nlgkd ARGS` (gloo on CPU); the completed process."""
-    import subprocess
+def forked_nlgkd(args: list[str], cwd, env: dict | None = None, log=None, nice: int = 0):
+    """`nlgkd ARGS` in a child process forked from the test process; the started multiprocessing.Process.
+
+    A real, separate process (it can be SIGKILLed, it opens its own process group) that inherits the imported
+    torch and transformers: a fresh interpreter spends most of a minute importing them on a slow disk, which
+    made these tests most of the suite's time. The child runs the CLI's own `main`, with `env` added to its
+    environment and its output to `log` (or nowhere)."""
+    import multiprocessing
+
+    # what a stage or `nlgkd serve` imports, imported here once, so that no child pays for it
+    import nlgkd.serve  # noqa: F401
+    import nlgkd.stages  # noqa: F401
+    import rouge_score.rouge_scorer  # noqa: F401
+    import sacrebleu  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    return multiprocessing.get_context("fork").Process(
+        target=_run_nlgkd_in_child, args=(list(args), str(cwd), dict(env or {}), str(log or os.devnull), nice),
+        daemon=True)
+
+
+def _run_nlgkd_in_child(args, cwd, env, log, nice) -> None:
     import sys
+    import traceback
 
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "nlgkd", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    from accelerate.state import AcceleratorState, GradientState
+
+    from nlgkd.cli import main
+
+    os.nice(nice)
+    out = open(log, "a", buffering=1)
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    sys.stdout = sys.stderr = out  # not pytest's capture of the parent
+    os.chdir(cwd)
+    os.environ.update(env)
+    # Accelerate keeps its process state in class-level singletons; the parent's (1 process) came along with
+    # the fork, and this child may be one rank of two
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        code = main(args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    out.flush()
+    os._exit(code or 0)
 
 
-# Stages one `torchrun --nproc_per_node 2` call runs in a copy of the `trained` run directory; tests compare
-# each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
+def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> list[str]:
+    """`nlgkd ARGS` on 2 processes (gloo on CPU), started the way `torchrun --nproc_per_node 2` starts them:
+    each with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment.
+    Fails with the ranks' output unless both exit 0; returns each rank's output."""
+    port = str(free_port())
+    logs = [Path(cwd) / f"rank{rank}.log" for rank in range(2)]
+    ranks = [forked_nlgkd(args, cwd, log=logs[rank], env={
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout)
+    outputs = [log.read_text() if log.exists() else "" for log in logs]
+    for rank, output in zip(ranks, outputs):
+        if rank.is_alive():
+            rank.kill()
+        assert rank.exitcode == 0, f"a rank exited with {rank.exitcode}:\n{output[-3000:]}"
+    return outputs
+
+
+# Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests
+# compare each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
 # tokenizer trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student
-# steps). Every process spends most of a minute importing torch and transformers on a slow disk, so the
-# suite starts the process group once.
+# steps). The suite starts the process group once.
 TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
 TWO_PROCESS_STAGES = [
     {**TINY_RECIPE["stages"][0], "name": "ft2", "model": "fresh"},
@@ -142,25 +200,30 @@ def two_processes(tiny_trained, tmp_path_factory):
         shutil.copytree(tiny_trained[1] / "tiny" / stage, root / "tiny" / stage)
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = nlgkd_on_two_processes(["run", str(path), "--runs-dir", str(root)], cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    nlgkd_on_two_processes(["run", str(path), "--runs-dir", str(root)], cwd=root)
     return root / "tiny"
 
 
 def kill_once(args: list[str], cwd, ready, what: str) -> None:
-    """Start `nlgkd ARGS`, SIGKILL it as soon as `ready()` is true; fails if it finished first."""
-    import signal
-    import subprocess
-    import sys
+    """Start `nlgkd ARGS` in another process, SIGKILL it as soon as `ready()` is true; fails if it finished
+    first."""
     import time
 
     # niced: on a busy machine the child would otherwise run on while this process waits for a core to
     # notice `ready()`, and finish (or clean up what `ready` looks for) before the kill lands
-    proc = subprocess.Popen([sys.executable, "-m", "nlgkd", *args], cwd=cwd, preexec_fn=lambda: os.nice(15),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forked_nlgkd(args, cwd, nice=15)
+    proc.start()
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not ready():
+    while time.time() < deadline and proc.is_alive() and not ready():
         time.sleep(0.01)
-    assert proc.poll() is None, f"the stage finished before it could be killed; {what}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.is_alive(), f"the stage finished before it could be killed; {what}"
+    proc.kill()  # SIGKILL: no cleanup, as when a machine dies
+    proc.join()
+
+
+def pytest_collection_modifyitems(items):
+    # Under `pytest -n 2 --dist loadgroup` (the README's test command) the tests that read the 2-process run
+    # go to one worker, so that the run is made once, not once per worker.
+    for item in items:
+        if "two_processes" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("two_processes"))

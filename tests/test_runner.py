@@ -75,7 +75,7 @@ def test_cli_reports_recipe_errors(tmp_path, tiny_recipe, capsys):
 
 def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe, capsys):
     teacher = tiny_recipe["stages"][0]
-    teacher.update(max_steps=80, save_every=5, eval_every=1000, log_every=50)
+    teacher.update(max_steps=30, save_every=5, eval_every=1000, log_every=50)
     tiny_recipe["stages"] = [teacher]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
@@ -88,7 +88,7 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe, capsys):
     assert cli_main(["run", str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "resuming from checkpoint step-" in capsys.readouterr().out
     record = json.loads((tmp_path / "runs" / "tiny" / "teacher" / "stage.json").read_text())
-    assert record["train"]["steps"] == 80 and record["train"]["resumed_from"] >= 5
+    assert record["train"]["steps"] == 30 and record["train"]["resumed_from"] >= 5
 
 
 def test_two_processes_give_the_same_results_as_one(trained, two_processes):
