@@ -775,7 +775,7 @@ def write_soft_targets_of(ctx, rows: list[dict], pieces_of_rows: list) -> None:
     """Align the API's top logprobs to the tokens of the student `align_to` (`nlgkd.alignment`) and store them
     in the `cache_logits` layout in `<stage>/soft_targets/`, which `distill` reads as `cached_teacher:`."""
     from .alignment import SOFT_TARGETS_DIR, write_soft_targets
-    from .data import data_fingerprint
+    from .runner import data_fingerprint
 
     cfg = ctx.config
     api = cfg.teacher_api

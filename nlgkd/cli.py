@@ -28,13 +28,13 @@ def cmd_run(args) -> int:
     skipped = [name for name, what in outcome.items() if what == "skipped"]
     waiting = [name for name, what in outcome.items() if what == "waiting"]
     reused = [name for name, what in outcome.items() if what == "reused"]
-    runner.accelerator.print(
+    runner.say(
         f"{recipe.name}: ran {len(ran)} stage(s){' ' + str(ran) if ran else ''}, "
         f"{f'copied {len(reused)} with the same fingerprint as another {reused}, ' if reused else ''}"
         f"skipped {len(skipped)} finished one(s)"
         f"{f', {len(waiting)} wait for other variants {waiting}' if waiting else ''}; artifacts in {runner.run_dir}"
     )
-    runner.accelerator.end_training()
+    runner.end()
     return 0
 
 

@@ -9,21 +9,17 @@ so losses can compare any two models position by position on the target tokens.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import datasets
 import torch
 
-from .recipe import DataConfig, DataSource, RecipeError
+from .recipe import SPLITS, DataConfig, DataSource, RecipeError
 
-SPLITS = ("train", "validation", "test", "unlabeled")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -169,27 +165,6 @@ def _to_pairs(ds: datasets.Dataset, source: DataSource, on_empty: str, split: st
     if not rows:
         raise RecipeError(f"{where}: the {split} split has no usable examples ({dropped} empty ones dropped)")
     return datasets.Dataset.from_list(rows), dropped
-
-
-def data_fingerprint(config: DataConfig, seed: int) -> str:
-    """Hash of the data config and the bytes of every local data file."""
-    h = hashlib.sha256(json.dumps(_plain(config), sort_keys=True).encode())
-    h.update(str(seed).encode())
-    for source in [config, *config.tasks.values()]:
-        for split in SPLITS:
-            path = getattr(source, split)
-            if not (path and Path(path).exists()):
-                continue
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _plain(config: Any) -> Any:
-    from .recipe import to_dict
-
-    return to_dict(config)
 
 
 def task_mixture(examples: list[dict], weights: dict[str, float | None], seed: int, epoch: int) -> list[dict]:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .recipe import ModelConfig, Recipe, RecipeError, Stage, references, to_dict
+from .recipe import SPLITS, DataConfig, ModelConfig, Recipe, RecipeError, Stage, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
 
@@ -52,6 +52,21 @@ def package_versions() -> dict[str, str]:
 
 def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(config: DataConfig, seed: int) -> str:
+    """Hash of the data config and the bytes of every local data file."""
+    h = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode())
+    h.update(str(seed).encode())
+    for source in [config, *config.tasks.values()]:
+        for split in SPLITS:
+            path = getattr(source, split)
+            if not (path and Path(path).exists()):
+                continue
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -102,13 +117,31 @@ class Runner:
     def __init__(self, recipe: Recipe, runs_root: str | Path = "runs", accelerator=None):
         self.recipe = recipe
         self.run_dir = Path(runs_root) / recipe.name
-        if accelerator is None:
-            trackers = sorted({t for s in recipe.stages for t in getattr(s.config, "report_to", [])})
-            accelerator = make_accelerator(trackers, project_dir=str(self.run_dir / "logs"))
-        self.accelerator = accelerator
+        self._accelerator = accelerator
         self._data = None
         self._data_report = None
         self._fingerprints: dict[str, str] = {}  # stage key -> fingerprint
+
+    @property
+    def accelerator(self):
+        """Made when a stage first needs it: deciding what to skip needs neither torch nor accelerate, so the
+        re-run of a finished recipe takes seconds, not the most of a minute their imports take."""
+        if self._accelerator is None:
+            trackers = sorted({t for s in self.recipe.stages for t in getattr(s.config, "report_to", [])})
+            self._accelerator = make_accelerator(trackers, project_dir=str(self.run_dir / "logs"))
+        return self._accelerator
+
+    def say(self, message: str) -> None:
+        """Print on the main process only, without starting accelerate for it (launchers set RANK)."""
+        if self._accelerator is not None:
+            self._accelerator.print(message)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            print(message, flush=True)
+
+    def end(self) -> None:
+        """Close the trackers, if a stage started any."""
+        if self._accelerator is not None:
+            self._accelerator.end_training()
 
     # ----------------------------------------------------------------------------- artifacts
     def finished_dir(self, stage: Stage) -> Path:
@@ -144,8 +177,6 @@ class Runner:
     # ---------------------------------------------------------------------------- fingerprints
     def fingerprint(self, stage: Stage) -> str:
         if stage.key not in self._fingerprints:
-            from .data import data_fingerprint
-
             inputs = {}
             for where, kind, name in references(stage.config):
                 inputs[where] = self.reference_fingerprint(name, stage.index)
@@ -267,17 +298,17 @@ class Runner:
             if action == "leave":
                 continue
             if action == "wait":
-                self.accelerator.print(f"[{stage.key}] waits: it reads other variants that have not finished; run "
+                self.say(f"[{stage.key}] waits: it reads other variants that have not finished; run "
                                        "them (or the recipe without --variant), then it runs")
                 outcome[stage.key] = "waiting"
                 continue
             if action == "skip":
-                self.accelerator.print(f"[{stage.key}] done earlier with the same inputs and config; skipped")
+                self.say(f"[{stage.key}] done earlier with the same inputs and config; skipped")
                 outcome[stage.key] = "skipped"
                 continue
             self.check_inputs(stage)
             done = sum(what in ("ran", "reused") for what in outcome.values())
-            self.accelerator.print(f"[{stage.key}] stage {done + 1} of {to_run} to run")
+            self.say(f"[{stage.key}] stage {done + 1} of {to_run} to run")
             same = None if force or start_from else self.same_artifact(stage)
             if same is not None:
                 self.reuse(stage, same)
@@ -340,14 +371,14 @@ class Runner:
             if action != "run":
                 continue
             if stage.kind not in DRY_RUNS:
-                self.accelerator.print(f"[{stage.key}] would run ({stage.kind})")
+                self.say(f"[{stage.key}] would run ({stage.kind})")
                 continue
             ctx = StageContext(runner=self, stage=stage, out_dir=self.partial_dir(stage),
                                fingerprint=self.fingerprint(stage))
             try:
                 DRY_RUNS[stage.kind](ctx)
             except (ValueError, KeyError) as err:  # e.g. its inputs come from a stage that has not run yet
-                self.accelerator.print(f"[{stage.key}] would run ({stage.kind}); cannot estimate it yet: {err}")
+                self.say(f"[{stage.key}] would run ({stage.kind}); cannot estimate it yet: {err}")
 
     def check_inputs(self, stage: Stage) -> None:
         """Every earlier stage this one reads must be finished with its current fingerprint."""

@@ -3,6 +3,8 @@ killed stage, and the same results on 2 processes as on 1."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -40,6 +42,15 @@ def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
     again = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
     assert again.run() == {"teacher": "skipped", "eval": "skipped"}
     assert time.time() - started < 10
+    assert again._accelerator is None  # skipping started no accelerate (nor imported torch for it)
+    # ... and `nlgkd run` in a fresh interpreter decides it without importing torch, transformers or datasets
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    code = ("import sys; from nlgkd.cli import main; "
+            f"assert main(['run', {str(tmp_path / 'r.yaml')!r}, '--runs-dir', {str(tmp_path)!r}]) == 0; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    rerun = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "skipped 2 finished one(s)" in rerun.stdout and rerun.stdout.strip().endswith("[]")
 
     # changing only the evaluation re-runs only the evaluation
     tiny_recipe["stages"][1]["decoding"]["strategy"] = "beam"

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import collate, data_fingerprint, encode
+from ..data import collate, encode
+from ..runner import data_fingerprint
 from ..models import forward_on_targets, is_causal
 from .pseudo_targets import encode_pseudo_targets
 

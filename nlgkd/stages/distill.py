@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ..data import data_fingerprint
+from ..runner import data_fingerprint
 from ..features import QKVCapture, attentions, hidden_states
 from ..generation import gather_objects, generation_kwargs
 from ..loop import train
