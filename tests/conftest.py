@@ -99,14 +99,12 @@ def forked_nlgkd(args: list[str], cwd, env: dict | None = None, log=None, nice: 
     torch and transformers: a fresh interpreter spends most of a minute importing them on a slow disk, which
     made these tests most of the suite's time. The child runs the CLI's own `main`, with `env` added to its
     environment and its output to `log` (or nowhere)."""
+    import importlib
     import multiprocessing
 
     # what a stage or `nlgkd serve` imports, imported here once, so that no child pays for it
-    import nlgkd.serve  # noqa: F401
-    import nlgkd.stages  # noqa: F401
-    import rouge_score.rouge_scorer  # noqa: F401
-    import sacrebleu  # noqa: F401
-    import uvicorn  # noqa: F401
+    for module in ("nlgkd.serve", "nlgkd.stages", "rouge_score.rouge_scorer", "sacrebleu", "uvicorn"):
+        importlib.import_module(module)
 
     return multiprocessing.get_context("fork").Process(
         target=_run_nlgkd_in_child, args=(list(args), str(cwd), dict(env or {}), str(log or os.devnull), nice),
