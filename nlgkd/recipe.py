@@ -56,6 +56,7 @@ class DemoSizes:
 
 SPLITS = ("train", "validation", "test", "unlabeled")  # the data splits a recipe can name
 
+
 @dataclass(kw_only=True)
 class DataSource:
     """One dataset: the built-in task, files or a hub name, and how rows become (source, target) text."""

@@ -299,7 +299,7 @@ class Runner:
                 continue
             if action == "wait":
                 self.say(f"[{stage.key}] waits: it reads other variants that have not finished; run "
-                                       "them (or the recipe without --variant), then it runs")
+                         "them (or the recipe without --variant), then it runs")
                 outcome[stage.key] = "waiting"
                 continue
             if action == "skip":

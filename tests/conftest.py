@@ -139,10 +139,10 @@ def _run_nlgkd_in_child(args, cwd, env, log, nice) -> None:
     os._exit(code or 0)
 
 
-def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> list[str]:
+def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> None:
     """`nlgkd ARGS` on 2 processes (gloo on CPU), started the way `torchrun --nproc_per_node 2` starts them:
     each with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment.
-    Fails with the ranks' output unless both exit 0; returns each rank's output."""
+    Fails with the ranks' output unless both exit 0."""
     port = str(free_port())
     logs = [Path(cwd) / f"rank{rank}.log" for rank in range(2)]
     ranks = [forked_nlgkd(args, cwd, log=logs[rank], env={
@@ -157,7 +157,6 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> list[str
         if rank.is_alive():
             rank.kill()
         assert rank.exitcode == 0, f"a rank exited with {rank.exitcode}:\n{output[-3000:]}"
-    return outputs
 
 
 # Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests

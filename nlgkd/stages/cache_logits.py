@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import collate, encode
-from ..runner import data_fingerprint
 from ..models import forward_on_targets, is_causal
+from ..runner import data_fingerprint
 from .pseudo_targets import encode_pseudo_targets
 
 
