@@ -7,6 +7,7 @@ stalls does not) and the fp32 matmul rate.
     python eval/bench_machine.py [--threads 2] [--steps 60]
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -35,8 +36,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         step_seconds.append(time.perf_counter() - start)
-    step_seconds.sort()
-    median, p90 = step_seconds[len(step_seconds) // 2], step_seconds[int(0.9 * len(step_seconds))]
+    median, p90 = statistics.median(step_seconds), statistics.quantiles(step_seconds, n=10)[-1]
 
     matrix = torch.randn(512, 512)
     start = time.perf_counter()
