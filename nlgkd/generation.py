@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import causal_prompt, pad
+from .hf_compat import CACHE_KWARG
 from .models import is_causal
 from .recipe import DecodingConfig
 
@@ -58,13 +59,13 @@ def beams_per_group(decoding: DecodingConfig) -> int:
 def model_cache_kwargs(model) -> dict:
     """Extra `generate` arguments some architectures need, fresh for every call.
 
-    transformers 5.23 crashes (IndexError) in `generate(use_cache=True)` for T5/mT5 with fewer encoder than
-    decoder layers, as pruned students have: it sizes the default cache by the encoder. An explicit empty
+    transformers 5.23 and 5.24 crash (IndexError) in `generate(use_cache=True)` for T5/mT5 with fewer encoder
+    than decoder layers, as pruned students have: it sizes the default cache by the encoder. An explicit empty
     encoder-decoder cache avoids it."""
     if getattr(model.config, "model_type", None) in ("t5", "mt5"):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-        return {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+        return {CACHE_KWARG: EncoderDecoderCache(DynamicCache(), DynamicCache())}
     return {}
 
 

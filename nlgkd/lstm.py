@@ -36,6 +36,8 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
+from .hf_compat import CACHE_KWARG
+
 MODEL_TYPE = "nlgkd_lstm"
 
 
@@ -74,7 +76,8 @@ class LSTMDecoderState:
     """The decoder's recurrent state between generation steps, in the place transformers keeps a KV cache.
 
     h, c: [decoder_layers, B, D]; steps: decoder tokens consumed so far. `generate` hands it back to the
-    next forward as `past_key_values`, and beam search calls `reorder_cache(beam_idx)`."""
+    next forward as `cache` (`past_key_values` before transformers 5.24), and beam search calls
+    `reorder_cache(beam_idx)`."""
 
     is_compileable = False
     is_croppable = False
@@ -225,7 +228,8 @@ class LSTMSeq2SeqForConditionalGeneration(PreTrainedModel, GenerationMixin):
         attention_mask: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         encoder_outputs=None,
-        past_key_values=None,
+        cache=None,
+        past_key_values=None,  # the name of `cache` before transformers 5.24
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
@@ -248,7 +252,7 @@ class LSTMSeq2SeqForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
             decoder_input_ids = self.shift_labels(labels)
-        state = self.recurrent_state(past_key_values)
+        state = self.recurrent_state(cache if cache is not None else past_key_values)
         embedded = self.encoder.embed_tokens(decoder_input_ids)  # [B, T, D]
         hidden, (h, c) = self.decoder(embedded, encoder_out, attention_mask,
                                       None if state is None else (state.h, state.c))
@@ -257,10 +261,9 @@ class LSTMSeq2SeqForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         steps = (0 if state is None else state.steps) + decoder_input_ids.shape[1]
-        return Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=LSTMDecoderState(h, c, steps) if use_cache else None,
-            encoder_last_hidden_state=encoder_out,
-        )
+        new_state = LSTMDecoderState(h, c, steps) if use_cache else None
+        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoder_out,
+                               **{CACHE_KWARG: new_state})
 
     @staticmethod
     def recurrent_state(past_key_values) -> LSTMDecoderState | None:

@@ -236,10 +236,11 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
         if len(kept["encoder_layers"]) < len(kept["decoder_layers"]):
             warnings.warn(
                 f"this {model_type} student has fewer encoder ({len(kept['encoder_layers'])}) than decoder "
-                f"({len(kept['decoder_layers'])}) layers. transformers (seen in 5.23) sizes the KV cache "
-                "of generate() from T5's `num_layers` (the encoder depth), so generate(use_cache=True) "
-                "raises IndexError, even for a fresh model of this shape; pass past_key_values=EncoderDecoderCache(DynamicCache(), "
-                "DynamicCache()) to generate(), or use_cache=False.",
+                f"({len(kept['decoder_layers'])}) layers. transformers (seen in 5.23 and 5.24) sizes the KV "
+                "cache of generate() from T5's `num_layers` (the encoder depth), so generate(use_cache=True) "
+                "raises IndexError, even for a fresh model of this shape; pass cache=EncoderDecoderCache("
+                "DynamicCache(), DynamicCache()) to generate() (past_key_values= before transformers 5.24), "
+                "or use_cache=False. nlgkd's own generation does this for you.",
                 stacklevel=2,
             )
 

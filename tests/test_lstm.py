@@ -11,6 +11,7 @@ import torch
 
 from nlgkd.data import collate, encode, load_splits
 from nlgkd.generation import generate
+from nlgkd.hf_compat import CACHE_KWARG
 from nlgkd.lstm import LSTMSeq2SeqForConditionalGeneration, is_lstm
 from nlgkd.models import build_fresh, forward_on_targets, load_pretrained, save_model
 from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
@@ -73,7 +74,25 @@ def test_padding_does_not_change_a_row(tiny_lstm):
     assert torch.allclose(full[:1], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_keyword", ["cache", "past_key_values"])
+def test_step_by_step_with_the_carried_state_equals_one_teacher_forced_forward(tiny_lstm, cache_keyword):
+    # `cache` is what transformers >= 5.24 passes, `past_key_values` what earlier releases (and old callers) pass
+    model, _, batch = tiny_lstm
+    decoder_input_ids = model.shift_labels(batch["labels"])[:, :6]
+    encoder = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        full = model(**encoder, decoder_input_ids=decoder_input_ids).logits
+        state, steps = None, []
+        for t in range(decoder_input_ids.shape[1]):
+            out = model(**encoder, decoder_input_ids=decoder_input_ids[:, t:t + 1], **{cache_keyword: state})
+            state = out[CACHE_KWARG]
+            steps.append(out.logits)
+    assert state.get_seq_length() == decoder_input_ids.shape[1]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
 def test_generate_greedy_beam_and_sampling_with_and_without_the_state_cache(tiny_lstm):
+    # relies on transformers' internal generation path handing our LSTMDecoderState back under CACHE_KWARG
     model, tokenizer, batch = tiny_lstm
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "max_new_tokens": 8,
               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from nlgkd.hf_compat import CACHE_KWARG
 from nlgkd.pruning import SUPPORTED_FAMILIES, count_parameters, layer_counts, prune_model, select_layers
 
 LAYERS = 4  # teacher depth per side: enough to drop layers from the middle, the start and the end
@@ -277,7 +278,7 @@ def test_t5_with_a_shallow_encoder_warns_and_generates_with_a_lazy_cache():
     del batch["decoder_input_ids"]
     cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
     with torch.no_grad():
-        cached = student.generate(**batch, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        cached = student.generate(**batch, max_new_tokens=4, do_sample=False, **{CACHE_KWARG: cache})
         uncached = student.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
 
