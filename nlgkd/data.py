@@ -71,7 +71,7 @@ def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
     else:
         splits = {}
         for split in SPLITS:
-            path = getattr(source, split)
+            path = source.split_file(split)
             if path is not None:
                 splits[split] = _load_file(path, f"{where}.{split}")
     report = DataReport()
@@ -90,7 +90,8 @@ def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
 def _load_file(path: str, field_path: str) -> datasets.Dataset:
     file = Path(path)
     if not file.exists():
-        raise RecipeError(f"{field_path}: file {path!r} not found (paths are relative to where you run nlgkd)")
+        raise RecipeError(f"{field_path}: file {path!r} not found (paths are relative to where you run nlgkd, "
+                          "or to data.dir when the recipe sets it)")
     loader = FILE_LOADERS.get(file.suffix.lower())
     if loader is None:
         raise RecipeError(f"{field_path}: {path!r} has an unknown extension; use one of {list(FILE_LOADERS)}")

@@ -63,6 +63,9 @@ class DataSource:
 
     task: Optional[Literal["demo"]] = field(default=None, metadata=doc("built-in task that needs no download"))
     demo: DemoSizes = field(default_factory=DemoSizes, metadata=doc("split sizes of the demo task"))
+    dir: Optional[str] = field(default=None, metadata=doc(
+        "folder the train/validation/test/unlabeled paths are read from (default: where you run nlgkd); "
+        "`--set data.dir=PATH` points a recipe at another copy of its files"))
     train: Optional[str] = field(default=None, metadata=doc("jsonl/csv/parquet file of the train split"))
     validation: Optional[str] = None
     test: Optional[str] = None
@@ -77,6 +80,13 @@ class DataSource:
     )
     target: str = field(default="target", metadata=doc("target column, or a template"))
     max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}"))
+
+    def split_file(self, split: str) -> Optional[str]:
+        """The file of `split` as given, or joined onto `dir` (an absolute path stays as it is)."""
+        path = getattr(self, split)
+        if path is None or self.dir is None:
+            return path
+        return str(Path(self.dir) / path)
 
 
 @dataclass(kw_only=True)
@@ -470,6 +480,9 @@ class Recipe:
     stages: list[Stage]
     source: str = "<recipe>"  # file the recipe came from, for messages
     raw: dict = field(default_factory=dict)
+    # a teacher that does not beat trivial baselines on validation (nlgkd/teacher_check.py): warn and go on,
+    # or stop before any stage learns from it
+    on_weak_teacher: Literal["warn", "stop"] = "warn"
     # what the runner runs, in order: one copy per variant of a varied stage and of every stage that reads
     # it, with references pinned to `name@variant` (see `expand_variants`); other stages as they are
     instances: list[Stage] = field(default_factory=list)
@@ -693,7 +706,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         raise RecipeError(f"{source}: a recipe is a mapping with name, data, models and stages")
     for assignment in overrides:
         apply_override(raw, assignment)
-    allowed = {"name", "seed", "data", "models", "stages"}
+    allowed = {"name", "seed", "on_weak_teacher", "data", "models", "stages"}
     for key in raw:
         if key not in allowed:
             hint = difflib.get_close_matches(str(key), list(allowed), n=1)
@@ -702,6 +715,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
     try:
         name = _convert(str, raw.get("name", Path(source).stem), "name")
         seed = _convert(int, raw.get("seed", 0), "seed")
+        on_weak_teacher = _convert(Literal["warn", "stop"], raw.get("on_weak_teacher", "warn"), "on_weak_teacher")
         data = build(DataConfig, raw.get("data", {}), "data")
         models = {
             str(k): build(ModelConfig, v, f"models.{k}") for k, v in (raw.get("models") or {}).items()
@@ -710,7 +724,8 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         if not isinstance(raw_stages, list) or not raw_stages:
             raise RecipeError("stages: expected a non-empty list of stages")
         stages = [_build_stage(s, i) for i, s in enumerate(raw_stages)]
-        recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw)
+        recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw,
+                        on_weak_teacher=on_weak_teacher)
         check_references(recipe)
         recipe.instances = expand_variants(recipe)
         check_data(recipe)

@@ -248,10 +248,35 @@ def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = Non
     teachers = {r["teacher"] for r in rows}
     for row in rows:
         row["is_teacher"] = row["model"] in teachers
+        row["weak"] = bool(weak_teacher_check(stages, row["model"]))  # this model failed its teacher check
+        row["teacher_weak"] = bool(weak_teacher_check(stages, row["teacher"]))
     report = Report(run_dir=run_dir, metric=metric, teacher=teacher_name, teacher_rule=rule, rows=rows,
                     stages=stages)
     group_ablations(report)
     return report
+
+
+def weak_teacher_check(stages: dict[str, dict], model: str | None) -> dict | None:
+    """The `teacher_check` of a stage model that did not beat the trivial baselines, else None."""
+    check = (stages.get(model) or {}).get("teacher_check") if model else None
+    return check if isinstance(check, dict) and check.get("weak") else None
+
+
+def weak_teachers_note(report: Report) -> str | None:
+    """A paragraph naming every weak teacher of the table and the baseline that beat it."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in report.rows if r["weak"]):
+        check = weak_teacher_check(report.stages, model)
+        metric = check.get("metric", "bleu")
+        beaten = ", ".join(f"{name.replace('_', ' ')} {check['baselines'][name][metric]:.2f}"
+                           for name in check.get("beaten_by", []))
+        notes.append(f"{model} ({metric.upper()} {check['teacher'][metric]:.2f} on {check['examples']} validation "
+                     f"examples; {beaten})")
+    if not notes:
+        return None
+    return ("WEAK TEACHER: " + "; ".join(notes) + ". It did not beat a trivial baseline on validation, so '% teacher' "
+            "(marked *) of its students measures closeness to a model that learned little; train it longer or "
+            "change its architecture before comparing students.")
 
 
 def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
@@ -405,9 +430,10 @@ def main_table(report: Report) -> tuple[list[str], list[list[str]]]:
               "steps", "epochs", "seed"]
     body = []
     for r in report.rows:
-        name = r["model"]
+        name = r["model"] + (" (weak teacher)" if r["weak"] else "")
+        pct = fmt(r.get("pct_teacher"), 1) + ("*" if r["teacher_weak"] and r.get("pct_teacher") is not None else "")
         body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in QUALITY if any(q in x for x in report.rows)],
-                     r.get("teacher") or "n/a", fmt(r.get("pct_teacher"), 1), fmt(r.get("params")),
+                     r.get("teacher") or "n/a", pct, fmt(r.get("params")),
                      "n/a" if r.get("compression") is None else f"{r['compression']:.2f}x",
                      fmt(r.get("latency_ms"), 1), fmt(r.get("seq_per_s"), 1), fmt(r.get("peak_mem_mb"), 0),
                      fmt(r.get("mflops_per_token"), 3), fmt(r.get("steps")), fmt(r.get("epochs")), fmt(r.get("seed"))])
@@ -482,6 +508,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
               "compared with its own teacher (the distill teacher or pruned-from model its stages lead back to), "
               f"else with the run's teacher, {report.teacher or 'n/a'} ({report.teacher_rule}). Latency is per generation batch of the evaluate "
               "stage; MFLOPs/tok is an estimate per generated token (formula in nlgkd/report.py: flops_per_token)."),
+        *([("p", note)] if (note := weak_teachers_note(report)) else []),
         ("table", main_table(report)),
         ("h2", "Quality vs latency"),
         ("img", "quality_vs_latency.png"),

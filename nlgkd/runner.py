@@ -50,17 +50,26 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def is_teacher_field(where: str) -> bool:
+    """Whether a reference's field path (`teacher`, `teacher[1]`, `teachers_by_task.qg[0]`) names a teacher."""
+    return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
+
+
 def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(config: DataConfig, seed: int) -> str:
-    """Hash of the data config and the bytes of every local data file."""
-    h = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode())
+    """Hash of the data config and the bytes of every local data file. Where the files live (`data.dir`) is
+    left out: the bytes are hashed, so the same files moved elsewhere keep finished stages."""
+    described = to_dict(config)
+    for source in [described, *described.get("tasks", {}).values()]:
+        source.pop("dir", None)
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     h.update(str(seed).encode())
     for source in [config, *config.tasks.values()]:
         for split in SPLITS:
-            path = getattr(source, split)
+            path = source.split_file(split)
             if not (path and Path(path).exists()):
                 continue
             with open(path, "rb") as f:
@@ -381,14 +390,40 @@ class Runner:
                 self.say(f"[{stage.key}] would run ({stage.kind}); cannot estimate it yet: {err}")
 
     def check_inputs(self, stage: Stage) -> None:
-        """Every earlier stage this one reads must be finished with its current fingerprint."""
+        """Every earlier stage this one reads must be finished with its current fingerprint; a teacher that
+        did not beat the trivial baselines stops it (`on_weak_teacher: stop`) or is named once more (`warn`)."""
+        from .teacher_check import weak_teacher_message
+
         for where, kind, name in references(stage.config):
             resolved_kind, target = self.recipe.resolve(name, stage.index)
-            if resolved_kind == "stage" and not self.is_done(target):
+            if resolved_kind != "stage":
+                continue
+            if not self.is_done(target):
                 raise StageError(
                     f"stage {stage.key!r} needs {target.key!r} ({where}), which has not finished with the current "
                     f"recipe; run it first: `nlgkd run RECIPE --stage {target.key}` (or run the whole recipe)"
                 )
+            check = (self.stage_record(target) or {}).get("teacher_check") or {}
+            if is_teacher_field(where) and check.get("weak"):
+                if self.recipe.on_weak_teacher == "stop":
+                    raise StageError(f"stage {stage.key!r}: " + weak_teacher_message(
+                        target.key, check, self.teacher_users(target), "stop"))
+                metric = check["metric"]
+                self.say(f"[{stage.key}] note: its teacher {target.key!r} did not beat the trivial baselines "
+                         f"({metric.upper()} {check['teacher'][metric]:.2f}; see its stage.json, teacher_check)")
+
+    def teacher_users(self, stage: Stage) -> list[str]:
+        """Keys of the later stages that learn from `stage`'s model as a teacher (distill, pseudo_targets,
+        cache_logits: `teacher:` or `teachers_by_task:`)."""
+        users = []
+        for other in self.recipe.instances or self.recipe.stages:
+            for where, _, name in references(other.config):
+                if not is_teacher_field(where):
+                    continue
+                kind, target = self.recipe.resolve(name, other.index)
+                if kind == "stage" and target.key == stage.key and other.key not in users:
+                    users.append(other.key)
+        return users
 
     def run_stage(self, stage: Stage) -> None:
         from .stages import STAGES

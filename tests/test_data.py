@@ -36,6 +36,26 @@ def test_missing_file_names_the_field(tmp_path):
                                validation=str(tmp_path / "nope.jsonl")))
 
 
+def test_data_dir_reads_split_files_from_that_folder_and_moving_them_keeps_the_fingerprint(tmp_path):
+    from nlgkd.runner import data_fingerprint
+
+    rows = [{"original": f"thou art {i}", "modern": f"you are {i}"} for i in range(4)]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_jsonl(tmp_path / folder / "train.jsonl", rows)
+        write_jsonl(tmp_path / folder / "test.jsonl", rows[:2])
+    config = DataConfig(dir=str(tmp_path / "a"), train="train.jsonl", test="test.jsonl", source="original",
+                        target="modern")
+    splits, report = load_splits(config)
+    assert report.sizes == {"train": 4, "test": 2} and splits["test"][1]["target"] == "you are 1"
+    moved = DataConfig(**{**config.__dict__, "dir": str(tmp_path / "b")})
+    assert data_fingerprint(moved, 0) == data_fingerprint(config, 0)
+    write_jsonl(tmp_path / "b" / "test.jsonl", rows[1:3])  # other bytes: another fingerprint
+    assert data_fingerprint(moved, 0) != data_fingerprint(config, 0)
+    with pytest.raises(RecipeError, match=r"data\.test: file .*nope.*not found .*data\.dir"):
+        load_splits(DataConfig(**{**config.__dict__, "test": "nope.jsonl"}))
+
+
 def test_missing_column_lists_columns(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"document": "a", "summary": "b"}])
     with pytest.raises(RecipeError, match=r"data\.source: column 'source' is not in the train split; its columns are \['document', 'summary'\]"):

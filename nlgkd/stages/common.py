@@ -94,3 +94,36 @@ def make_validator(model, tokenizer, encoded, ctx, args):
     references = list(ctx.data()["validation"]["target"])
     return lambda m: validation_metrics(m, tokenizer, encoded["validation"], references, ctx,
                                         args.eval_samples, max(args.batch_size, 32))
+
+
+def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None, args) -> None:
+    """When later stages use this training stage's model as a teacher: score it against trivial baselines on
+    its validation examples (nlgkd/teacher_check.py), record `teacher_check` in stage.json, and warn when it
+    does not beat them. `best`: the loop's evaluation of the kept weights, reused when it has BLEU."""
+    from ..teacher_check import judge, weak_teacher_message
+
+    users = ctx.runner.teacher_users(ctx.stage)
+    if not users:
+        return
+    if "validation" not in encoded:
+        ctx.info["teacher_check"] = {"checked": False, "why": "no validation split"}
+        ctx.log(f"note: no validation split, so this teacher of {', '.join(users)} was not compared with "
+                "trivial baselines; give data.validation to have it checked")
+        return
+    scores = best if best and "bleu" in best else None
+    n = min(args.eval_samples, len(encoded["validation"])) if scores else min(max(args.eval_samples, 64),
+                                                                              len(encoded["validation"]))
+    if scores is None:  # no evaluation during training (eval_samples: 0): score the teacher now
+        references = list(ctx.data()["validation"]["target"])
+        scores = validation_metrics(model, tokenizer, encoded["validation"], references, ctx, n,
+                                    max(args.batch_size, 32))
+    validation = ctx.data()["validation"]
+    train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
+    check = judge(scores, list(validation["source"][:n]), list(validation["target"][:n]), train_targets)
+    ctx.info["teacher_check"] = check
+    if check["weak"]:
+        ctx.log("WARNING " + weak_teacher_message(ctx.stage.key, check, users, ctx.recipe.on_weak_teacher))
+    else:
+        best_baseline = max(check["baselines"].values(), key=lambda b: b["bleu"])["bleu"]
+        ctx.log(f"teacher check: BLEU {check['teacher']['bleu']:.2f} beats the trivial baselines (best "
+                f"{best_baseline:.2f}) on {n} validation examples")

@@ -40,7 +40,7 @@ from ..alignment import cross_tokenizer_targets, soft_targets_folder
 from ..denoising import make_denoising_data
 from ..lstm import is_lstm
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
-from .common import encode_splits, make_collator, make_validator, mixed_by_task
+from .common import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
 from .pseudo_targets import encode_pseudo_targets
 
 HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": projected_mse_loss}
@@ -345,6 +345,7 @@ def run(ctx) -> None:
     )
     ctx.info["train"] = asdict(result)
     ctx.info["teachers"] = names
+    record_teacher_check(ctx, student, tokenizer, encoded, result.best, cfg)  # when it teaches later stages
     if cfg.joint_teaching is not None:
         per_process = list(gather_objects(acc, student_steps))
         ctx.info["joint_teaching"] = {

@@ -5,7 +5,8 @@ from dataclasses import asdict
 
 from ..loop import train
 from ..models import save_model
-from .common import cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task
+from .common import (cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task,
+                     record_teacher_check)
 
 
 def run(ctx) -> None:
@@ -31,5 +32,6 @@ def run(ctx) -> None:
         log=ctx.log,
     )
     ctx.info["train"] = asdict(result)
+    record_teacher_check(ctx, model, tokenizer, encoded, result.best, cfg)  # when later stages learn from it
     if ctx.accelerator.is_main_process:
         save_model(ctx.accelerator.unwrap_model(model), tokenizer, ctx.out_dir)

@@ -1,0 +1,63 @@
+"""Is this teacher worth distilling? Its validation scores against trivial baselines.
+
+A teacher that cannot beat copying its input, or writing the most frequent training target every time, has
+learned nothing a student should imitate; every stage built on it is wasted compute, and the report's
+"% of the teacher" numbers look fine while all of them are bad. So when a training stage whose model later
+stages use as a teacher ends, `check_teacher` scores those baselines on the very validation examples the
+teacher was scored on (the first `eval_samples` of the validation split, greedy decoding) and the result is
+written into the stage's `stage.json` as `teacher_check`. What happens to a weak teacher is the recipe's
+`on_weak_teacher`: `warn` (default; the stage and the runner print what to try) or `stop` (the stages that
+would learn from it refuse to start).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .metrics import text_metrics
+
+# baseline name -> what it writes for every input (the words of the warning)
+BASELINES = {
+    "copy_source": "copying the source",
+    "most_frequent_target": "writing the most frequent training target",
+}
+METRICS = ("bleu", "chrf")
+
+
+def baseline_predictions(sources: list[str], train_targets: list[str]) -> dict[str, list[str]]:
+    """Each baseline's outputs for `sources`: the sources themselves, and the training split's most frequent
+    target (the first one seen among equally frequent) for every input."""
+    predictions = {"copy_source": list(sources)}
+    if train_targets:
+        counts = Counter(train_targets)
+        most_frequent = max(counts, key=lambda t: (counts[t], -train_targets.index(t)))
+        predictions["most_frequent_target"] = [most_frequent] * len(sources)
+    return predictions
+
+
+def judge(teacher_scores: dict[str, float], sources: list[str], references: list[str],
+          train_targets: list[str], metric: str = "bleu") -> dict:
+    """The `teacher_check` record: the teacher's scores, each baseline's scores on the same examples, and
+    `beaten_by`: the baselines that score at least as high as the teacher on `metric` (weak when not empty)."""
+    baselines = {}
+    for name, predictions in baseline_predictions(sources, train_targets).items():
+        scores = text_metrics(predictions, references)
+        baselines[name] = {m: round(scores[m], 2) for m in METRICS}
+    teacher = {m: round(teacher_scores[m], 2) for m in METRICS if m in teacher_scores}
+    beaten_by = [name for name, scores in baselines.items() if scores[metric] >= teacher[metric]]
+    return {"metric": metric, "examples": len(references), "split": "validation", "teacher": teacher,
+            "baselines": baselines, "beaten_by": beaten_by, "weak": bool(beaten_by)}
+
+
+def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: str) -> str:
+    """One paragraph for a weak teacher: which baseline beat it, by how much, what to try."""
+    metric = check["metric"]
+    worst = max(check["beaten_by"], key=lambda name: check["baselines"][name][metric])
+    beaten = "; ".join(f"{BASELINES[name]} scores {check['baselines'][name][metric]:.2f}"
+                       for name in check["beaten_by"])
+    consequence = (f"stages {', '.join(users)} will not start (on_weak_teacher: stop)" if policy == "stop"
+                   else f"stages {', '.join(users)} would learn its mistakes")
+    return (f"weak teacher: {stage_key!r} scores {metric.upper()} {check['teacher'][metric]:.2f} on "
+            f"{check['examples']} validation examples, and {beaten} ({BASELINES[worst]} is the bar to beat); "
+            f"{consequence}. Try more steps (max_steps / epochs) with early stopping on bleu, a higher lr or "
+            f"more warmup, arch: mbart for a fresh model, or check data.source / data.target; set "
+            f"on_weak_teacher: {'warn to go on anyway' if policy == 'stop' else 'stop to stop here instead'}.")
