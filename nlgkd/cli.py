@@ -1,6 +1,7 @@
 """The `nlgkd` command: parses arguments, then calls the library.
 
-    nlgkd run RECIPE [--stage NAME | --from NAME] [--variant NAME] [--force] [--dry-run] [--set key.path=value ...] [--runs-dir DIR]
+    nlgkd run RECIPE [--stage NAME | --from NAME] [--variant NAME] [--force] [--dry-run] [--jobs N]
+              [--set key.path=value ...] [--runs-dir DIR]
     nlgkd validate RECIPE [--set ...]
     nlgkd stages [KIND]
     nlgkd report RUN_DIR [--teacher NAME] [--metric NAME] [--out DIR]
@@ -23,7 +24,10 @@ def cmd_run(args) -> int:
     if args.dry_run:
         runner.dry_run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
         return 0
-    outcome = runner.run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
+    if args.jobs > 1:
+        outcome = run_jobs(runner, args)
+    else:
+        outcome = runner.run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
     ran = [name for name, what in outcome.items() if what == "ran"]
     skipped = [name for name, what in outcome.items() if what == "skipped"]
     waiting = [name for name, what in outcome.items() if what == "waiting"]
@@ -36,6 +40,21 @@ def cmd_run(args) -> int:
     )
     runner.end()
     return 0
+
+
+def run_jobs(runner, args) -> dict[str, str]:
+    """`--jobs N`: the plan's stages in child processes, N at a time, as their inputs finish (nlgkd/parallel.py)."""
+    from .parallel import run_in_parallel, subprocess_starter
+    from .runner import StageError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StageError("--jobs starts one process per stage; run it as a plain `nlgkd run`, not under torchrun "
+                         "or accelerate launch (or drop --jobs to run every stage on all the processes)")
+    runner.check_writable()
+    plan = runner.plan(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
+    start = subprocess_starter(runner, args.recipe, args.runs_dir, args.set,
+                               force=bool(args.force or args.start_from), jobs=args.jobs)
+    return run_in_parallel(runner, plan, args.jobs, start)
 
 
 def cmd_validate(args) -> int:
@@ -96,6 +115,12 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlgkd", description="Knowledge distillation of text generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", help="run one variant (NAME or STAGE@NAME), what reads it and the shared stages")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. stages.teacher.epochs=3 (repeatable)")
+    run.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                     help="run up to N independent stages at once, each in its own process (default 1); "
+                          "small models leave a GPU mostly idle, so the variants of a study overlap")
     run.add_argument("--runs-dir", default=os.environ.get("NLGKD_RUNS_DIR", "runs"),
                      help="where run directories go (default: runs, or $NLGKD_RUNS_DIR)")
     run.set_defaults(func=cmd_run)
