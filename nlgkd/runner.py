@@ -127,6 +127,7 @@ class Runner:
         self.recipe = recipe
         self.run_dir = Path(runs_root) / recipe.name
         self._accelerator = accelerator
+        self._released = None  # the last stage's Accelerator, kept for end()
         self._data = None
         self._data_report = None
         self._fingerprints: dict[str, str] = {}  # stage key -> fingerprint
@@ -147,10 +148,26 @@ class Runner:
         elif int(os.environ.get("RANK", "0")) == 0:
             print(message, flush=True)
 
+    def release_stage_state(self) -> None:
+        """Forget what the finished (or failed) stage prepared: the next stage gets an Accelerator of its own.
+
+        An Accelerator remembers every model, optimizer and checkpointed object it prepared, and `save_state` /
+        `load_state` match them by position. Shared across stages, the 2nd training stage of a run saved the
+        1st stage's model as `model.safetensors` and its own as `model_1.safetensors`, and its resume in a
+        fresh process loaded the wrong one (issue 17); the earlier models also stayed on the GPU."""
+        if self._accelerator is None:
+            return
+        for tracker in self._accelerator.trackers:  # this stage's (not end_training: it ends the process group)
+            tracker.finish()
+        self._accelerator.free_memory()  # drops the references to its models and optimizers; empties the cache
+        self._released = self._accelerator
+        self._accelerator = None
+
     def end(self) -> None:
-        """Close the trackers, if a stage started any."""
-        if self._accelerator is not None:
-            self._accelerator.end_training()
+        """Close the trackers and the process group, if a stage started them."""
+        last = self._accelerator or self._released
+        if last is not None:
+            last.end_training()
 
     # ----------------------------------------------------------------------------- artifacts
     def finished_dir(self, stage: Stage) -> Path:
@@ -449,6 +466,8 @@ class Runner:
             STAGES[stage.kind](ctx)
         except (ValueError, KeyError) as err:  # bad input found by the stage: say where, keep what is done
             raise StageError(f"stage {stage.key!r} ({stage.kind}): {err}") from err
+        finally:
+            self.release_stage_state()
         acc.wait_for_everyone()
         if acc.is_main_process:
             record = {

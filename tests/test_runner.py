@@ -2,15 +2,18 @@
 killed stage, and the same results on 2 processes as on 1."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from nlgkd.cli import main as cli_main
+from nlgkd.loop import latest_checkpoint
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
@@ -100,6 +103,43 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe, capsys):
     assert "resuming from checkpoint step-" in capsys.readouterr().out
     record = json.loads((tmp_path / "runs" / "tiny" / "teacher" / "stage.json").read_text())
     assert record["train"]["steps"] == 30 and record["train"]["resumed_from"] >= 5
+
+
+def multi_stage_recipe(tiny_recipe) -> dict:
+    """teacher -> pruned student -> student_ft -> distill: three training stages, checkpoints every 2 steps."""
+    train = {"batch_size": 16, "eval_samples": 0, "eval_every": 1000, "save_every": 2, "log_every": 50}
+    tiny_recipe["stages"] = [
+        {**tiny_recipe["stages"][0], **train, "max_steps": 4},
+        {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [0]},
+        {"name": "student_ft", "kind": "finetune", "model": "student", "max_steps": 10, **train},
+        {"name": "distill", "kind": "distill", "student": "student", "teacher": "teacher", "max_steps": 10, **train},
+    ]
+    return tiny_recipe
+
+
+@pytest.mark.parametrize("killed_in", ["student_ft", "distill"])
+def test_a_recipe_killed_in_its_2nd_or_3rd_training_stage_resumes_to_the_same_weights(tmp_path, tiny_recipe,
+                                                                                      killed_in, capsys):
+    from safetensors.torch import load_file
+
+    recipe = multi_stage_recipe(tiny_recipe)
+    Runner(parse_recipe(copy.deepcopy(recipe)), runs_root=tmp_path / "whole").run()
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    root = tmp_path / "killed"
+    checkpoints = root / "tiny" / f".{killed_in}.partial" / "checkpoints"
+    kill_once(["run", str(path), "--runs-dir", str(root)], tmp_path,
+              ready=lambda: (checkpoints / "step-4" / "trainer_state.json").exists(), what="raise max_steps")
+    # the checkpoint holds this stage's model and optimizer only, not the earlier stages' ones
+    saved = sorted(p.name for p in latest_checkpoint(checkpoints).iterdir())
+    assert "model.safetensors" in saved and not [name for name in saved if "_1" in name]
+
+    assert cli_main(["run", str(path), "--runs-dir", str(root)]) == 0
+    assert f"[{killed_in}] resuming from checkpoint step-" in capsys.readouterr().out
+    for stage in ("student_ft", "distill"):
+        ours = load_file(str(root / "tiny" / stage / "model.safetensors"))
+        theirs = load_file(str(tmp_path / "whole" / "tiny" / stage / "model.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage
 
 
 def test_two_processes_give_the_same_results_as_one(trained, two_processes):
