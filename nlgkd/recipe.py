@@ -125,10 +125,12 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
     arch: Literal["bart", "mbart", "t5", "gpt2", "lstm"] = field(
-        default="t5", metadata=doc("family of a fresh model; mbart = BART with pre-layer-norm. Post-LN bart "
-                                   "trained from scratch can learn to ignore its input (transformers#18461). "
-                                   "lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
-                                   "d_model, encoder_layers, decoder_layers, dropout"))
+        default="mbart", metadata=doc(
+            "family of a fresh model. mbart (default): BART with pre-layer-norm, the fastest to learn from scratch "
+            "(eval/README.md, 'Fresh models'); bart: post-layer-norm, can learn to ignore its input "
+            "(transformers#18461); t5: learns slowly from scratch with AdamW (its unit-scale tied embeddings); "
+            "gpt2: decoder-only; lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
+            "d_model, encoder_layers, decoder_layers, dropout"))
     d_model: int = 256
     encoder_layers: int = 4
     decoder_layers: int = 4
@@ -143,6 +145,9 @@ class ModelConfig:
         default=None, metadata=ref("model", "share this model's tokenizer instead of training one")
     )
     vocab_size: int = field(default=2000, metadata=doc("vocabulary of a trained tokenizer"))
+    init_std: Optional[float] = field(default=None, metadata=doc(
+        "fresh bart/mbart: std of the initial weights; default 1/sqrt(d_model) (transformers' 0.02 suits "
+        "d_model 1024 and leaves small models ignoring their input)"))
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -210,6 +215,9 @@ class EvaluateConfig:
     split: Literal["test", "validation", "train"] = "test"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     max_examples: Optional[int] = None
+    baselines: bool = field(default=False, metadata=doc(
+        "also score trivial baselines on the same examples: copying the source, and the most frequent train "
+        "target for every input (rows copy_source, most_frequent_target)"))
 
 
 LayerSpec = Optional[Union[list[int], dict[str, int], str]]

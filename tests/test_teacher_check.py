@@ -109,3 +109,21 @@ def test_the_report_marks_a_weak_teacher_and_its_students(tmp_path):
     assert rows["kd"]["% teacher (bleu)"] == "80.0*"
     note = weak_teachers_note(report)
     assert note.startswith("WEAK TEACHER: teacher (BLEU 0.50 on 4 validation examples; copy source")
+
+
+def test_evaluate_scores_the_baselines_on_its_split_when_asked(tmp_path, tiny_recipe):
+    from nlgkd.data import load_splits
+    from nlgkd.recipe import DataConfig, DemoSizes
+
+    tiny_recipe["stages"][0].update(max_steps=1, eval_samples=0, save_every=None)
+    tiny_recipe["stages"][1]["baselines"] = True
+    Runner(parse_recipe(tiny_recipe), runs_root=tmp_path).run()
+    metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
+    assert list(metrics) == ["teacher", "copy_source", "most_frequent_target"]
+    splits, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(**tiny_recipe["data"]["demo"])))
+    test = splits["test"]
+    assert metrics["copy_source"]["bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu(list(test["source"]), [list(test["target"])]).score)
+    assert metrics["copy_source"]["examples"] == len(test) and metrics["copy_source"]["decoding"] == "baseline"
+    rows = (tmp_path / "tiny" / "eval" / "predictions" / "copy_source.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["prediction"] == test[0]["source"]

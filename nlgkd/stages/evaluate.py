@@ -63,10 +63,29 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
     return metrics, rows
 
 
+def baseline_rows(ctx) -> dict[str, tuple[dict, list[dict]]]:
+    """name -> (metrics, predictions) of the trivial baselines on the evaluated split (nlgkd/teacher_check.py)."""
+    from ..teacher_check import baseline_predictions
+
+    data = ctx.data()
+    split = data[ctx.config.split]
+    if ctx.config.max_examples is not None:
+        split = split.select(range(min(ctx.config.max_examples, len(split))))
+    train_targets = list(data["train"]["target"]) if "train" in data else []
+    sources, references = list(split["source"]), list(split["target"])
+    found = {}
+    for name, predictions in baseline_predictions(sources, train_targets).items():
+        metrics = text_metrics(predictions, references)
+        metrics.update(examples=len(sources), split=ctx.config.split, decoding="baseline")
+        rows = [{"source": s, "reference": r, "prediction": p} for s, r, p in zip(sources, references, predictions)]
+        found[name] = (metrics, rows)
+    return found
+
+
 def run(ctx) -> None:
     results = {}
-    for name in ctx.config.models:
-        metrics, rows = evaluate_model(ctx, name)
+
+    def record(name: str, metrics: dict, rows: list[dict]) -> None:
         results[name] = metrics
         if ctx.accelerator.is_main_process:
             folder = ctx.out_dir / "predictions"
@@ -74,8 +93,14 @@ def run(ctx) -> None:
             with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        ctx.log(f"{name}: BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}, "
-                f"{metrics['seq_per_s']:.1f} seq/s")
+        speed = f", {metrics['seq_per_s']:.1f} seq/s" if "seq_per_s" in metrics else " (a trivial baseline)"
+        ctx.log(f"{name}: BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}{speed}")
+
+    for name in ctx.config.models:
+        record(name, *evaluate_model(ctx, name))
+    if ctx.config.baselines:
+        for name, (metrics, rows) in baseline_rows(ctx).items():
+            record(name, metrics, rows)
     if ctx.accelerator.is_main_process:
         (ctx.out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         table = [{"model": name, **m} for name, m in results.items()]
