@@ -34,6 +34,9 @@ LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict[str,
 PrepareFn = Callable[[torch.nn.Module, list, int], "tuple[list, dict[str, float]]"]
 EvalFn = Callable[[torch.nn.Module], dict]
 HIGHER_IS_BETTER = {"val_loss": False, "bleu": True, "chrf": True}
+# optimizer steps in a row whose loss or gradient norm is NaN/inf before the stage stops: a step like that is
+# skipped (the weights stay as they were), a run of them means training has diverged
+MAX_NONFINITE_STEPS = 5
 
 
 @dataclass
@@ -122,6 +125,7 @@ def train(
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     started = time.time()
     stopped_early = False
+    nonfinite_in_a_row = 0
     running = RunningLogs()
     eval_seconds = 0.0
     model.train()
@@ -142,6 +146,17 @@ def train(
             logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra)
             scheduler.step()
             state["step"] += 1
+            if logs.pop("skipped_nonfinite"):
+                nonfinite_in_a_row += 1
+                log(f"step {state['step']}: the loss or the gradient norm is not finite "
+                    f"(loss {logs.get('loss')}, grad_norm {logs.get('grad_norm')}); the update was skipped")
+                if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                    raise ValueError(
+                        f"training diverged: {MAX_NONFINITE_STEPS} steps in a row up to step {state['step']} had a "
+                        f"NaN/inf loss or gradient; lower lr (now {args.lr:g}), add warmup_steps, or set "
+                        f"mixed_precision: no (now {args.mixed_precision}). Checkpoints before it are kept")
+                continue
+            nonfinite_in_a_row = 0
             bar.update(1)
             step = state["step"]
             running.add(logs)
@@ -227,12 +242,16 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
     if args.max_grad_norm:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         totals["grad_norm"] = float(grad_norm) * accelerator.num_processes  # undone by the mean below
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     keys = sorted(totals)
     values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
     mean = accelerator.reduce(values, "sum") / accelerator.num_processes
-    return dict(zip(keys, mean.tolist()))
+    logs = dict(zip(keys, mean.tolist()))
+    # every process sees the same sums, so all of them skip or all step: a NaN/inf update would poison the weights
+    logs["skipped_nonfinite"] = not all(math.isfinite(logs[k]) for k in ("loss", "grad_norm") if k in logs)
+    if not logs["skipped_nonfinite"]:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs
 
 
 def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log) -> bool:
@@ -244,9 +263,9 @@ def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_f
     name = args.early_stopping_metric
     if name not in metrics:
         raise ValueError(f"early_stopping_metric {name!r} was not computed; evaluation gave {sorted(metrics)}")
-    better = state["best"] is None or (
+    better = math.isfinite(metrics[name]) and (state["best"] is None or (  # a NaN is never the best
         metrics[name] > state["best"][name] if HIGHER_IS_BETTER[name] else metrics[name] < state["best"][name]
-    )
+    ))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
     log(f"step {state['step']}: {shown}{' (best)' if better else ''}")
     if better:

@@ -1,0 +1,61 @@
+"""The training loop's guard against NaN/inf: a non-finite step is skipped with the weights kept, a run of
+them stops the stage with what to change, and a NaN validation score is never kept as the best."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlgkd.loop import MAX_NONFINITE_STEPS, train
+from nlgkd.recipe import TrainArgs
+from nlgkd.runner import make_accelerator
+
+
+def collate(rows):
+    return {"x": torch.stack([r["x"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+
+
+DATA = [{"x": torch.full((4,), float(i)), "labels": torch.ones(1, dtype=torch.long)} for i in range(8)]
+
+
+def run(tmp_path, nan_steps: set[int], evaluate=None, **args):
+    """Train a Linear(4, 1) for a few steps; the loss is NaN on the (1-based) steps in `nan_steps`. Returns
+    (result, weights after each step, log lines)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    calls, snapshots, lines = [0], [], []
+
+    def compute_loss(model, batch, normalizer):
+        calls[0] += 1
+        snapshots.append(model.weight.detach().clone())  # the weights this step starts from
+        loss = (model(batch["x"]) - 1.0).pow(2).sum() / normalizer
+        return (loss * float("nan") if calls[0] in nan_steps else loss), {}
+
+    settings = dict(max_steps=6, batch_size=2, lr=0.05, save_every=None, log_every=1, eval_every=3)
+    settings.update(args)
+    result = train(model=model, train_data=DATA, collate_fn=collate, compute_loss=compute_loss, evaluate=evaluate,
+                   args=TrainArgs(**settings), accelerator=make_accelerator(), out_dir=tmp_path, seed=0,
+                   log=lines.append)
+    snapshots.append(model.weight.detach().clone())
+    return result, snapshots, lines
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path):
+    result, weights, lines = run(tmp_path, nan_steps={3})
+    assert result.steps == 6
+    assert torch.equal(weights[2], weights[3])  # step 3's update was not applied
+    assert not torch.equal(weights[3], weights[4]) and torch.isfinite(weights[-1]).all()
+    assert any("step 3: the loss or the gradient norm is not finite" in line for line in lines)
+
+
+def test_a_run_of_nan_steps_stops_the_stage_with_what_to_change(tmp_path):
+    nan_steps = set(range(2, 2 + MAX_NONFINITE_STEPS))
+    with pytest.raises(ValueError, match=rf"training diverged: {MAX_NONFINITE_STEPS} steps in a row up to step "
+                                         rf"{1 + MAX_NONFINITE_STEPS} .*lower lr \(now 0.05\).*mixed_precision: no"):
+        run(tmp_path, nan_steps, max_steps=20)
+
+
+def test_a_nan_validation_score_is_never_the_best(tmp_path):
+    scores = iter([float("nan"), 2.0])
+    result, _, lines = run(tmp_path, nan_steps=set(), evaluate=lambda model: {"val_loss": next(scores)})
+    assert [h["val_loss"] for h in result.history][1] == 2.0
+    assert result.best["val_loss"] == 2.0 and result.best["step"] == 6
