@@ -175,14 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .runner import StageError
 
+    from .models import ModelLoadError
+
     try:
         return args.func(args)
-    except (RecipeError, StageError) as err:
+    except (RecipeError, StageError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished stages are kept and a re-run resumes the unfinished one", file=sys.stderr)
+        print("\ninterrupted; finished stages are kept and a re-run resumes the unfinished one", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nlgkd stages | head`: the reader has gone, nothing more to say
+        sys.stderr.close()
+        return 0
+    except OSError as err:  # the machine's: a full disk, a folder where a file should be, no permission
+        if os.environ.get("NLGKD_DEBUG"):
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where} (NLGKD_DEBUG=1 shows where it happened)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     from . import lstm
 
     lstm.register()  # nlgkd's own LSTM student (model_type nlgkd_lstm) loads through the Auto classes too
+    if looks_like_a_path(name_or_path) and not Path(name_or_path).is_dir():
+        what = "is a file, not a model folder" if Path(name_or_path).exists() else "does not exist"
+        raise ModelLoadError(f"{name_or_path!r} {what}; give a model folder (one with config.json, such as "
+                             "runs/demo/teacher) or a hub name such as facebook/bart-base")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as err:
@@ -51,6 +55,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub name (`org/model`): absolute, relative with ./ or ../, or 3+ parts."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2 or Path(name).exists()
 
 
 def save_model(model, tokenizer, folder: str | Path) -> None:

@@ -41,17 +41,44 @@ def yaml_name(f: dataclasses.Field) -> str:
     return f.metadata.get("yaml_name", f.name)
 
 
-def doc(help: str) -> dict:
-    return {"help": help}
+def doc(help: str, **limits) -> dict:
+    """Field metadata: its help text and, for a number, the allowed range (`bounds`)."""
+    return {"help": help, **bounds(**limits)} if limits else {"help": help}
+
+
+def bounds(**limits: float) -> dict:
+    """Field metadata: the range a number must lie in, checked when a recipe is read (`check_bounds`):
+    ge / gt (at least / above) and le / lt (at most / below)."""
+    return {"bounds": limits}
+
+
+BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+BOUND_TESTS = {"ge": lambda v, x: v >= x, "gt": lambda v, x: v > x, "le": lambda v, x: v <= x,
+               "lt": lambda v, x: v < x}
+
+
+def describe_bounds(limits: dict) -> str:
+    return " and ".join(f"{BOUND_WORDS[k]} {v:g}" for k, v in limits.items())
+
+
+def check_bounds(value: Any, limits: dict | None, path: str) -> None:
+    """A number (or each number of a mapping) outside `limits` is an error naming the field path."""
+    if not limits or value is None:
+        return
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for key, number in items:
+        if not all(BOUND_TESTS[k](number, x) for k, x in limits.items()):
+            where = f"{path}.{key}" if key is not None else path
+            raise RecipeError(f"{where}: {number!r} is out of range; it must be {describe_bounds(limits)}")
 
 
 # --------------------------------------------------------------------------------------------- data
 @dataclass(kw_only=True)
 class DemoSizes:
-    train: int = 2000
-    validation: int = 200
-    test: int = 200
-    unlabeled: int = 2000
+    train: int = field(default=2000, metadata=bounds(ge=0))
+    validation: int = field(default=200, metadata=bounds(ge=0))
+    test: int = field(default=200, metadata=bounds(ge=0))
+    unlabeled: int = field(default=2000, metadata=bounds(ge=0))
 
 
 SPLITS = ("train", "validation", "test", "unlabeled")  # the data splits a recipe can name
@@ -79,7 +106,7 @@ class DataSource:
         default="source", metadata=doc("source column, or a template like '{context}; answer: {answer}'")
     )
     target: str = field(default="target", metadata=doc("target column, or a template"))
-    max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}"))
+    max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}", ge=1))
 
     def split_file(self, split: str) -> Optional[str]:
         """The file of `split` as given, or joined onto `dir` (an absolute path stays as it is)."""
@@ -96,7 +123,7 @@ class TaskData(DataSource):
     prefix: str = field(default="", metadata=doc("prepended to every source, e.g. 'summarize: '"))
     weight: Optional[float] = field(default=None, metadata=doc(
         "share of each training epoch drawn from this task, relative to the other tasks' weights "
-        "(smaller tasks are repeated, larger ones subsampled); default: its own train size"))
+        "(smaller tasks are repeated, larger ones subsampled); default: its own train size", gt=0))
 
 
 @dataclass(kw_only=True)
@@ -106,8 +133,8 @@ class DataConfig(DataSource):
     tasks: dict[str, TaskData] = field(default_factory=dict, metadata=doc(
         "several datasets in one recipe, by task name; each example keeps its task (per-task teachers "
         "in distill: teachers_by_task)"))
-    max_source_length: int = field(default=256, metadata=doc("tokens; longer sources are truncated and counted"))
-    max_target_length: int = field(default=128, metadata=doc("tokens; longer targets are truncated and counted"))
+    max_source_length: int = field(default=256, metadata=doc("tokens; longer sources are truncated and counted", ge=1))
+    max_target_length: int = field(default=128, metadata=doc("tokens; longer targets are truncated and counted", ge=1))
     on_empty: Literal["drop", "error"] = field(
         default="drop", metadata=doc("examples with empty source/target: drop and count, or stop")
     )
@@ -131,23 +158,23 @@ class ModelConfig:
             "(transformers#18461); t5: learns slowly from scratch with AdamW (its unit-scale tied embeddings); "
             "gpt2: decoder-only; lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
             "d_model, encoder_layers, decoder_layers, dropout"))
-    d_model: int = 256
-    encoder_layers: int = 4
-    decoder_layers: int = 4
-    attention_heads: int = 4
-    ffn_dim: int = 1024
-    dropout: float = 0.1
-    max_position_embeddings: int = 512
+    d_model: int = field(default=256, metadata=bounds(ge=1))
+    encoder_layers: int = field(default=4, metadata=bounds(ge=1))
+    decoder_layers: int = field(default=4, metadata=bounds(ge=1))
+    attention_heads: int = field(default=4, metadata=bounds(ge=1))
+    ffn_dim: int = field(default=1024, metadata=bounds(ge=1))
+    dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    max_position_embeddings: int = field(default=512, metadata=bounds(ge=1))
     tokenizer: Literal["bpe", "unigram"] = field(
         default="bpe", metadata=doc("algorithm of the tokenizer trained for a fresh model")
     )
     tokenizer_from: Optional[str] = field(
         default=None, metadata=ref("model", "share this model's tokenizer instead of training one")
     )
-    vocab_size: int = field(default=2000, metadata=doc("vocabulary of a trained tokenizer"))
+    vocab_size: int = field(default=2000, metadata=doc("vocabulary of a trained tokenizer", ge=1))
     init_std: Optional[float] = field(default=None, metadata=doc(
         "fresh bart/mbart: std of the initial weights; default 1/sqrt(d_model) (transformers' 0.02 suits "
-        "d_model 1024 and leaves small models ignoring their input)"))
+        "d_model 1024 and leaves small models ignoring their input)", gt=0))
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -156,17 +183,17 @@ class DecodingConfig:
     """How text is generated (evaluation, pseudo-targets)."""
 
     strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = "greedy"
-    num_beams: int = 4
-    num_beam_groups: int = field(default=2, metadata=doc("diverse beam: groups"))
-    diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty"))
+    num_beams: int = field(default=4, metadata=bounds(ge=1))
+    num_beam_groups: int = field(default=2, metadata=doc("diverse beam: groups", ge=1))
+    diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty", ge=0))
     length_penalty: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_return_sequences: int = field(default=1, metadata=doc("K outputs per input"))
-    max_new_tokens: int = 64
-    no_repeat_ngram_size: int = 0
-    batch_size: int = 32
+    temperature: float = field(default=1.0, metadata=bounds(gt=0))
+    top_k: int = field(default=0, metadata=bounds(ge=0))
+    top_p: float = field(default=1.0, metadata=bounds(gt=0, le=1))
+    num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
+    max_new_tokens: int = field(default=64, metadata=bounds(ge=1))
+    no_repeat_ngram_size: int = field(default=0, metadata=bounds(ge=0))
+    batch_size: int = field(default=32, metadata=bounds(ge=1))
     dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
 
 
@@ -174,24 +201,25 @@ class DecodingConfig:
 class TrainArgs:
     """Hyper-parameters of the one training loop (`nlgkd/loop.py`), shared by every training stage."""
 
-    epochs: float = 1.0
-    max_steps: Optional[int] = field(default=None, metadata=doc("optimizer steps; overrides epochs"))
-    batch_size: int = 16
-    grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step"))
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    epochs: float = field(default=1.0, metadata=bounds(gt=0))
+    max_steps: Optional[int] = field(default=None, metadata=doc("optimizer steps; overrides epochs", ge=1))
+    batch_size: int = field(default=16, metadata=bounds(ge=1))
+    grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", ge=1))
+    lr: float = field(default=5e-4, metadata=bounds(gt=0))
+    weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
+    warmup_steps: int = field(default=0, metadata=bounds(ge=0))
+    max_grad_norm: float = field(default=1.0, metadata=bounds(ge=0))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto", metadata=doc("auto = bf16 on a GPU that has it, else fp32")
     )
-    eval_every: Optional[int] = field(default=None, metadata=doc("steps between evaluations; default once per epoch"))
-    eval_samples: int = field(default=128, metadata=doc("validation examples decoded for the generation metric"))
+    eval_every: Optional[int] = field(default=None, metadata=doc(
+        "steps between evaluations; default once per epoch", ge=1))
+    eval_samples: int = field(default=128, metadata=doc("validation examples decoded for the generation metric", ge=0))
     early_stopping_metric: Literal["val_loss", "bleu", "chrf"] = "val_loss"
-    patience: Optional[int] = field(default=None, metadata=doc("evaluations without improvement before stopping"))
-    save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints"))
-    log_every: int = 10
-    label_smoothing: float = 0.0
+    patience: Optional[int] = field(default=None, metadata=doc("evaluations without improvement before stopping", ge=1))
+    save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints", ge=1))
+    log_every: int = field(default=10, metadata=bounds(ge=1))
+    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
 
@@ -214,7 +242,7 @@ class EvaluateConfig:
     models: list[str] = field(metadata=ref("models", "models to evaluate"))
     split: Literal["test", "validation", "train"] = "test"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = field(default=None, metadata=bounds(ge=1))
     baselines: bool = field(default=False, metadata=doc(
         "also score trivial baselines on the same examples: copying the source, and the most frequent train "
         "target for every input (rows copy_source, most_frequent_target)"))
@@ -239,7 +267,7 @@ class HiddenKD:
     """Hidden-state distillation: PKD (normalized MSE), DistilBERT cosine, TinyBERT projected MSE."""
 
     loss: Literal["pkd", "cosine", "tinybert"] = "pkd"
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
     sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"])
     layer_map: Union[Literal["last", "skip", "uniform"], list[list[int]]] = field(
         default="skip", metadata=doc("strategy, or explicit [[student_layer, teacher_layer], ...]"))
@@ -250,11 +278,11 @@ class AttentionKD:
     """Attention distillation: MiniLM-v2 Q/K/V relations, or TinyBERT attention-score MSE."""
 
     loss: Literal["minilm", "tinybert"] = "minilm"
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
     sides: list[Literal["encoder_self", "decoder_self", "cross"]] = field(
         default_factory=lambda: ["encoder_self", "decoder_self"])
     relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
-    relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into"))
+    relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into", ge=1))
     student_layer: int = -1
     teacher_layer: int = -1
 
@@ -263,7 +291,8 @@ class AttentionKD:
 class JointTeachingConfig:
     """Joint-Teaching (study stage S8): word-level KD also on prefixes the current student samples."""
 
-    student_ratio: float = field(default=0.5, metadata=doc("share of steps trained on student samples (1 = only)"))
+    student_ratio: float = field(default=0.5, metadata=doc(
+        "share of steps trained on student samples (1 = only)", ge=0, le=1))
     schedule: Literal["alternate", "random"] = field(
         default="alternate", metadata=doc("alternate: evenly spread; random: seeded coin per step"))
     decoding: DecodingConfig = field(
@@ -287,12 +316,13 @@ class DenoisingConfig:
         "bart: sentence permutation + text infilling with <mask>; t5: span corruption with <extra_id_N> "
         "sentinels; default: the teacher's family"))
     noise: Optional[float] = field(default=None, metadata=doc(
-        "share of words (bart) or tokens (t5) corrupted; default 0.3 for bart, 0.15 for t5"))
-    mean_span: float = field(default=3.0, metadata=doc("bart: Poisson lambda of span lengths; t5: mean span length"))
+        "share of words (bart) or tokens (t5) corrupted; default 0.3 for bart, 0.15 for t5", gt=0, lt=1))
+    mean_span: float = field(default=3.0, metadata=doc(
+        "bart: Poisson lambda of span lengths; t5: mean span length", gt=0))
     permute_sentences: bool = field(default=True, metadata=doc("bart: shuffle each text's sentences"))
     seed: Optional[int] = field(default=None, metadata=doc(
         "default: the recipe seed; the noise of text i in epoch e depends only on (seed, e, i)"))
-    max_examples: Optional[int] = field(default=None, metadata=doc("use the first N texts"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("use the first N texts", ge=1))
 
 
 @dataclass(kw_only=True)
@@ -309,16 +339,17 @@ class DistillConfig(TrainArgs):
     objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
         default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
     noise_dropout: Optional[float] = field(default=None, metadata=doc(
-        "noisy_kd: the teacher's dropout rate while it teaches (default: the rates it was trained with)"))
-    alpha: float = field(default=0.0, metadata=doc("loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy"))
-    temperature: float = 1.0
+        "noisy_kd: the teacher's dropout rate while it teaches (default: the rates it was trained with)", ge=0, lt=1))
+    alpha: float = field(default=0.0, metadata=doc(
+        "loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy", ge=0, le=1))
+    temperature: float = field(default=1.0, metadata=bounds(gt=0))
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_beta: float = 0.5
+    jsd_beta: float = field(default=0.5, metadata=bounds(gt=0, lt=1))
     hidden: Optional[HiddenKD] = None
     attention: Optional[AttentionKD] = None
     teacher_dtype: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata=doc("auto: bf16 on a GPU that has it, else fp32"))
-    kd_chunk_size: Optional[int] = field(default=None, metadata=doc("token rows per KD chunk (memory bound)"))
+    kd_chunk_size: Optional[int] = field(default=None, metadata=doc("token rows per KD chunk (memory bound)", ge=1))
     gold: bool = field(default=True, metadata=doc("train on the gold targets"))
     pseudo_targets: list[str] = field(
         default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
@@ -335,7 +366,7 @@ class DistillConfig(TrainArgs):
         "(nlgkd/alignment.py); objective logits_kd or noisy_kd, forward_kl, one teacher; mass lost in the "
         "alignment is handled by cache_tail"))
     cross_tokenizer_top_k: int = field(default=20, metadata=doc(
-        "cross_tokenizer: teacher alternatives kept per teacher token (and slots per student token)"))
+        "cross_tokenizer: teacher alternatives kept per teacher token (and slots per student token)", ge=1))
     denoising: Optional[DenoisingConfig] = field(default=None, metadata=doc(
         "general distillation: denoising pairs of raw text join the training data (with gold: false, they "
         "are all of it); the teacher's prediction of the original text is the soft target. With objective: "
@@ -345,8 +376,6 @@ class DistillConfig(TrainArgs):
         if self.noise_dropout is not None and self.objective != "noisy_kd":
             raise RecipeError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
                               f"{self.objective!r}; remove noise_dropout or set objective: noisy_kd")
-        if self.noise_dropout is not None and not 0.0 <= self.noise_dropout < 1.0:
-            raise RecipeError(f"noise_dropout must be in [0, 1), got {self.noise_dropout}")
 
 
 @dataclass(kw_only=True)
@@ -361,36 +390,39 @@ class ApiTeacherConfig:
         "environment variable holding the key (never put the key in a recipe); null: the endpoint needs none"))
     system: Optional[str] = field(default=None, metadata=doc("system message of every request"))
     prompt: str = field(default="{source}", metadata=doc("user message; {source} is replaced by the input"))
-    shots: int = field(default=0, metadata=doc("k-shot examples from the train split (the same k for every "
-                                               "request, drawn with the recipe seed): user prompt, assistant target"))
+    shots: int = field(default=0, metadata=doc(
+        "k-shot examples from the train split (the same k for every request, drawn with the recipe seed): user "
+        "prompt, assistant target", ge=0))
     n_per_request: bool = field(default=True, metadata=doc(
         "ask for the K outputs with n=K in one request; false: K requests (seeds seed..seed+K-1) for endpoints "
         "that ignore n"))
     logprobs: bool = field(default=False, metadata=doc("ask for the answer tokens' log-probabilities"))
-    top_logprobs: int = field(default=0, metadata=doc("alternatives per token with their log-probabilities (<= 20)"))
-    concurrency: int = field(default=8, metadata=doc("requests in flight at once"))
-    requests_per_minute: Optional[float] = field(default=None, metadata=doc("rate limit (spaced evenly)"))
+    top_logprobs: int = field(default=0, metadata=doc(
+        "alternatives per token with their log-probabilities (<= 20)", ge=0, le=20))
+    concurrency: int = field(default=8, metadata=doc("requests in flight at once", ge=1))
+    requests_per_minute: Optional[float] = field(default=None, metadata=doc("rate limit (spaced evenly)", gt=0))
     tokens_per_minute: Optional[float] = field(default=None, metadata=doc(
-        "rate limit on estimated prompt + max completion tokens"))
+        "rate limit on estimated prompt + max completion tokens", gt=0))
     timeout: float = field(default=60.0, metadata=doc(
-        "seconds without an answer (or to connect) before a request is abandoned and retried"))
+        "seconds without an answer (or to connect) before a request is abandoned and retried", gt=0))
     max_retries: int = field(default=6, metadata=doc(
-        "retries of a request after 429, 5xx, timeouts, dropped connections, malformed or empty answers"))
+        "retries of a request after 429, 5xx, timeouts, dropped connections, malformed or empty answers", ge=0))
     backoff: float = field(default=1.0, metadata=doc(
-        "seconds before the first retry; doubles each retry, jittered (a Retry-After header wins)"))
-    backoff_max: float = field(default=60.0, metadata=doc("longest wait between retries without Retry-After"))
-    input_price: float = field(default=0.0, metadata=doc("price per million prompt tokens (cost estimates, budget)"))
-    output_price: float = field(default=0.0, metadata=doc("price per million completion tokens"))
+        "seconds before the first retry; doubles each retry, jittered (a Retry-After header wins)", ge=0))
+    backoff_max: float = field(default=60.0, metadata=doc("longest wait between retries without Retry-After", ge=0))
+    input_price: float = field(default=0.0, metadata=doc(
+        "price per million prompt tokens (cost estimates, budget)", ge=0))
+    output_price: float = field(default=0.0, metadata=doc("price per million completion tokens", ge=0))
     max_cost: Optional[float] = field(default=None, metadata=doc(
-        "budget in the prices' currency: no request is sent whose worst case would pass it"))
+        "budget in the prices' currency: no request is sent whose worst case would pass it", ge=0))
     max_total_tokens: Optional[int] = field(default=None, metadata=doc(
-        "budget in tokens (prompt + completion) of this run; answers from the cache are free"))
+        "budget in tokens (prompt + completion) of this run; answers from the cache are free", ge=1))
     on_budget: Literal["stop", "finish"] = field(default="stop", metadata=doc(
         "budget reached: stop (an error; answers stay cached, a re-run with a larger budget continues) or "
         "finish (write the PTs paid for so far)"))
     allow_failures: int = field(default=0, metadata=doc(
         "requests that may still fail after their retries and the stage finishes without them (listed in "
-        "failures.jsonl); more stop the stage"))
+        "failures.jsonl); more stop the stage", ge=0))
 
 
 @dataclass(kw_only=True)
@@ -410,8 +442,9 @@ class PseudoTargetsConfig:
     decoding: DecodingConfig = field(
         default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, num_return_sequences=4),
         metadata=doc("how the teacher writes; default: nucleus sampling p=0.95, K=4"))
-    max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split"))
-    save_every: int = field(default=10, metadata=doc("batches between writes to disk (a kill loses at most these)"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split", ge=1))
+    save_every: int = field(default=10, metadata=doc(
+        "batches between writes to disk (a kill loses at most these)", ge=1))
 
     def __post_init__(self):
         if (self.teacher is None) == (self.teacher_api is None):
@@ -427,13 +460,13 @@ class AugmentConfig:
 
     produces: ClassVar[str] = "dataset"
     split: Literal["train", "unlabeled"] = "train"
-    n_iter: int = field(default=4, metadata=doc("variants per input (duplicates dropped)"))
-    p_mask: float = 0.1
-    p_pos: float = 0.1
-    p_ng: float = 0.25
+    n_iter: int = field(default=4, metadata=doc("variants per input (duplicates dropped)", ge=1))
+    p_mask: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    p_pos: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    p_ng: float = field(default=0.25, metadata=bounds(ge=0, le=1))
     field_separator: Optional[str] = field(default=None, metadata=doc("e.g. ' | ' to augment one field at a time"))
     pos_method: Literal["auto", "distributional", "spacy"] = "distributional"
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = field(default=None, metadata=bounds(ge=1))
 
 
 @dataclass(kw_only=True)
@@ -444,9 +477,9 @@ class CacheLogitsConfig:
     teacher: str = field(metadata=ref("model", "model whose distributions are cached"))
     gold: bool = field(default=True, metadata=doc("cache the train split's gold targets"))
     pseudo_targets: list[str] = field(default_factory=list, metadata=ref("datasets", "pseudo_targets stages to cache"))
-    top_k: int = field(default=32, metadata=doc("entries kept per token"))
+    top_k: int = field(default=32, metadata=doc("entries kept per token", ge=1))
     dtype: Literal["fp16", "fp32"] = field(default="fp16", metadata=doc("storage of the log-probs"))
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=bounds(ge=1))
 
 
 # kind -> config dataclass. The run functions live in `nlgkd/stages/__init__.py:STAGES` (same keys).
@@ -625,6 +658,7 @@ def build(cls: type, raw: Any, path: str, ignore: tuple[str, ...] = ()) -> Any:
     for name, f in fields.items():
         if name in raw:
             values[f.name] = _convert(hints[f.name], raw[name], f"{path}.{name}")
+            check_bounds(values[f.name], f.metadata.get("bounds"), f"{path}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
             raise RecipeError(f"{path}.{name}: required field is missing ({help_text})")
@@ -651,7 +685,9 @@ def config_help(cls: type) -> list[tuple[str, str, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         default = "" if f.default is dataclasses.MISSING else f" = {f.default!r}"
-        rows.append((yaml_name(f), _type_name(hints[f.name]) + default, f.metadata.get("help", "")))
+        limits = f.metadata.get("bounds")
+        allowed = f" ({describe_bounds(limits)})" if limits else ""
+        rows.append((yaml_name(f), _type_name(hints[f.name]) + allowed + default, f.metadata.get("help", "")))
     return rows
 
 
@@ -661,7 +697,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected key.path=value, e.g. stages.teacher.epochs=3")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        reason = str(err).splitlines()[0]
+        raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({reason}); write it as in a recipe, "
+                          "e.g. --set 'stages.pts.inputs=[train, unlabeled]', and quote it for the shell") from None
     set_path(raw, key.strip().split("."), value, label=f"--set {key}")
 
 
@@ -675,11 +716,13 @@ def set_path(raw: dict, parts: list[str], value: Any, label: str) -> None:
             node = _list_item(node, part, where)
         else:
             if not isinstance(node, dict):
-                raise RecipeError(f"{label}: {where} is not a mapping")
+                raise RecipeError(f"{label}: {'.'.join(parts[:depth])} is {node!r}, not a mapping with fields")
             node = node.setdefault(part, {})
             if node is None:
                 raise RecipeError(f"{label}: {where} is null; give it as a whole mapping instead")
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise RecipeError(f"{label}: {'.'.join(parts[:-1])} is {node!r}, not a mapping with fields")
     if isinstance(node, list):
         raise RecipeError(f"{label}: cannot replace a whole stage; set one of its fields")
     node[last] = value
@@ -687,6 +730,9 @@ def set_path(raw: dict, parts: list[str], value: Any, label: str) -> None:
 
 def _list_item(items: list, part: str, where: str) -> Any:
     if part.lstrip("-").isdigit():
+        if not -len(items) <= int(part) < len(items):
+            raise RecipeError(f"--set: {where}: there are {len(items)} stages (0 to {len(items) - 1}); address a "
+                              f"stage by its name, e.g. stages.{items[0].get('name', 'NAME')}.lr")
         return items[int(part)]
     for item in items:
         if isinstance(item, dict) and item.get("name") == part:

@@ -33,3 +33,13 @@ def test_t5_keeps_its_own_init():
     model, _ = build_fresh(cfg, TEXTS, seed=0)
     assert model.shared.weight.std().item() == pytest.approx(1.0, rel=0.1)  # T5's unit-scale embeddings
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_a_missing_or_wrong_model_folder_is_named(tmp_path):
+    from nlgkd.models import ModelLoadError, load_pretrained
+
+    with pytest.raises(ModelLoadError, match=r"'.*nowhere' does not exist; give a model folder"):
+        load_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"weights\.bin' is a file, not a model folder"):
+        load_pretrained(str(tmp_path / "weights.bin"))

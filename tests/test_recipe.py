@@ -117,3 +117,82 @@ def test_yaml_is_loaded_safely(tmp_path, tiny_recipe):
     path.write_text(text)
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+# the numbers of a recipe that may take any value: a length penalty (negative favours short outputs), seeds, and
+# layer indices (negative counts from the end; prune's layer lists are checked against the model's depth)
+UNBOUNDED = {("DecodingConfig", "length_penalty"), ("TrainArgs", "seed"), ("DenoisingConfig", "seed"),
+             ("AttentionKD", "student_layer"), ("AttentionKD", "teacher_layer"), ("PruneConfig", "encoder_layers"),
+             ("PruneConfig", "decoder_layers")}
+
+
+def all_config_classes():
+    import dataclasses
+    import typing
+
+    from nlgkd import recipe as r
+
+    found, todo = {}, [r.DataConfig, r.ModelConfig, *STAGE_CONFIGS.values()]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ in found:
+            continue
+        found[cls.__name__] = cls
+        for hint in typing.get_type_hints(cls).values():
+            for arg in (hint, *typing.get_args(hint), *[a for h in typing.get_args(hint) for a in typing.get_args(h)]):
+                if dataclasses.is_dataclass(arg):
+                    todo.append(arg)
+    return found
+
+
+def test_every_numeric_field_has_a_checked_range():
+    import dataclasses
+    import typing
+
+    missing = []
+    for name, cls in all_config_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            numeric = {int, float} & {hints[f.name], *typing.get_args(hints[f.name]),
+                                      *[a for h in typing.get_args(hints[f.name]) for a in typing.get_args(h)]}
+            owner = next(c.__name__ for c in cls.__mro__ if f.name in getattr(c, "__annotations__", {}))
+            if numeric and (owner, f.name) not in UNBOUNDED and "bounds" not in f.metadata:
+                missing.append(f"{owner}.{f.name}")
+    assert not missing, f"numeric fields without bounds: {missing}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.teacher.max_steps=-5", r"stages\[0\] \(teacher\)\.max_steps: -5 is out of range; it must be >= 1"),
+    ("stages.teacher.epochs=0", r"\.epochs: 0\.0 is out of range; it must be > 0"),
+    ("stages.teacher.batch_size=0", r"\.batch_size: 0 is out of range; it must be >= 1"),
+    ("stages.teacher.grad_accum=0", r"\.grad_accum: 0 is out of range"),
+    ("stages.teacher.log_every=0", r"\.log_every: 0 is out of range"),
+    ("stages.eval.decoding.top_p=5", r"stages\[1\] \(eval\)\.decoding\.top_p: 5\.0 is out of range; it must be > 0 "
+                                     r"and <= 1"),
+    ("stages.eval.decoding.num_beams=0", r"\.decoding\.num_beams: 0 is out of range"),
+    ("stages.eval.decoding.batch_size=0", r"\.decoding\.batch_size: 0 is out of range"),
+    ("stages.eval.decoding.num_return_sequences=0", r"\.decoding\.num_return_sequences: 0 is out of range"),
+    ("models.teacher.dropout=1", r"models\.teacher\.dropout: 1\.0 is out of range; it must be >= 0 and < 1"),
+    ("data.max_examples={train: 0}", r"data\.max_examples\.train: 0 is out of range"),
+])
+def test_an_out_of_range_number_is_refused_when_the_recipe_is_read(tiny_recipe, override, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(tiny_recipe, overrides=[override])
+
+
+def test_nlgkd_stages_shows_the_ranges(capsys):
+    from nlgkd.cli import main
+
+    assert main(["stages", "finetune"]) == 0
+    assert "integer | null (>= 1) = None" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.9.lr=1", r"--set: stages\.9: there are 2 stages \(0 to 1\); address a stage by its name, e\.g\. "
+                      r"stages\.teacher\.lr"),
+    ("stages.teacher.lr=[", r"--set 'stages\.teacher\.lr=\[': the value is not valid YAML"),
+    ("name.x=1", r"--set name\.x: name is 'tiny', not a mapping with fields"),
+])
+def test_a_bad_override_is_one_clear_error(tiny_recipe, override, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(tiny_recipe, overrides=[override])
