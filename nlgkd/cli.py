@@ -21,6 +21,7 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     runner = Runner(recipe, runs_root=args.runs_dir)
+    runner.command = " ".join(["nlgkd", *args.argv])
     if args.dry_run:
         runner.dry_run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
         return 0
@@ -172,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .runner import StageError
 
     from .models import ModelLoadError

@@ -53,6 +53,16 @@ def run_in_parallel(runner, plan: list[tuple[Stage, str]], jobs: int, start: Cal
                     poll_seconds: float = 0.5) -> dict[str, str]:
     """Run the plan's 'run' stages, at most `jobs` at a time; `start(key)` launches one. Returns key ->
     'ran' | 'reused' | 'skipped' | 'waiting' (as `Runner.run`). Raises StageError when a stage fails."""
+    with runner.locked():
+        # the children are part of this run: they do not take the run directory's lock (Runner.locked)
+        os.environ["NLGKD_LOCK_OWNER"] = str(os.getpid())
+        try:
+            return _run_in_parallel(runner, plan, jobs, start, poll_seconds)
+        finally:
+            del os.environ["NLGKD_LOCK_OWNER"]
+
+
+def _run_in_parallel(runner, plan, jobs, start, poll_seconds) -> dict[str, str]:
     from .runner import StageError
 
     to_run = [stage for stage, action in plan if action == "run"]
@@ -118,11 +128,11 @@ def subprocess_starter(runner, recipe_path: str, runs_dir: str, overrides: list[
     into the stage's log file."""
     import subprocess
 
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
+    extra = {"PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" not in os.environ:
+        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        extra["TOKENIZERS_PARALLELISM"] = "false"
 
     def start(key: str) -> Handle:
         command = [sys.executable, "-m", "nlgkd", "run", recipe_path, "--stage", key, "--runs-dir", runs_dir]
@@ -135,6 +145,7 @@ def subprocess_starter(runner, recipe_path: str, runs_dir: str, overrides: list[
         with open(log, "a") as out:
             out.write(json.dumps({"command": command}) + "\n")
             out.flush()
-            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            # the environment as it is now: run_in_parallel has named itself the lock's owner
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **extra})
 
     return start

@@ -8,11 +8,14 @@ config are unchanged is skipped.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -128,6 +131,7 @@ class Runner:
         self.run_dir = Path(runs_root) / recipe.name
         self._accelerator = accelerator
         self._released = None  # the last stage's Accelerator, kept for end()
+        self.command = " ".join(["nlgkd", *sys.argv[1:]])  # what the run directory's lock says holds it
         self._data = None
         self._data_report = None
         self._fingerprints: dict[str, str] = {}  # stage key -> fingerprint
@@ -314,8 +318,49 @@ class Runner:
                 return True
         return False
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the run directory for this run: a second `nlgkd run` on it is refused at once, naming the process
+        that holds it. The lock is an flock on runs/<recipe>/.lock, so the system drops it when its process
+        ends, killed or not. The processes of one run do not lock against each other: only the main process of
+        a torchrun/accelerate launch takes it, and `--jobs` children inherit their parent's (NLGKD_LOCK_OWNER)."""
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0 or \
+                os.environ.get("NLGKD_LOCK_OWNER") == str(os.getppid()):
+            yield
+            return
+        self.check_writable()
+        path = self.run_dir / ".lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            handle.close()
+            raise StageError(
+                f"{self.run_dir} is in use by process {holder.get('pid', '?')} (`{holder.get('command', 'nlgkd run')}`, "
+                f"started {holder.get('started', '?')}); wait for it to end, stop it, or give this run another "
+                "--runs-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "command": self.command,
+                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
     def run(self, only: str | None = None, start_from: str | None = None, force: bool = False,
             variant: str | None = None) -> dict[str, str]:
+        with self.locked():
+            return self._run(only, start_from, force, variant)
+
+    def _run(self, only, start_from, force, variant) -> dict[str, str]:
         self.check_writable()
         plan = self.plan(only, start_from, force, variant)
         to_run = sum(action == "run" for _, action in plan)

@@ -153,3 +153,27 @@ def test_two_processes_give_the_same_results_as_one(trained, two_processes):
                             (run_dir / "eval2" / "predictions" / "ft2.jsonl").read_text().splitlines()]
     assert read(two) == read(runner.run_dir)
     assert len(read(two)) == 16
+
+
+def test_a_second_run_on_a_live_run_directory_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, tiny_recipe):
+    from conftest import forked_nlgkd
+
+    tiny_recipe["stages"][0].update(max_steps=400, save_every=1000, eval_every=1000)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    partial = tmp_path / "runs" / "tiny" / ".teacher.partial"
+    first = forked_nlgkd(["run", str(path), "--runs-dir", str(tmp_path / "runs")], tmp_path, nice=15)
+    first.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and first.is_alive() and not (partial / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    assert first.is_alive(), "the first run ended before the second could start"
+    with pytest.raises(StageError, match=rf"runs/tiny is in use by process {first.pid} \(`nlgkd run .*r\.yaml.*`, "
+                                         r"started .*\); wait for it to end, stop it, or give this run another "
+                                         r"--runs-dir"):
+        Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path / "runs").run()
+    assert partial.exists()  # the refused run touched nothing
+    first.kill()
+    first.join()
+    tiny_recipe["stages"][0].update(max_steps=4)  # the lock died with its process: a run goes ahead
+    assert Runner(parse_recipe(tiny_recipe), runs_root=tmp_path / "runs").run()["teacher"] == "ran"
