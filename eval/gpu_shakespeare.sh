@@ -47,8 +47,11 @@ print('transformers', transformers.__version__, 'accelerate', accelerate.__versi
 cat "$OUT/machine.txt"
 
 # GPU utilization every 5 s while both run (small models leave it mostly idle: the reason for --jobs)
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv \
-  -l 5 > "$OUT/gpu_utilization.csv" 2>&1 &
+smi=
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu_utilization.csv" 2>&1 &
+  smi=$!
+fi
 
 # the architecture comparison beside the study: 2 at a time, started first (the study's teacher runs alone
 # for its first minutes, and the GPU has room)
@@ -60,6 +63,7 @@ timeout -s INT "$SECONDS_LEFT" "${NLGKD[@]}" run recipes/study/shakespeare_fresh
 echo "study exit $? after $(( $(date +%s) - started )) s"
 wait $archs
 echo "archs exit $? after $(( $(date +%s) - started )) s"
+[ -n "$smi" ] && kill "$smi" 2>/dev/null
 
 for run in study-shakespeare-fresh shakespeare-archs; do
   [ -d "$RUNS/$run" ] && "${NLGKD[@]}" report "$RUNS/$run" >> "$OUT/report.log" 2>&1

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     from .runner import StageError
 
-    from .models import ModelLoadError
+    from .errors import ModelLoadError
 
     try:
         return args.func(args)

@@ -71,7 +71,7 @@ def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
     else:
         splits = {}
         for split in SPLITS:
-            path = source.split_file(split)
+            path = source.split_file(split, parent_dir=config.dir)
             if path is not None:
                 splits[split] = _load_file(path, f"{where}.{split}")
     report = DataReport()

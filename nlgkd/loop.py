@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -144,23 +145,26 @@ def train(
             if prepare_window is not None:
                 window, extra = prepare_window(model, window, state["step"])
             logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first update makes torch warn about the order of calls
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             state["step"] += 1
             if logs.pop("skipped_nonfinite"):
                 nonfinite_in_a_row += 1
                 log(f"step {state['step']}: the loss or the gradient norm is not finite "
-                    f"(loss {logs.get('loss')}, grad_norm {logs.get('grad_norm')}); the update was skipped")
+                    f"(loss {logs['loss']}, grad_norm {logs['grad_norm']}); the update was skipped")
                 if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
                     raise ValueError(
                         f"training diverged: {MAX_NONFINITE_STEPS} steps in a row up to step {state['step']} had a "
                         f"NaN/inf loss or gradient; lower lr (now {args.lr:g}), add warmup_steps, or set "
-                        f"mixed_precision: no (now {args.mixed_precision}). Checkpoints before it are kept")
-                continue
-            nonfinite_in_a_row = 0
+                        f"mixed_precision: no (now {args.mixed_precision}); a changed setting starts the stage "
+                        "again")
+            else:
+                nonfinite_in_a_row = 0
+                running.add(logs)  # a skipped step's NaN stays out of the logged averages
             bar.update(1)
             step = state["step"]
-            running.add(logs)
-            if step % args.log_every == 0 or step == total_steps:
+            if (step % args.log_every == 0 or step == total_steps) and running.sums:  # a window of skips: none
                 record = running.averages()
                 record.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
                               lr=scheduler.get_last_lr()[0])
@@ -239,15 +243,15 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
         totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
         for k, v in logs.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    if args.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        totals["grad_norm"] = float(grad_norm) * accelerator.num_processes  # undone by the mean below
+    # the global gradient norm, clipped to max_grad_norm (0: not clipped, still measured for the NaN check)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    totals["grad_norm"] = float(grad_norm) * accelerator.num_processes  # undone by the mean below
     keys = sorted(totals)
     values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
     mean = accelerator.reduce(values, "sum") / accelerator.num_processes
     logs = dict(zip(keys, mean.tolist()))
     # every process sees the same sums, so all of them skip or all step: a NaN/inf update would poison the weights
-    logs["skipped_nonfinite"] = not all(math.isfinite(logs[k]) for k in ("loss", "grad_norm") if k in logs)
+    logs["skipped_nonfinite"] = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
     if not logs["skipped_nonfinite"]:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -108,12 +108,14 @@ class DataSource:
     target: str = field(default="target", metadata=doc("target column, or a template"))
     max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}", ge=1))
 
-    def split_file(self, split: str) -> Optional[str]:
-        """The file of `split` as given, or joined onto `dir` (an absolute path stays as it is)."""
+    def split_file(self, split: str, parent_dir: Optional[str] = None) -> Optional[str]:
+        """The file of `split` as given, or joined onto `dir` (a task's own, else `parent_dir`: the top-level
+        data.dir); an absolute path stays as it is."""
         path = getattr(self, split)
-        if path is None or self.dir is None:
+        folder = self.dir if self.dir is not None else parent_dir
+        if path is None or folder is None:
             return path
-        return str(Path(self.dir) / path)
+        return str(Path(folder).expanduser() / path)
 
 
 @dataclass(kw_only=True)
@@ -175,6 +177,11 @@ class ModelConfig:
     init_std: Optional[float] = field(default=None, metadata=doc(
         "fresh bart/mbart: std of the initial weights; default 1/sqrt(d_model) (transformers' 0.02 suits "
         "d_model 1024 and leaves small models ignoring their input)", gt=0))
+
+    def __post_init__(self):
+        if self.init_std is not None and (self.init != "fresh" or self.arch not in ("bart", "mbart")):
+            raise RecipeError(f"init_std: only fresh bart and mbart models use it, and this one is "
+                              f"{'a pretrained model' if self.init != 'fresh' else 'arch ' + self.arch}; remove it")
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -679,6 +686,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"decoding.top_p": 0.95, ...}: a nested config dict (to_dict's) as dotted paths -> values."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
 def config_help(cls: type) -> list[tuple[str, str, str]]:
     """(field, type, help) rows for `nlgkd stages --fields`."""
     hints = typing.get_type_hints(cls)
@@ -1013,12 +1030,19 @@ def check_data(recipe: Recipe) -> None:
             if not _has_source(task):
                 raise RecipeError(f"data.tasks.{name}: give exactly one of task (built-in), hub (dataset "
                                   "name) or train (file)")
-            if task.weight is not None and task.weight <= 0:
-                raise RecipeError(f"data.tasks.{name}.weight: must be > 0 (leave it out for the task's own size)")
+            _check_dir(task, f"data.tasks.{name}")
         return
     if not _has_source(data):
         raise RecipeError("data: give exactly one of task (built-in), hub (dataset name) or train (file), "
                           "or several datasets under tasks:")
+    _check_dir(data, "data")
+
+
+def _check_dir(source: DataSource, where: str) -> None:
+    if source.dir is not None and (source.task is not None or source.hub is not None):
+        raise RecipeError(f"{where}.dir: the folder of data files, but this dataset is "
+                          f"{'the built-in task' if source.task else 'the hub dataset ' + repr(source.hub)}; "
+                          "remove dir (or give train/validation/... files instead)")
 
 
 def _has_source(source: DataSource) -> bool:

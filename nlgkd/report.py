@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .recipe import flatten
+
 QUALITY = ["bleu", "chrf", "rouge1", "rouge2", "rougeL"]
 
 
@@ -304,15 +306,6 @@ def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric
         row["seed"] = (record.get("config") or {}).get("seed") or record.get("seed")
         row.setdefault("variant", record.get("variant"))
         row.setdefault("variant_of", record.get("variant_of"))
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
 
 
 def group_ablations(report: Report) -> None:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .recipe import SPLITS, DataConfig, ModelConfig, Recipe, RecipeError, Stage, references, to_dict
+from .recipe import SPLITS, DataConfig, ModelConfig, Recipe, RecipeError, Stage, flatten, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
 
@@ -53,6 +53,30 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def splits_read(kind: str, config) -> tuple[str, ...]:
+    """The data splits a stage of `kind` reads; its fingerprint hashes these files and no others."""
+    if kind == "prune":
+        return ()
+    if kind in ("finetune", "distill"):  # train + validation (early stopping, the teacher check)
+        found = {"train", "validation"}
+        denoising = getattr(config, "denoising", None)
+        if denoising is not None and denoising.file is None:
+            found |= set(denoising.splits)
+        return tuple(s for s in SPLITS if s in found)
+    if kind == "pseudo_targets":
+        found = set(config.inputs)
+        if config.teacher_api is not None and config.teacher_api.shots:  # k-shot examples come from train
+            found.add("train")
+        return tuple(s for s in SPLITS if s in found)
+    if kind == "evaluate":
+        return tuple(s for s in SPLITS if s == config.split or (config.baselines and s == "train"))
+    if kind == "augment":
+        return (config.split,)
+    if kind == "cache_logits":
+        return ("train",)
+    return SPLITS  # a kind this list does not know reads everything
+
+
 def is_teacher_field(where: str) -> bool:
     """Whether a reference's field path (`teacher`, `teacher[1]`, `teachers_by_task.qg[0]`) names a teacher."""
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
@@ -62,17 +86,21 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def data_fingerprint(config: DataConfig, seed: int) -> str:
-    """Hash of the data config and the bytes of every local data file. Where the files live (`data.dir`) is
-    left out: the bytes are hashed, so the same files moved elsewhere keep finished stages."""
+def data_fingerprint(config: DataConfig, seed: int, splits=SPLITS) -> str:
+    """Hash of the data config and the bytes of the local files of `splits` (default: all of them). Where the
+    files live (`data.dir`) is left out: the bytes are hashed, so the same files moved elsewhere keep finished
+    stages; so are the other splits' files, so adding an unlabeled file does not redo a teacher."""
     described = to_dict(config)
     for source in [described, *described.get("tasks", {}).values()]:
         source.pop("dir", None)
+        for split in set(SPLITS) - set(splits):
+            source.pop(split, None)
+            source.get("max_examples", {}).pop(split, None)
     h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     h.update(str(seed).encode())
     for source in [config, *config.tasks.values()]:
-        for split in SPLITS:
-            path = source.split_file(split)
+        for split in splits:
+            path = source.split_file(split, parent_dir=config.dir)
             if not (path and Path(path).exists()):
                 continue
             with open(path, "rb") as f:
@@ -130,7 +158,7 @@ class Runner:
         self.recipe = recipe
         self.run_dir = Path(runs_root) / recipe.name
         self._accelerator = accelerator
-        self._released = None  # the last stage's Accelerator, kept for end()
+        self._stages_ran = False  # end() closes the process group they used
         self.command = " ".join(["nlgkd", *sys.argv[1:]])  # what the run directory's lock says holds it
         self._data = None
         self._data_report = None
@@ -163,15 +191,20 @@ class Runner:
             return
         for tracker in self._accelerator.trackers:  # this stage's (not end_training: it ends the process group)
             tracker.finish()
-        self._accelerator.free_memory()  # drops the references to its models and optimizers; empties the cache
-        self._released = self._accelerator
+        self._accelerator.free_memory()  # drops its models, optimizers and loaders; empties the CUDA cache
+        # nothing may keep the Accelerator itself: the scheduler it checkpoints holds the optimizer, and so
+        # the model's parameters and their Adam moments (a test checks that no model outlives its stage)
         self._accelerator = None
+        self._stages_ran = True
 
     def end(self) -> None:
         """Close the trackers and the process group, if a stage started them."""
-        last = self._accelerator or self._released
-        if last is not None:
-            last.end_training()
+        if self._accelerator is not None:
+            self._accelerator.end_training()
+        elif self._stages_ran:
+            from accelerate import PartialState
+
+            PartialState().destroy_process_group()
 
     # ----------------------------------------------------------------------------- artifacts
     def finished_dir(self, stage: Stage) -> Path:
@@ -207,17 +240,42 @@ class Runner:
     # ---------------------------------------------------------------------------- fingerprints
     def fingerprint(self, stage: Stage) -> str:
         if stage.key not in self._fingerprints:
-            inputs = {}
-            for where, kind, name in references(stage.config):
-                inputs[where] = self.reference_fingerprint(name, stage.index)
-            self._fingerprints[stage.key] = short_hash({
-                "kind": stage.kind,
-                "config": to_dict(stage.config),
-                "inputs": inputs,
-                "data": data_fingerprint(self.recipe.data, self.recipe.seed),
-                "seed": self.recipe.seed,
-            })
+            self._fingerprints[stage.key] = short_hash(self.fingerprint_parts(stage))
         return self._fingerprints[stage.key]
+
+    def fingerprint_parts(self, stage: Stage) -> dict:
+        """What a stage's fingerprint hashes: its kind, resolved config, inputs' fingerprints, the data splits
+        it reads and the seed. stage.json keeps them, so a re-run can say what changed (`rerun_reasons`)."""
+        return {
+            "kind": stage.kind,
+            "config": to_dict(stage.config),
+            "inputs": {where: self.reference_fingerprint(name, stage.index)
+                       for where, _, name in references(stage.config)},
+            "data": data_fingerprint(self.recipe.data, self.recipe.seed, splits_read(stage.kind, stage.config)),
+            "seed": self.recipe.seed,
+        }
+
+    def rerun_reasons(self, stage: Stage) -> list[str]:
+        """Why a stage that finished before will run again: the config fields, inputs and data that changed
+        since its stage.json was written (old -> new). Empty when it never finished."""
+        record = self.stage_record(stage)
+        if not record or record.get("status") != "done" or record.get("fingerprint") == self.fingerprint(stage):
+            return []
+        now = self.fingerprint_parts(stage)
+        reasons = []
+        old_config, new_config = flatten(record.get("config") or {}), flatten(now["config"])
+        for key in sorted(set(old_config) | set(new_config)):
+            if old_config.get(key) != new_config.get(key):
+                reasons.append(f"{key} {old_config.get(key)!r} -> {new_config.get(key)!r}")
+        for where in sorted(set(record.get("inputs") or {}) | set(now["inputs"])):
+            if (record.get("inputs") or {}).get(where) != now["inputs"].get(where):
+                reasons.append(f"its input {where} changed")
+        if record.get("data_fingerprint") not in (None, now["data"]):
+            reasons.append(f"the data it reads changed ({', '.join(splits_read(stage.kind, stage.config))} or the "
+                           "data settings)")
+        if record.get("seed") != now["seed"]:
+            reasons.append(f"seed {record.get('seed')!r} -> {now['seed']!r}")
+        return reasons or ["its fingerprint changed (it was made by another nlgkd version)"]
 
     def reference_fingerprint(self, name: str, before: int) -> str:
         kind, target = self.recipe.resolve(name, before)
@@ -227,6 +285,11 @@ class Runner:
         parts = {"model": to_dict(model)}
         if model.tokenizer_from:
             parts["tokenizer_from"] = self.reference_fingerprint(model.tokenizer_from, before)
+        elif model.init == "fresh":  # its tokenizer learns the train split, else unlabeled (`tokenizer_texts`)
+            data = self.recipe.data
+            has_train = any(source.train or source.task or source.hub for source in [data, *data.tasks.values()])
+            read = ("train",) if has_train else ("unlabeled",)
+            parts["tokenizer_data"] = data_fingerprint(data, self.recipe.seed, read)
         return short_hash(parts)
 
     # -------------------------------------------------------------------------------- models
@@ -341,9 +404,9 @@ class Runner:
                 holder = {}
             handle.close()
             raise StageError(
-                f"{self.run_dir} is in use by process {holder.get('pid', '?')} (`{holder.get('command', 'nlgkd run')}`, "
-                f"started {holder.get('started', '?')}); wait for it to end, stop it, or give this run another "
-                "--runs-dir") from None
+                f"{self.run_dir} is in use by process {holder.get('pid', '?')} "
+                f"(`{holder.get('command', 'nlgkd run')}`, started {holder.get('started', '?')}); wait for it to end, "
+                "stop it, or give this run another --runs-dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "command": self.command,
@@ -380,6 +443,8 @@ class Runner:
             self.check_inputs(stage)
             done = sum(what in ("ran", "reused") for what in outcome.values())
             self.say(f"[{stage.key}] stage {done + 1} of {to_run} to run")
+            if not (force or start_from) and (reasons := self.rerun_reasons(stage)):
+                self.say(f"[{stage.key}] finished before, runs again and replaces it: " + "; ".join(reasons))
             same = None if force or start_from else self.same_artifact(stage)
             if same is not None:
                 self.reuse(stage, same)
@@ -469,7 +534,7 @@ class Runner:
             if is_teacher_field(where) and check.get("weak"):
                 if self.recipe.on_weak_teacher == "stop":
                     raise StageError(f"stage {stage.key!r}: " + weak_teacher_message(
-                        target.key, check, self.teacher_users(target), "stop"))
+                        target.key, check, self.teacher_users(target), "stop", check.get("model_type")))
                 metric = check["metric"]
                 self.say(f"[{stage.key}] note: its teacher {target.key!r} did not beat the trivial baselines "
                          f"({metric.upper()} {check['teacher'][metric]:.2f}; see its stage.json, teacher_check)")
@@ -523,6 +588,7 @@ class Runner:
                 "config": to_dict(stage.config),
                 "inputs": {where: self.reference_fingerprint(name, stage.index)
                            for where, _, name in references(stage.config)},
+                "data_fingerprint": self.fingerprint_parts(stage)["data"],
                 "seed": self.recipe.seed,
                 "world_size": acc.num_processes,
                 "started": started_at,

@@ -28,8 +28,8 @@ def baseline_predictions(sources: list[str], train_targets: list[str]) -> dict[s
     target (the first one seen among equally frequent) for every input."""
     predictions = {"copy_source": list(sources)}
     if train_targets:
-        counts = Counter(train_targets)
-        most_frequent = max(counts, key=lambda t: (counts[t], -train_targets.index(t)))
+        # most_common sorts stably: among equally frequent targets, the first seen comes first
+        most_frequent = Counter(train_targets).most_common(1)[0][0]
         predictions["most_frequent_target"] = [most_frequent] * len(sources)
     return predictions
 
@@ -48,16 +48,20 @@ def judge(teacher_scores: dict[str, float], sources: list[str], references: list
             "baselines": baselines, "beaten_by": beaten_by, "weak": bool(beaten_by)}
 
 
-def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: str) -> str:
-    """One paragraph for a weak teacher: which baseline beat it, by how much, what to try."""
+def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: str,
+                         model_type: str | None = None) -> str:
+    """One paragraph for a weak teacher: which baseline beat it, by how much, what to try (`model_type`, the
+    teacher's, tailors the advice on architecture)."""
     metric = check["metric"]
     worst = max(check["beaten_by"], key=lambda name: check["baselines"][name][metric])
     beaten = "; ".join(f"{BASELINES[name]} scores {check['baselines'][name][metric]:.2f}"
                        for name in check["beaten_by"])
     consequence = (f"stages {', '.join(users)} will not start (on_weak_teacher: stop)" if policy == "stop"
                    else f"stages {', '.join(users)} would learn its mistakes")
+    architecture = ("more text-infilling pretraining (a distill stage with denoising:) or a pretrained checkpoint"
+                    if model_type in ("bart", "mbart") else "arch: mbart for a fresh model, or a pretrained checkpoint")
     return (f"weak teacher: {stage_key!r} scores {metric.upper()} {check['teacher'][metric]:.2f} on "
             f"{check['examples']} validation examples, and {beaten} ({BASELINES[worst]} is the bar to beat); "
             f"{consequence}. Try more steps (max_steps / epochs) with early stopping on bleu, a higher lr or "
-            f"more warmup, arch: mbart for a fresh model, or check data.source / data.target; set "
+            f"more warmup, {architecture}, or check data.source / data.target; set "
             f"on_weak_teacher: {'warn to go on anyway' if policy == 'stop' else 'stop to stop here instead'}.")

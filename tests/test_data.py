@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nlgkd.data import collate, load_splits, pad
-from nlgkd.recipe import DataConfig, RecipeError
+from nlgkd.recipe import DataConfig, RecipeError, TaskData
 
 
 def write_jsonl(path, rows):
@@ -110,3 +110,17 @@ def test_collate_seq2seq_and_causal_align_targets():
 def test_left_padding():
     ids, mask = pad([[1, 2, 3], [4]], pad_id=0, left=True)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_tasks_read_their_files_from_the_top_level_data_dir_and_dir_is_refused_beside_a_hub_or_task(tmp_path):
+    from nlgkd.recipe import parse_recipe
+
+    write_jsonl(tmp_path / "qa.jsonl", [{"source": f"q{i}", "target": f"a{i}"} for i in range(3)])
+    config = DataConfig(dir=str(tmp_path), tasks={"qa": TaskData(train="qa.jsonl", prefix="qa: ")})
+    splits, report = load_splits(config)
+    assert report.sizes == {"train": 3} and splits["train"][0]["source"] == "qa: q0"
+    recipe = {"data": {"task": "demo", "dir": str(tmp_path)}, "models": {"m": {}}, "stages": [
+        {"name": "e", "kind": "evaluate", "models": ["m"]}]}
+    with pytest.raises(RecipeError, match=r"data\.dir: the folder of data files, but this dataset is the built-in "
+                                          r"task; remove dir"):
+        parse_recipe(recipe)

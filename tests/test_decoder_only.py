@@ -67,6 +67,7 @@ def test_generation_returns_only_the_continuation():
 def test_fresh_gpt2_through_finetune_and_evaluate(tmp_path, tiny_recipe):
     recipe = copy.deepcopy(tiny_recipe)
     recipe["models"]["teacher"]["arch"] = "gpt2"
+    del recipe["models"]["teacher"]["init_std"]  # a bart/mbart setting
     Runner(parse_recipe(recipe), runs_root=tmp_path).run()
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "eval" / "predictions" / "teacher.jsonl").read_text().splitlines()]
     assert len(rows) == 16

@@ -59,3 +59,20 @@ def test_a_nan_validation_score_is_never_the_best(tmp_path):
     result, _, lines = run(tmp_path, nan_steps=set(), evaluate=lambda model: {"val_loss": next(scores)})
     assert [h["val_loss"] for h in result.history][1] == 2.0
     assert result.best["val_loss"] == 2.0 and result.best["step"] == 6
+
+
+def test_nan_gradients_are_caught_without_clipping(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    calls = [0]
+
+    def compute_loss(model, batch, normalizer):  # a finite loss whose gradient is NaN on step 2
+        calls[0] += 1
+        weight = model.weight * (torch.tensor(float("nan")) if calls[0] == 2 else 1.0)
+        loss = (batch["x"] @ weight.T - 1.0).pow(2).sum() / normalizer
+        return torch.nan_to_num(loss.detach()) + loss - loss.detach(), {}
+
+    train(model=model, train_data=DATA, collate_fn=collate, compute_loss=compute_loss, evaluate=None,
+          args=TrainArgs(max_steps=4, batch_size=2, lr=0.05, save_every=None, log_every=1, max_grad_norm=0.0),
+          accelerator=make_accelerator(), out_dir=tmp_path, seed=0, log=lambda line: None)
+    assert torch.isfinite(model.weight).all()

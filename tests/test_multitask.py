@@ -59,7 +59,7 @@ def test_tasks_load_with_prefixes_task_column_and_sizes(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"task": "demo", "tasks": {"a": {"task": "demo"}}}, "not at the top of data"),
     ({"tasks": {"a": {"prefix": "x: "}}}, r"data.tasks.a: give exactly one of"),
-    ({"tasks": {"a": {"task": "demo", "weight": 0}}}, r"data.tasks.a.weight: must be > 0"),
+    ({"tasks": {"a": {"task": "demo", "weight": 0}}}, r"data\.tasks\.a\.weight: 0\.0 is out of range; it must be > 0"),
 ])
 def test_bad_task_configs_name_the_field(data, message):
     with pytest.raises(RecipeError, match=message):

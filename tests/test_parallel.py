@@ -137,3 +137,46 @@ def test_the_cli_starts_each_stage_as_nlgkd_run_stage_with_the_same_overrides(tm
     assert json.loads((tmp_path / "tiny" / "logs" / "teacher.log").read_text())["command"] == command
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "r.yaml", "--jobs", "0"])
+
+
+class FakeStage:
+    """A Handle that finishes after `polls` polls, counting how many fakes run at once."""
+    running = 0
+    peak = 0
+
+    def __init__(self, polls=3):
+        self.polls = polls
+        FakeStage.running += 1
+        FakeStage.peak = max(FakeStage.peak, FakeStage.running)
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls > 0:
+            return None
+        FakeStage.running -= 1
+        return 0
+
+
+def test_independent_stages_run_at_the_same_time_up_to_jobs(tmp_path, tiny_recipe):
+    runner = Runner(parse_recipe(branching_recipe(tiny_recipe)), runs_root=tmp_path)
+    started = []
+
+    def start(key):
+        started.append(key)
+        return FakeStage()
+
+    for jobs, peak in ((1, 1), (3, 2)):  # a and b are the only stages that can overlap
+        FakeStage.peak = 0
+        started.clear()
+        run_in_parallel(runner, runner.plan(), jobs=jobs, start=start, poll_seconds=0)
+        assert FakeStage.peak == peak and started == ["teacher", "a", "b", "a_again", "eval"]
+
+
+def test_jobs_refuse_a_multi_process_launch(tmp_path, tiny_recipe, monkeypatch, capsys):
+    from nlgkd.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", str(path), "--jobs", "2", "--runs-dir", str(tmp_path)]) == 2
+    assert "--jobs starts one process per stage; run it as a plain `nlgkd run`" in capsys.readouterr().err

@@ -177,3 +177,60 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_killed_run_leaves
     first.join()
     tiny_recipe["stages"][0].update(max_steps=4)  # the lock died with its process: a run goes ahead
     assert Runner(parse_recipe(tiny_recipe), runs_root=tmp_path / "runs").run()["teacher"] == "ran"
+
+
+def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, tiny_recipe, capsys):
+    from nlgkd.data import load_splits
+    from nlgkd.recipe import DataConfig, DemoSizes
+
+    # the tiny recipe's demo data written as files, so that one split can change alone
+    splits, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(**tiny_recipe["data"]["demo"])))
+    for split in ("train", "validation", "test", "unlabeled"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in splits[split]))
+    tiny_recipe["data"] = {"dir": str(tmp_path), "train": "train.jsonl", "validation": "validation.jsonl",
+                           "test": "test.jsonl", "max_source_length": 48, "max_target_length": 48}
+    tiny_recipe["stages"][0].update(max_steps=2, eval_samples=0, save_every=None)
+    tiny_recipe["stages"].append({"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train"],
+                                  "max_examples": 4, "decoding": {"strategy": "sample", "max_new_tokens": 4}})
+    runs = tmp_path / "runs"
+    assert set(Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run().values()) == {"ran"}
+
+    # an unlabeled file joins the recipe: no finished stage reads it, so none runs again
+    tiny_recipe["data"]["unlabeled"] = "unlabeled.jsonl"
+    assert set(Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run().values()) == {"skipped"}
+    # ... until a stage reads it; and a changed config says what changed
+    tiny_recipe["stages"][2]["inputs"] = ["train", "unlabeled"]
+    tiny_recipe["stages"][1]["decoding"] = {"strategy": "greedy", "max_new_tokens": 12, "batch_size": 4}
+    capsys.readouterr()
+    outcome = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run()
+    assert outcome == {"teacher": "skipped", "eval": "ran", "pts": "ran"}
+    out = capsys.readouterr().out
+    assert "[eval] finished before, runs again and replaces it: decoding.batch_size 8 -> 4; " \
+           "decoding.max_new_tokens 24 -> 12" in out
+    assert "[pts] finished before, runs again and replaces it: inputs ['train'] -> ['train', 'unlabeled']; " \
+           "the data it reads changed (train, unlabeled or the data settings)" in out
+    # the train file changes: the teacher, and so everything after it, runs again
+    (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text().replace("Giraffe", "Okapi"))
+    capsys.readouterr()
+    assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run()["teacher"] == "ran"
+    # (its input too: the fresh model's tokenizer is trained on the train split)
+    assert "[teacher] finished before, runs again and replaces it: its input model changed; the data it reads " \
+           "changed (train, validation" \
+           in capsys.readouterr().out
+
+
+def test_no_model_outlives_its_stage(tmp_path, tiny_recipe):
+    import gc
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    tiny_recipe["stages"] = [{**tiny_recipe["stages"][0], "max_steps": 2, "eval_samples": 0, "save_every": 1}]
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    runner.run()
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every object wakes torch.distributed's deprecated names
+        warnings.simplefilter("ignore")
+        alive = [type(o).__name__ for o in gc.get_objects()
+                 if isinstance(o, (PreTrainedModel, torch.optim.Optimizer))]
+    assert alive == [], f"still in memory after the stage: {alive}"  # an optimizer holds the parameters and moments

@@ -127,3 +127,23 @@ def test_evaluate_scores_the_baselines_on_its_split_when_asked(tmp_path, tiny_re
     assert metrics["copy_source"]["examples"] == len(test) and metrics["copy_source"]["decoding"] == "baseline"
     rows = (tmp_path / "tiny" / "eval" / "predictions" / "copy_source.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["prediction"] == test[0]["source"]
+
+
+def test_a_teacher_without_validation_data_is_noted_not_judged(tmp_path, tiny_recipe, capsys):
+    tiny_recipe["data"]["demo"]["validation"] = 0
+    recipe = three_step_teacher_recipe(tiny_recipe, "stop")
+    recipe["stages"][0].update(eval_samples=0)
+    Runner(parse_recipe(recipe), runs_root=tmp_path).run()  # nothing to judge: nothing stops
+    record = json.loads((tmp_path / "tiny" / "teacher" / "stage.json").read_text())
+    assert record["teacher_check"] == {"checked": False, "why": "no validation split"}
+    assert "no validation split, so this teacher of distill was not compared with trivial baselines" in \
+           capsys.readouterr().out
+
+
+def test_init_std_is_refused_where_nothing_uses_it(tiny_recipe):
+    from nlgkd.recipe import RecipeError
+
+    tiny_recipe["models"]["teacher"].update(arch="t5", init_std=0.1)
+    with pytest.raises(RecipeError, match=r"models\.teacher: init_std: only fresh bart and mbart models use it, "
+                                          r"and this one is arch t5; remove it"):
+        parse_recipe(tiny_recipe)

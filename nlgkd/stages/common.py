@@ -96,6 +96,15 @@ def make_validator(model, tokenizer, encoded, ctx, args):
                                         args.eval_samples, max(args.batch_size, 32))
 
 
+def raw_sources(ctx, rows) -> list[str]:
+    """The sources of `rows` without the task prefix a multi-task recipe puts before them (`data.tasks.NAME.
+    prefix`): what copying the source means for the trivial baseline."""
+    tasks = ctx.recipe.data.tasks
+    if "task" not in rows.column_names or not tasks:
+        return list(rows["source"])
+    return [source.removeprefix(tasks[task].prefix) for source, task in zip(rows["source"], rows["task"])]
+
+
 def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None, args) -> None:
     """When later stages use this training stage's model as a teacher: score it against trivial baselines on
     its validation examples (nlgkd/teacher_check.py), record `teacher_check` in stage.json, and warn when it
@@ -117,12 +126,14 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
         references = list(ctx.data()["validation"]["target"])
         scores = validation_metrics(model, tokenizer, encoded["validation"], references, ctx, n,
                                     max(args.batch_size, 32))
-    validation = ctx.data()["validation"]
+    validation = ctx.data()["validation"].select(range(n))
     train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
-    check = judge(scores, list(validation["source"][:n]), list(validation["target"][:n]), train_targets)
+    check = judge(scores, raw_sources(ctx, validation), list(validation["target"]), train_targets)
+    check["model_type"] = getattr(getattr(model, "config", None), "model_type", None)
     ctx.info["teacher_check"] = check
     if check["weak"]:
-        ctx.log("WARNING " + weak_teacher_message(ctx.stage.key, check, users, ctx.recipe.on_weak_teacher))
+        ctx.log("WARNING " + weak_teacher_message(ctx.stage.key, check, users, ctx.recipe.on_weak_teacher,
+                                                  check["model_type"]))
     else:
         best_baseline = max(check["baselines"].values(), key=lambda b: b["bleu"])["bleu"]
         ctx.log(f"teacher check: BLEU {check['teacher']['bleu']:.2f} beats the trivial baselines (best "
