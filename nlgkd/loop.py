@@ -49,6 +49,8 @@ class LoopResult:
     resumed_from: int | None
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # wall time of training steps, evaluations excluded
+    # wall and CPU seconds that killed earlier runs of this stage spent up to their last checkpoint
+    earlier_seconds: dict = field(default_factory=lambda: {"wall": 0.0, "cpu": 0.0})
     eval_seconds: float = 0.0
 
 
@@ -110,7 +112,8 @@ def train(
     autocast_dtype = resolve_precision(args.mixed_precision, accelerator.device)
 
     ckpt_root = out_dir / "checkpoints"
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": []}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": [],
+             "elapsed": {"wall": 0.0, "cpu": 0.0}}  # spent by this stage up to the checkpoint, across resumes
     resumed_from = None
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
@@ -124,7 +127,9 @@ def train(
         # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
         accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
+    earlier = dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0}))
+    last_save = started
     stopped_early = False
     nonfinite_in_a_row = 0
     running = RunningLogs()
@@ -175,8 +180,11 @@ def train(
                 stopped_early = run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log)
                 model.train()
                 eval_seconds += time.time() - eval_started
-            if args.save_every and step % args.save_every == 0 and step < total_steps and not stopped_early:
+            if step < total_steps and not stopped_early and checkpoint_due(args, step, last_save, accelerator):
+                state["elapsed"] = {"wall": earlier["wall"] + time.time() - started,
+                                    "cpu": earlier["cpu"] + time.process_time() - cpu_started}
                 save_checkpoint(accelerator, ckpt_root, state)
+                last_save = time.time()
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
     best_file = out_dir / "checkpoints" / "best.safetensors"
@@ -190,6 +198,7 @@ def train(
         steps=state["step"], epochs=round(epochs, 3), best=state["best"], stopped_early=stopped_early,
         resumed_from=resumed_from, history=state["history"],
         train_seconds=round(time.time() - started - eval_seconds, 2), eval_seconds=round(eval_seconds, 2),
+        earlier_seconds={k: round(v, 2) for k, v in earlier.items()},
     )
 
 
@@ -288,6 +297,17 @@ def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_f
         log(f"early stopping: no better {name} in {args.patience} evaluations")
         return True
     return False
+
+
+def checkpoint_due(args, step: int, last_save: float, accelerator) -> bool:
+    """Every `save_every` steps, and when `save_every_minutes` have passed since the last checkpoint. The clock
+    is read on each process, so the processes agree (max) every `log_every` steps; save_state is collective."""
+    if args.save_every and step % args.save_every == 0:
+        return True
+    if not args.save_every_minutes or step % args.log_every:
+        return False
+    late = float(time.time() - last_save >= 60 * args.save_every_minutes)
+    return bool(accelerator.reduce(torch.tensor(late, device=accelerator.device), "max").item())
 
 
 def save_checkpoint(accelerator, root: Path, state: dict) -> None:

@@ -225,6 +225,8 @@ class TrainArgs:
     early_stopping_metric: Literal["val_loss", "bleu", "chrf"] = "val_loss"
     patience: Optional[int] = field(default=None, metadata=doc("evaluations without improvement before stopping", ge=1))
     save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints", ge=1))
+    save_every_minutes: Optional[float] = field(default=10.0, metadata=doc(
+        "also a checkpoint when this many minutes passed since the last one (slow steps lose no more)", gt=0))
     log_every: int = field(default=10, metadata=bounds(ge=1))
     label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))

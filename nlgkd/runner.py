@@ -579,6 +579,7 @@ class Runner:
         finally:
             self.release_stage_state()
         acc.wait_for_everyone()
+        earlier = (ctx.info.get("train") or {}).get("earlier_seconds") or {}
         if acc.is_main_process:
             record = {
                 "name": stage.name,
@@ -593,8 +594,10 @@ class Runner:
                 "world_size": acc.num_processes,
                 "started": started_at,
                 "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "wall_seconds": round(time.time() - started, 2),
-                "cpu_seconds": round(time.process_time() - cpu_started, 2),  # this process, all its threads
+                # this run, plus what killed earlier runs of the stage spent up to their last checkpoint
+                "wall_seconds": round(time.time() - started + earlier.get("wall", 0.0), 2),
+                "cpu_seconds": round(time.process_time() - cpu_started + earlier.get("cpu", 0.0), 2),  # all threads
+                "wall_seconds_this_run": round(time.time() - started, 2),
                 **({"variant": stage.variant, "variant_of": stage.varied} if stage.variant else {}),
                 "versions": package_versions(),
                 **ctx.info,

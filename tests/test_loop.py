@@ -76,3 +76,18 @@ def test_nan_gradients_are_caught_without_clipping(tmp_path):
           args=TrainArgs(max_steps=4, batch_size=2, lr=0.05, save_every=None, log_every=1, max_grad_norm=0.0),
           accelerator=make_accelerator(), out_dir=tmp_path, seed=0, log=lambda line: None)
     assert torch.isfinite(model.weight).all()
+
+
+def test_a_checkpoint_is_also_saved_by_time_and_counts_the_time_spent(tmp_path):
+    import json
+
+    from nlgkd.loop import latest_checkpoint
+
+    # save_every: null, a checkpoint at most 1e-6 minutes apart, agreed every log_every = 2 steps
+    run(tmp_path, nan_steps=set(), evaluate=None, save_every=None, save_every_minutes=1e-6, log_every=2)
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "step-4"  # steps 2 and 4; never at the last step
+    elapsed = json.loads((latest / "trainer_state.json").read_text())["elapsed"]
+    assert elapsed["wall"] > 0 and elapsed["cpu"] > 0
+    result, _, _ = run(tmp_path, nan_steps=set())  # a new run in the same folder resumes from it
+    assert result.resumed_from == 4 and result.earlier_seconds == {k: round(v, 2) for k, v in elapsed.items()}
