@@ -82,6 +82,18 @@ def is_teacher_field(where: str) -> bool:
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
 
 
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """relative path -> {bytes, sha256} of every file of a finished stage's folder but its stage.json."""
+    found = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "stage.json"):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        found[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return found
+
+
 def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -159,6 +171,7 @@ class Runner:
         self.run_dir = Path(runs_root) / recipe.name
         self._accelerator = accelerator
         self._stages_ran = False  # end() closes the process group they used
+        self._verified: set[str] = set()  # finished stages whose files matched their checksums in this process
         self.command = " ".join(["nlgkd", *sys.argv[1:]])  # what the run directory's lock says holds it
         self._data = None
         self._data_report = None
@@ -530,6 +543,7 @@ class Runner:
                     f"stage {stage.key!r} needs {target.key!r} ({where}), which has not finished with the current "
                     f"recipe; run it first: `nlgkd run RECIPE --stage {target.key}` (or run the whole recipe)"
                 )
+            self.verify_artifact(target)
             check = (self.stage_record(target) or {}).get("teacher_check") or {}
             if is_teacher_field(where) and check.get("weak"):
                 if self.recipe.on_weak_teacher == "stop":
@@ -538,6 +552,25 @@ class Runner:
                 metric = check["metric"]
                 self.say(f"[{stage.key}] note: its teacher {target.key!r} did not beat the trivial baselines "
                          f"({metric.upper()} {check['teacher'][metric]:.2f}; see its stage.json, teacher_check)")
+
+    def verify_artifact(self, stage: Stage) -> None:
+        """The files of a finished stage are the ones it wrote (stage.json's checksums), else a StageError that
+        names the file and the command that makes it again. Once per stage and process; stages finished by an
+        nlgkd that recorded no checksums are trusted."""
+        if stage.key in self._verified:
+            return
+        expected = (self.stage_record(stage) or {}).get("files")
+        folder = self.finished_dir(stage)
+        if expected is not None:
+            found = {path: info for path, info in file_checksums(folder).items() if path in expected}
+            for path, info in expected.items():
+                now = found.get(path)
+                if now != info:
+                    what = ("is missing" if now is None else f"has {now['bytes']:,} bytes, not {info['bytes']:,}"
+                            if now["bytes"] != info["bytes"] else "changed since it was written (its checksum)")
+                    raise StageError(f"{folder / path} {what}; stage {stage.key!r} made it: make it again with "
+                                     f"`nlgkd run RECIPE --stage {stage.key} --force`")
+        self._verified.add(stage.key)
 
     def teacher_users(self, stage: Stage) -> list[str]:
         """Keys of the later stages that learn from `stage`'s model as a teacher (distill, pseudo_targets,
@@ -604,6 +637,7 @@ class Runner:
             }
             shutil.rmtree(partial / "checkpoints", ignore_errors=True)
             (partial / "fingerprint").unlink(missing_ok=True)
+            record["files"] = file_checksums(partial)  # what later stages verify before they read it
             (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
             final = self.finished_dir(stage)
             if final.exists():

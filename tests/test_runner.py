@@ -237,3 +237,17 @@ def test_no_model_outlives_its_stage(tmp_path, tiny_recipe):
         alive = [type(o).__name__ for o in gc.get_objects()
                  if isinstance(o, (PreTrainedModel, torch.optim.Optimizer))]
     assert alive == [], f"still in memory after the stage: {alive}"  # an optimizer holds the parameters and moments
+
+
+def test_a_damaged_artifact_is_named_before_a_stage_reads_it(tmp_path, tiny_recipe):
+    tiny_recipe["stages"][0].update(max_steps=2, eval_samples=0, save_every=None)
+    Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="teacher")
+    record = json.loads((tmp_path / "tiny" / "teacher" / "stage.json").read_text())
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(record["files"])
+    weights = tmp_path / "tiny" / "teacher" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a disk that filled up, a copy that stopped half-way
+    with pytest.raises(StageError, match=r"teacher/model\.safetensors has 1,000 bytes, not [\d,]+; stage 'teacher' "
+                                         r"made it: make it again with `nlgkd run RECIPE --stage teacher --force`"):
+        Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="eval")
+    assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="teacher", force=True)
+    assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="eval") == {"eval": "ran"}
