@@ -60,8 +60,6 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
         return None
     if choice == "bf16":
         return torch.bfloat16
-    if choice == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
@@ -92,7 +90,8 @@ def train(
         raise ValueError(f"batch_size {args.batch_size} must be divisible by the {world} processes")
     n = len(data_for_epoch(0))
     batches_per_epoch = math.ceil(n / args.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
+    # an epoch's last window may hold fewer than grad_accum batches, and it is a step too
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     eval_every = args.eval_every or steps_per_epoch
 

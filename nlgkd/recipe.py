@@ -216,9 +216,10 @@ class TrainArgs:
     weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
     warmup_steps: int = field(default=0, metadata=bounds(ge=0))
     max_grad_norm: float = field(default=1.0, metadata=bounds(ge=0))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
-        default="auto", metadata=doc("auto = bf16 on a GPU that has it, else fp32")
-    )
+    mixed_precision: Literal["auto", "no", "bf16"] = field(
+        default="auto", metadata=doc(
+            "auto = bf16 on a GPU that has it, else fp32 (no fp16: it needs loss scaling, which this loop does "
+            "not do)"))
     eval_every: Optional[int] = field(default=None, metadata=doc(
         "steps between evaluations; default once per epoch", ge=1))
     eval_samples: int = field(default=128, metadata=doc("validation examples decoded for the generation metric", ge=0))
@@ -382,6 +383,10 @@ class DistillConfig(TrainArgs):
         "finetune and no teacher, it is denoising pretraining of the student itself"))
 
     def __post_init__(self):
+        if self.joint_teaching is not None and self.objective not in ("logits_kd", "noisy_kd"):
+            raise RecipeError(f"joint_teaching: trains with the KL to the teacher on prefixes the student samples, so "
+                              f"it needs objective: logits_kd or noisy_kd (and a teacher), not {self.objective!r}; "
+                              "remove joint_teaching or change the objective")
         if self.noise_dropout is not None and self.objective != "noisy_kd":
             raise RecipeError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
                               f"{self.objective!r}; remove noise_dropout or set objective: noisy_kd")

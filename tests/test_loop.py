@@ -91,3 +91,9 @@ def test_a_checkpoint_is_also_saved_by_time_and_counts_the_time_spent(tmp_path):
     assert elapsed["wall"] > 0 and elapsed["cpu"] > 0
     result, _, _ = run(tmp_path, nan_steps=set())  # a new run in the same folder resumes from it
     assert result.resumed_from == 4 and result.earlier_seconds == {k: round(v, 2) for k, v in elapsed.items()}
+
+
+def test_epochs_count_the_last_partial_accumulation_window(tmp_path):
+    # 8 examples, batch 2: 4 batches an epoch; grad_accum 3: windows of 3 and 1 batches, 2 steps an epoch
+    result, _, _ = run(tmp_path, nan_steps=set(), max_steps=None, epochs=2, grad_accum=3, eval_every=None)
+    assert result.steps == 4 and result.epochs == 2.0

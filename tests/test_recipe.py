@@ -196,3 +196,15 @@ def test_nlgkd_stages_shows_the_ranges(capsys):
 def test_a_bad_override_is_one_clear_error(tiny_recipe, override, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(tiny_recipe, overrides=[override])
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"objective": "finetune", "joint_teaching": {}}, r"joint_teaching: trains with the KL .* not 'finetune'"),
+    ({"objective": "logits_mse", "joint_teaching": {}}, r"joint_teaching: .* not 'logits_mse'"),
+    ({"mixed_precision": "fp16"}, r"mixed_precision: 'fp16' is not allowed.*allowed: auto, no, bf16"),
+])
+def test_settings_that_cannot_train_as_asked_are_refused(tiny_recipe, stage, message):
+    tiny_recipe["stages"].append({"name": "kd", "kind": "distill", "student": "teacher", "teacher": "teacher",
+                                  **stage})
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(tiny_recipe)
