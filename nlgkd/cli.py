@@ -80,7 +80,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, max_source_length=args.max_source_length,
-          default_max_tokens=args.max_tokens)
+          default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
     return 0
 
 
@@ -159,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="default: this machine only")
     serve.add_argument("--name", help="model name clients ask for (default: the folder's name)")
     serve.add_argument("--max-source-length", type=int, default=512, help="input tokens kept (default 512)")
-    serve.add_argument("--max-tokens", type=int, default=256, help="answer tokens when a request sets no max_tokens")
+    serve.add_argument("--max-tokens", type=positive_int, default=256,
+                       help="answer tokens when a request sets no max_tokens")
+    serve.add_argument("--max-tokens-cap", type=positive_int, default=1024,
+                       help="the most answer tokens a request may ask for (default 1024); more is a 400")
+    serve.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                       help="the largest request body accepted (default 1 MiB); larger is a 413")
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="collect a run directory's evaluations into tables and plots")

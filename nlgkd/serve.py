@@ -35,9 +35,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 MAX_N = 64
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 
 
 class ApiError(Exception):
@@ -91,7 +93,7 @@ def message_text(message: ChatMessage) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-def check_request(req: ChatRequest, served_name: str) -> None:
+def check_request(req: ChatRequest, served_name: str, max_tokens_cap: int | None = None) -> None:
     if req.stream:
         raise ApiError(400, "stream: true is not supported by nlgkd serve; send stream: false", "stream")
     if req.model is not None and req.model != served_name:
@@ -111,6 +113,11 @@ def check_request(req: ChatRequest, served_name: str) -> None:
         value = getattr(req, name)
         if value is not None and value < 1:
             raise ApiError(400, f"{name}: must be at least 1, got {value}", name)
+        if value is not None and max_tokens_cap is not None and value > max_tokens_cap:
+            raise ApiError(400, f"{name}: at most {max_tokens_cap} on this server (nlgkd serve --max-tokens-cap), "
+                                f"got {value}", name)
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise ApiError(400, f"seed: must be between 0 and {MAX_SEED}, got {req.seed}", "seed")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
@@ -123,12 +130,15 @@ def check_request(req: ChatRequest, served_name: str) -> None:
 class ServedModel:
     """A model and its tokenizer, and one function: chat request -> OpenAI chat.completion dict."""
 
-    def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256):
+    def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256,
+                 max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.max_source_length = max_source_length
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens = min(default_max_tokens, max_tokens_cap)
+        self.max_tokens_cap = max_tokens_cap  # no request asks for more: one request cannot hold the model
+        self.max_body_bytes = max_body_bytes
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.lock = threading.Lock()  # one generate at a time; the global torch seed is set per request
 
@@ -255,6 +265,20 @@ def create_app(served: ServedModel) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
         return error_response(400, f"invalid request: {problems}")
 
+    @app.exception_handler(StarletteHTTPException)  # unknown paths, wrong methods: the same error shape
+    async def http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(err.status_code, f"{request.method} {request.url.path}: {err.detail}", kind=kind)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared and declared.isdigit() else len(await request.body())
+        if size > served.max_body_bytes:
+            return error_response(413, f"request body of {size:,} bytes; this server takes at most "
+                                       f"{served.max_body_bytes:,} (nlgkd serve --max-body-bytes)")
+        return await call_next(request)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
@@ -263,28 +287,31 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         req = req.with_defaults()
-        check_request(req, served.name)
+        check_request(req, served.name, served.max_tokens_cap)
         return await asyncio.to_thread(served.complete, req)
 
     return app
 
 
 def load_served_model(model_dir: str, name: str | None = None, device: str | None = None,
-                      max_source_length: int = 512, default_max_tokens: int = 256) -> ServedModel:
+                      max_source_length: int = 512, default_max_tokens: int = 256, max_tokens_cap: int = 1024,
+                      max_body_bytes: int = 1 << 20) -> ServedModel:
     from .models import load_pretrained
 
     model, tokenizer = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     return ServedModel(model, tokenizer, name or Path(model_dir).resolve().name, max_source_length,
-                       default_max_tokens)
+                       default_max_tokens, max_tokens_cap, max_body_bytes)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          max_source_length: int = 512, default_max_tokens: int = 256, log_level: str = "info") -> None:
+          max_source_length: int = 512, default_max_tokens: int = 256, log_level: str = "info",
+          max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20) -> None:
     import uvicorn
 
     served = load_served_model(model_dir, name, max_source_length=max_source_length,
-                               default_max_tokens=default_max_tokens)
+                               default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
+                               max_body_bytes=max_body_bytes)
     print(f"serving {model_dir} as model {served.name!r} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(create_app(served), host=host, port=port, log_level=log_level)

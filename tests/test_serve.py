@@ -185,3 +185,33 @@ def test_decoder_only_model_continues_the_last_user_message(served):
     assert [c.message.content for c in answer.choices] == expected
     assert answer.usage.prompt_tokens == len(prompt)
     assert all("".join(e.token for e in c.logprobs.content) == c.message.content for c in answer.choices)
+
+
+def test_limits_and_every_4xx_speak_the_openai_error_format(served):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    model, client = served
+    base = str(client.base_url).rstrip("/")
+    messages = [{"role": "user", "content": SOURCE}]
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens: at most 1024 on this server"):
+        client.chat.completions.create(model="teacher", messages=messages, max_tokens=1025)
+    with pytest.raises(openai.BadRequestError, match=r"seed: must be between 0 and"):  # was a 500
+        client.chat.completions.create(model="teacher", messages=messages, seed=2**70)
+    huge = http("POST", f"{base}/chat/completions", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]})
+    unknown = http("GET", f"{base}/nowhere")
+    wrong_method = http("GET", f"{base}/chat/completions")
+    for (status, body), expected in ((huge, 413), (unknown, 404), (wrong_method, 405)):
+        assert status == expected and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "takes at most 1,048,576" in huge[1]["error"]["message"]
+    assert unknown[1]["error"]["message"] == "GET /v1/nowhere: Not Found"
