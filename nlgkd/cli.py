@@ -23,6 +23,8 @@ def cmd_run(args) -> int:
     runner = Runner(recipe, runs_root=args.runs_dir)
     runner.command = " ".join(["nlgkd", *args.argv])
     if args.dry_run:
+        if not data_files_ok(recipe):
+            return 2
         runner.dry_run(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
         return 0
     if args.jobs > 1:
@@ -58,8 +60,21 @@ def run_jobs(runner, args) -> dict[str, str]:
     return run_in_parallel(runner, plan, args.jobs, start)
 
 
+def data_files_ok(recipe) -> bool:
+    """Print every problem of the recipe's data files (missing, unreadable, a column the recipe reads not in
+    them); False when there is one."""
+    from .data_files import data_problems
+
+    problems = data_problems(recipe.data)
+    for problem in problems:
+        print(f"error: {recipe.source}: {problem}", file=sys.stderr)
+    return not problems
+
+
 def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
+    if not data_files_ok(recipe):
+        return 2
     print(f"{args.recipe}: valid recipe {recipe.name!r} with {len(recipe.stages)} stage(s):")
     for stage in recipe.stages:
         copies = [s for s in recipe.instances if s.index == stage.index]

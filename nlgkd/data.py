@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 
+from .data_files import template_fields
 from .recipe import SPLITS, DataConfig, DataSource, RecipeError
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -121,13 +121,6 @@ def _load_hub(source: DataSource, where: str) -> dict[str, datasets.Dataset]:
             f"{where}.hub: {source.hub!r} has splits {list(loaded)}; map one to train with {where}.hub_splits"
         )
     return splits
-
-
-def template_fields(template: str) -> list[str]:
-    """Columns a field spec reads: a plain column name, or the {names} of a template."""
-    if "{" not in template:
-        return [template]
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def render(template: str, row: dict) -> str:

@@ -77,6 +77,13 @@ def test_cache_with_another_tokenizer_is_refused(trained):
     data = json.loads(manifest.read_text())
     data["tokenizer"] = "0" * 16
     manifest.write_text(json.dumps(data))
+    # as if the cache had been made for another tokenizer (its stage.json's checksums agree with its files)
+    from nlgkd.runner import file_checksums
+
+    record_file = runner.run_dir / "cache_other" / "stage.json"
+    record = json.loads(record_file.read_text())
+    record["files"] = file_checksums(runner.run_dir / "cache_other")
+    record_file.write_text(json.dumps(record))
     runner, _ = with_stage(trained, cache_stage("cache_other", top_k=4),
                            {**distill_stage("bad_cache"), "teacher": None, "cached_teacher": "cache_other"})
     with pytest.raises(StageError, match=r"cached_teacher: the cache was made with another tokenizer"):

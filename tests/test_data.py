@@ -124,3 +124,32 @@ def test_tasks_read_their_files_from_the_top_level_data_dir_and_dir_is_refused_b
     with pytest.raises(RecipeError, match=r"data\.dir: the folder of data files, but this dataset is the built-in "
                                           r"task; remove dir"):
         parse_recipe(recipe)
+
+
+def test_validate_reads_the_first_row_of_every_data_file(tmp_path, capsys):
+    from nlgkd.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}])
+    (tmp_path / "test.csv").write_text("question,reply\nq,a\n", encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('not json\n', encoding="utf-8")
+    recipe = {"name": "mine", "data": {"dir": str(tmp_path), "train": "train.jsonl", "test": "test.csv",
+                                       "validation": "valid.jsonl", "unlabeled": "bad.jsonl",
+                                       "source": "{question}", "target": "answr"},
+              "models": {"t": {}}, "stages": [{"name": "t", "kind": "finetune", "model": "t"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    assert main(["validate", str(path)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        f"error: {path}: data.target: column 'answr' is not in '{tmp_path}/train.jsonl' (did you mean 'answer'?); "
+        "its columns are ['question', 'answer']",
+        f"error: {path}: data.validation: '{tmp_path}/valid.jsonl' not found (paths are relative to where you run "
+        "nlgkd, or to data.dir)",
+        f"error: {path}: data.target: column 'answr' is not in '{tmp_path}/test.csv'; its columns are "
+        "['question', 'reply']",
+        f"error: {path}: data.unlabeled: cannot read '{tmp_path}/bad.jsonl': line 1 is not JSON (Expecting value)",
+    ]
+    assert main(["run", str(path), "--dry-run", "--runs-dir", str(tmp_path)]) == 2  # the same checks
+    recipe["data"].update(target="answer", validation="train.jsonl", test="train.jsonl", unlabeled="train.jsonl")
+    path.write_text(json.dumps(recipe))
+    assert main(["validate", str(path)]) == 0
