@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; finished stages are kept and a re-run resumes the unfinished one", file=sys.stderr)
+        print("\ninterrupted; finished stages are kept and a re-run resumes the unfinished one (a stage re-run "
+              "with --from or --force resumes with the same option)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `nlgkd stages | head`: the reader has gone, nothing more to say
         sys.stderr.close()

@@ -103,10 +103,31 @@ def _load_file(path: str, field_path: str) -> datasets.Dataset:
                 f"{field_path}: {path!r} is not UTF-8 (byte {err.start}); re-encode it, e.g. "
                 f"`iconv -f latin1 -t utf-8 {path} > fixed{file.suffix}`"
             ) from None
+    if file.stat().st_size == 0:
+        raise RecipeError(f"{field_path}: {path!r} is empty; give a file with one example per line (or row)")
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
-    except Exception as err:  # datasets raises many kinds; the user needs the file and the reason
-        raise RecipeError(f"{field_path}: could not read {path!r}: {err}") from None
+    except Exception as err:  # datasets raises many kinds; the user needs the file, the line and the reason
+        reason = first_bad_json_line(file) if loader == "json" else None
+        raise RecipeError(f"{field_path}: could not read {path!r}: {reason or str(err) or type(err).__name__}") \
+            from None
+
+
+def first_bad_json_line(file: Path) -> str | None:
+    """'line N is not JSON (...)' for the first line of a JSON-lines file that does not parse, else None."""
+    import json
+
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.strip())
+            except json.JSONDecodeError as err:
+                if number == 1 and line.lstrip().startswith("["):
+                    return None  # one JSON array, not JSON lines
+                return f"line {number} is not JSON ({err.msg} at column {err.colno})"
+    return None
 
 
 def _load_hub(source: DataSource, where: str) -> dict[str, datasets.Dataset]:

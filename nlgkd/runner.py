@@ -451,6 +451,9 @@ class Runner:
                 continue
             if action == "skip":
                 self.say(f"[{stage.key}] done earlier with the same inputs and config; skipped")
+                if self.partial_dir(stage).exists():  # a forced re-run of it was interrupted
+                    self.say(f"[{stage.key}] note: an interrupted re-run of it is in {self.partial_dir(stage)}; the "
+                             f"finished result is kept; `nlgkd run RECIPE --from {stage.key}` continues the re-run")
                 outcome[stage.key] = "skipped"
                 continue
             self.check_inputs(stage)

@@ -153,3 +153,14 @@ def test_validate_reads_the_first_row_of_every_data_file(tmp_path, capsys):
     recipe["data"].update(target="answer", validation="train.jsonl", test="train.jsonl", unlabeled="train.jsonl")
     path.write_text(json.dumps(recipe))
     assert main(["validate", str(path)]) == 0
+
+
+def test_an_empty_or_broken_data_file_is_named_with_the_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"data\.train: '.*empty\.jsonl' is empty; give a file with one example"):
+        load_splits(DataConfig(train=str(tmp_path / "empty.jsonl")))
+    (tmp_path / "broken.jsonl").write_text('{"source": "a", "target": "b"}\n\n{"source": "c", "target"\n',
+                                           encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"data\.train: could not read '.*broken\.jsonl': line 3 is not JSON "
+                                          r"\(Expecting ':' delimiter at column 25\)"):
+        load_splits(DataConfig(train=str(tmp_path / "broken.jsonl")))
