@@ -253,7 +253,7 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
             totals[k] = totals.get(k, 0.0) + float(v)
     # the global gradient norm, clipped to max_grad_norm (0: not clipped, still measured for the NaN check)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-    totals["grad_norm"] = float(grad_norm) * accelerator.num_processes  # undone by the mean below
+    totals["grad_norm"] = float(grad_norm)  # the same on every process (synchronized gradients): the mean keeps it
     keys = sorted(totals)
     values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
     mean = accelerator.reduce(values, "sum") / accelerator.num_processes

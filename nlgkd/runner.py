@@ -33,12 +33,14 @@ class StageError(RuntimeError):
 
 def make_accelerator(log_with: list[str] | None = None, project_dir: str | None = None):
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
-    # global batch sizes, split over processes: results do not depend on the process count.
+    # global batch sizes, split over processes: results do not depend on the process count. (The old
+    # Accelerator(split_batches=True) keyword is ignored by accelerate 1.15: each process then took whole
+    # batches, and 2 processes trained with twice the batch of 1; a test compares their losses and weights.)
     # cpu=True on CPU-only machines: without it accelerate treats each torchrun process as a lone run.
-    return Accelerator(split_batches=True, log_with=log_with or None, project_dir=project_dir,
-                       cpu=not torch.cuda.is_available())
+    return Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True), log_with=log_with or None,
+                       project_dir=project_dir, cpu=not torch.cuda.is_available())
 
 
 def package_versions() -> dict[str, str]:

@@ -130,3 +130,43 @@ def test_noise_dropout_makes_the_teacher_noisy(trained):
         assert not torch.equal(teacher(**batch).logits, teacher(**batch).logits)
         teacher.eval()  # eval mode turns the noise off again
         assert torch.equal(teacher(**batch).logits, teacher(**batch).logits)
+
+
+@pytest.mark.parametrize("fields", [
+    {"objective": "finetune"},
+    {"objective": "logits_kd", "temperature": 2.0, "alpha": 0.3},
+    {"objective": "logits_kd", "divergence": "reverse_kl", "temperature": 0.5},
+    {"objective": "logits_mse", "alpha": 0.25},
+], ids=["finetune", "forward_kl_T2_alpha", "reverse_kl_T05", "logits_mse_alpha"])
+def test_each_objective_is_its_formula_with_the_stages_temperature_and_alpha(trained, fields):
+    """The distill stage's loss equals the textbook formula written out here, so a swapped alpha or an
+    ignored temperature fails."""
+    from nlgkd.recipe import DistillConfig
+    from nlgkd.stages.distill import StudentWithProjections, make_loss
+
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    teacher, _ = load_pretrained(str(root / "tiny" / "teacher"))
+    splits, _ = load_splits(parse_recipe(recipe).data)
+    encoded, _ = encode(splits["validation"], tokenizer, 48, 48)
+    batch = collate(list(encoded)[:6], pad_id=tokenizer.pad_token_id, causal=False)
+    cfg = DistillConfig(student="student", teacher="teacher", **fields)
+    normalizer = 17.0  # the loop's global token count; any number scales every term alike
+    loss, _ = make_loss(cfg, [teacher.eval()], causal=False)(StudentWithProjections(student.eval(), {}), batch,
+                                                             normalizer)
+
+    with torch.no_grad():
+        s, t = target_logits(student, batch).double(), target_logits(teacher, batch).double()
+    mask = batch["labels"] != -100
+    ce = torch.nn.functional.cross_entropy(s[mask], batch["labels"][mask], reduction="sum") / normalizer
+    T, alpha = cfg.temperature, cfg.alpha
+    log_ps, log_pt = (s[mask] / T).log_softmax(-1), (t[mask] / T).log_softmax(-1)
+    if cfg.objective == "finetune":
+        expected = ce
+    elif cfg.objective == "logits_mse":
+        expected = (1 - alpha) * ((s[mask] - t[mask]) ** 2).mean(-1).sum() / normalizer + alpha * ce
+    elif cfg.divergence == "forward_kl":
+        expected = (1 - alpha) * T**2 * (log_pt.exp() * (log_pt - log_ps)).sum() / normalizer + alpha * ce
+    else:
+        expected = (1 - alpha) * T**2 * (log_ps.exp() * (log_ps - log_pt)).sum() / normalizer + alpha * ce
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

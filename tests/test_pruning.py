@@ -1,6 +1,7 @@
 """Tests for nlgkd.pruning: layer-selection rules, and pruning tiny random models of every family."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -197,6 +198,21 @@ def test_pruned_model_generates_saves_and_reloads(family, tmp_path):
         assert getattr(student.config, family_spec.encoder_field) == 2
     assert info["student_params"] == count_parameters(student) < info["teacher_params"]
     assert info["compression"] == info["teacher_params"] / info["student_params"] > 1
+
+    # Student layer i holds teacher layer keep[i], weight for weight (T5's position bias lives in block 0)
+    layer = re.compile(r"\.(block|layers|h)\.(\d+)\.")
+    teacher_params = dict(teacher.named_parameters())
+    compared = 0
+    for name, param in student.named_parameters():
+        match = layer.search(name)
+        if not match:
+            continue
+        side = "encoder_layers" if is_seq2seq and "encoder" in name[:match.start()] else "decoder_layers"
+        kept = info[side][int(match.group(2))] if "relative_attention_bias" not in name else 0
+        source = name[:match.start()] + f".{match.group(1)}.{kept}." + name[match.end():]
+        assert torch.equal(param, teacher_params[source]), f"{name} is not the teacher's {source}"
+        compared += 1
+    assert compared > 0
 
     # Cached greedy generation works and agrees with the uncached forward pass.
     batch = inputs_for(student)

@@ -156,6 +156,14 @@ def test_two_processes_give_the_same_results_as_one(trained, two_processes):
                             (run_dir / "eval2" / "predictions" / "ft2.jsonl").read_text().splitlines()]
     assert read(two) == read(runner.run_dir)
     assert len(read(two)) == 16
+    # the same training, not only the same outputs: the losses logged at every step and the final weights
+    from safetensors.torch import load_file
+
+    losses = lambda run_dir: [json.loads(line)["loss"] for line in (run_dir / "ft2" / "metrics.jsonl").read_text()
+                              .splitlines() if "loss" in json.loads(line)]
+    assert len(losses(two)) == 12 and losses(two) == pytest.approx(losses(runner.run_dir), rel=1e-5)
+    ours, theirs = (load_file(str(d / "ft2" / "model.safetensors")) for d in (two, runner.run_dir))
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs)
 
 
 def test_a_second_run_on_a_live_run_directory_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, tiny_recipe):
