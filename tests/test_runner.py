@@ -233,17 +233,21 @@ def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, t
 def test_no_model_outlives_its_stage(tmp_path, tiny_recipe):
     import gc
     import warnings
+    import weakref
 
     from transformers import PreTrainedModel
 
+    def models_and_optimizers():
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on every object wakes torch.distributed's deprecated names
+            warnings.simplefilter("ignore")
+            return [o for o in gc.get_objects() if isinstance(o, (PreTrainedModel, torch.optim.Optimizer))]
+
+    before = weakref.WeakSet(models_and_optimizers())  # other tests' fixtures may hold models of their own
     tiny_recipe["stages"] = [{**tiny_recipe["stages"][0], "max_steps": 2, "eval_samples": 0, "save_every": 1}]
-    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)  # alive, as during the next stages of a run
     runner.run()
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance on every object wakes torch.distributed's deprecated names
-        warnings.simplefilter("ignore")
-        alive = [type(o).__name__ for o in gc.get_objects()
-                 if isinstance(o, (PreTrainedModel, torch.optim.Optimizer))]
+    alive = [type(o).__name__ for o in models_and_optimizers() if o not in before]
     assert alive == [], f"still in memory after the stage: {alive}"  # an optimizer holds the parameters and moments
 
 
