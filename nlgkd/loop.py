@@ -135,8 +135,14 @@ def train(
     eval_seconds = 0.0
     model.train()
     while state["step"] < total_steps and not stopped_early:
-        loader = epoch_loader(data_for_epoch(state["epoch"]), state["epoch"], seed, args.batch_size, collate_fn,
-                              accelerator)
+        epoch_data = data_for_epoch(state["epoch"])
+        if state["batch_in_epoch"] >= math.ceil(len(epoch_data) / args.batch_size):
+            # a checkpoint saved right at the end of an epoch: the next one starts (skipping every batch of a
+            # loader yields a None batch in accelerate 1.0)
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            continue
+        loader = epoch_loader(epoch_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator)
         batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
         while state["step"] < total_steps and not stopped_early:
             window = [b for _, b in zip(range(args.grad_accum), batches)]
