@@ -245,12 +245,14 @@ def encode(
 def collate(examples: list[dict], pad_id: int, causal: bool, sep_id: int | None = None,
             tasks: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Batch tokenized examples (see module docstring for the shapes). Right padding for training.
-    With `tasks` (multi-task data) the batch also has `task_index` [B]: each example's position in `tasks`."""
+    With `tasks` (multi-task data) the batch also has `task_index` [B]: each example's position in `tasks`.
+    An example with `ignore: True` keeps every label at -100 (it pads a batch and teaches nothing)."""
     targets = [ex["target_ids"] for ex in examples]
     width = max(len(t) for t in targets)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, t in enumerate(targets):
-        labels[i, : len(t)] = torch.tensor(t)
+        if not examples[i].get("ignore"):  # a filler row (nlgkd/loop.py: epoch_loader): no label counts
+            labels[i, : len(t)] = torch.tensor(t)
     if not causal:
         input_ids, attention_mask = pad([ex["source_ids"] for ex in examples], pad_id, left=False)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -233,11 +233,33 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 
 
 def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn, accelerator) -> DataLoader:
-    """This epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    """This epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    With several processes, a partial last batch is topped up to a whole one with copies marked `ignore`
+    (collated with every label -100: no loss, no token counted). Left partial, accelerate would top it up with
+    real examples from the epoch's start (`even_batches`), which then count twice, and N processes would no
+    longer train like 1."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(train_data), generator=generator).tolist()
-    loader = DataLoader(Subset(train_data, order), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    missing = -len(order) % batch_size if accelerator.num_processes > 1 else 0
+    data = ToppedUp(Subset(train_data, order), missing)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     return accelerator.prepare_data_loader(loader)
+
+
+class ToppedUp(torch.utils.data.Dataset):
+    """`examples` followed by `extra` ignored copies of its first ones (see `epoch_loader`)."""
+
+    def __init__(self, examples, extra: int):
+        self.examples, self.extra = examples, extra
+
+    def __len__(self) -> int:
+        return len(self.examples) + self.extra
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.examples):
+            return self.examples[i]
+        return {**self.examples[(i - len(self.examples)) % len(self.examples)], "ignore": True}
 
 
 def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra=None) -> dict:

@@ -167,7 +167,9 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> None:
 # steps). The suite starts the process group once.
 TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
 TWO_PROCESS_STAGES = [
-    {**TINY_RECIPE["stages"][0], "name": "ft2", "model": "fresh", "log_every": 1},
+    # batch 24 on 320 examples: 13 whole batches and a partial one, at step 14 (topped up with ignored rows)
+    {**TINY_RECIPE["stages"][0], "name": "ft2", "model": "fresh", "log_every": 1, "batch_size": 24, "max_steps": 14,
+     "eval_every": 7},
     {"name": "eval2", "kind": "evaluate", "models": ["ft2"],
      "decoding": {"strategy": "greedy", "max_new_tokens": 24, "batch_size": 8}},
     {"name": "pts2", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],

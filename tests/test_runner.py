@@ -161,7 +161,7 @@ def test_two_processes_give_the_same_results_as_one(trained, two_processes):
 
     losses = lambda run_dir: [json.loads(line)["loss"] for line in (run_dir / "ft2" / "metrics.jsonl").read_text()
                               .splitlines() if "loss" in json.loads(line)]
-    assert len(losses(two)) == 12 and losses(two) == pytest.approx(losses(runner.run_dir), rel=1e-5)
+    assert len(losses(two)) == 14 and losses(two) == pytest.approx(losses(runner.run_dir), rel=1e-5)
     ours, theirs = (load_file(str(d / "ft2" / "model.safetensors")) for d in (two, runner.run_dir))
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs)
 

@@ -435,6 +435,7 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                        **kwargs)
             labels = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
+            labels[(batch["labels"] == -100).all(1)] = -100  # filler rows stay ignored (loop.epoch_loader)
             lengths.append((labels != -100).sum(1).float().mean().item())
             new_window.append({**batch, "labels": labels, "student_prefix": True})
         student.train(was_training)
