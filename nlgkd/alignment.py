@@ -352,7 +352,7 @@ def write_soft_targets(folder, rows: Sequence[dict], tokenizer, top_k: int, meta
         if max_source_length is not None and len(source_ids) > max_source_length:
             source_ids = source_ids[: max_source_length - 1] + [source_ids[-1]]  # keep the final </s>, as encode
         examples.append({"source": row["source"], "target": row["pt"], "source_ids": source_ids,
-                         "target_ids": target_ids})
+                         "target_ids": target_ids, "kind": "pt", "input": row["source"]})
         all_ids.append(ids)
         all_logprobs.append(logprobs)
         one_hot += int((~aligned).sum())

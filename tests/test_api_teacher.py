@@ -469,7 +469,7 @@ def test_api_teacher_flow_end_to_end(trained, tmp_path):
              "align_to": "student",
              "decoding": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 2, "max_new_tokens": 10}},
             {"name": "api_distill", "kind": "distill", "student": "student", "cached_teacher": "api_pts",
-             "max_steps": 3, "batch_size": 4, "eval_samples": 0, "save_every": None, "log_every": 1},
+             "gold": False, "max_steps": 3, "batch_size": 4, "eval_samples": 0, "save_every": None, "log_every": 1},
             {"name": "api_eval", "kind": "evaluate", "models": ["api_distill"], "max_examples": 4,
              "decoding": {"strategy": "greedy", "max_new_tokens": 8, "batch_size": 4}})
         runner.run(only="api_pts")

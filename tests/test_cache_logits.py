@@ -88,3 +88,25 @@ def test_cache_with_another_tokenizer_is_refused(trained):
                            {**distill_stage("bad_cache"), "teacher": None, "cached_teacher": "cache_other"})
     with pytest.raises(StageError, match=r"cached_teacher: the cache was made with another tokenizer"):
         runner.run(only="bad_cache")
+
+
+def test_distill_chooses_from_a_cache_as_its_gold_and_pt_schedule_say():
+    from types import SimpleNamespace
+
+    from nlgkd.stages.distill import cached_training_data
+
+    rows = [{"kind": "gold", "input": f"train/{i}", "cache_index": i} for i in range(2)]
+    rows += [{"kind": "pt", "input": f"pts/train/{i}", "cache_index": 2 + 2 * i + k, "k": k} for i in range(2)
+             for k in range(2)]  # 2 inputs x K = 2 PTs
+    cache = SimpleNamespace(training_examples=lambda: rows)
+    config = lambda **fields: SimpleNamespace(**{"gold": True, "pt_schedule": "cycle", **fields})
+    def pick(epoch, **fields):
+        return [r["cache_index"] for r in cached_training_data(cache, config(**fields), print)(epoch)]
+
+    assert pick(0) == [0, 1, 2, 4] and pick(1) == [0, 1, 3, 5]  # gold + PT number (epoch mod K) of each input
+    assert pick(0, gold=False) == [2, 4]
+    assert pick(0, gold=False, pt_schedule="all") == [2, 3, 4, 5]
+    only_pts = SimpleNamespace(training_examples=lambda: rows[2:])
+    with pytest.raises(ValueError, match=r"gold: true, but the cached teacher holds no gold targets .* set gold: "
+                                         r"false"):
+        cached_training_data(only_pts, config(), print)

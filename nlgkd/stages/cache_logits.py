@@ -33,15 +33,18 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def cached_examples(ctx, cfg, tokenizer) -> list[dict]:
-    """The tokenized examples to cache: gold train targets, then every PT, in a fixed order."""
+    """The tokenized examples to cache: gold train targets, then every PT, in a fixed order. Each says its
+    `kind` (gold or pt) and its `input`, so `distill` can apply its own `gold` and `pt_schedule` to the cache."""
     data_cfg = ctx.recipe.data
     examples = []
     if cfg.gold:
         train, _ = encode(ctx.data()["train"], tokenizer, data_cfg.max_source_length, data_cfg.max_target_length)
-        examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"]} for r in train]
+        examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"], "kind": "gold",
+                      "input": f"train/{i}"} for i, r in enumerate(train)]
     for name in cfg.pseudo_targets:
         pts = encode_pseudo_targets(ctx.artifact_dir(name), tokenizer, data_cfg)
-        examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"]} for r in pts]
+        examples += [{"source_ids": r["source_ids"], "target_ids": r["target_ids"], "kind": "pt",
+                      "input": f"{name}/{r['origin']}/{r['input_index']}"} for r in pts]
     if not examples:
         raise ValueError("nothing to cache: set gold: true or pseudo_targets: [a stage]")
     return examples
@@ -127,7 +130,10 @@ class LogitCache:
             raise ValueError(f"{where}: the cache was made from other data than this recipe's; re-run cache_logits")
 
     def training_examples(self) -> list[dict]:
-        return [{"source_ids": r["source_ids"], "target_ids": r["target_ids"], "cache_index": i}
+        """Every cached example, with its `kind` and `input` when the cache records them."""
+        described = "kind" in self.examples.column_names
+        return [{"source_ids": r["source_ids"], "target_ids": r["target_ids"], "cache_index": i,
+                 **({"kind": r["kind"], "input": r["input"]} if described else {})}
                 for i, r in enumerate(self.examples)]
 
     def collate(self, examples: list[dict], **collate_kwargs) -> dict:

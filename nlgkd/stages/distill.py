@@ -309,8 +309,7 @@ def run(ctx) -> None:
 
         cache = LogitCache(soft_targets_folder(ctx.artifact_dir(cfg.cached_teacher)))
         cache.check(tokenizer, data_fingerprint(ctx.recipe.data, ctx.recipe.seed), "cached_teacher")
-        cached = cache.training_examples()
-        data_for_epoch = lambda epoch: cached  # noqa: E731
+        data_for_epoch = cached_training_data(cache, cfg, ctx.log)
         collate_fn = lambda examples: cache.collate(  # noqa: E731
             examples, pad_id=tokenizer.pad_token_id, causal=causal, sep_id=tokenizer.eos_token_id)
     elif cfg.denoising is not None:
@@ -356,6 +355,31 @@ def run(ctx) -> None:
         }
     if acc.is_main_process:
         save_model(acc.unwrap_model(module).student, tokenizer, ctx.out_dir)
+
+
+def cached_training_data(cache, cfg, log):
+    """epoch -> examples of a top-k cache (`cached_teacher:`), chosen by the stage's own `gold` and
+    `pt_schedule`, as `training_data` chooses from the recipe's gold targets and pseudo-targets."""
+    rows = cache.training_examples()
+    if rows and "kind" not in rows[0]:
+        log("note: this cache does not record which examples are gold and which pseudo-targets (it predates "
+            "nlgkd recording them): every cached example trains every epoch; re-run its stage to choose")
+        return lambda epoch: rows
+    gold = [row for row in rows if row["kind"] == "gold"]
+    if cfg.gold and not gold:
+        raise ValueError("gold: true, but the cached teacher holds no gold targets (its cache_logits stage has "
+                         "gold: false, or it holds an API teacher's soft targets); set gold: false")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "pt":
+            groups.setdefault(row["input"], []).append(row)
+    gold = gold if cfg.gold else []
+    if not gold and not groups:
+        raise ValueError("no training targets: the cache holds only gold targets and this stage has gold: false")
+    if cfg.pt_schedule == "all":
+        every_pt = [row for group in groups.values() for row in group]
+        return lambda epoch: gold + every_pt
+    return lambda epoch: gold + [group[epoch % len(group)] for group in groups.values()]
 
 
 def training_data(ctx, cfg, tokenizer, encoded):
