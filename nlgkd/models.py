@@ -30,13 +30,17 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     from . import lstm
 
     lstm.register()  # nlgkd's own LSTM student (model_type nlgkd_lstm) loads through the Auto classes too
-    if looks_like_a_path(name_or_path) and not Path(name_or_path).is_dir():
-        what = "is a file, not a model folder" if Path(name_or_path).exists() else "does not exist"
-        raise ModelLoadError(f"{name_or_path!r} {what}; give a model folder (one with config.json, such as "
-                             "runs/demo/teacher) or a hub name such as facebook/bart-base")
+    if looks_like_a_path(name_or_path):
+        folder = Path(name_or_path)
+        what = ("does not exist" if not folder.exists() else "is a file, not a model folder" if not folder.is_dir()
+                else "holds no model (no config.json): a run folder holds one folder per stage"
+                if not (folder / "config.json").exists() else None)
+        if what:
+            raise ModelLoadError(f"{name_or_path!r} {what}; give a model folder (one with config.json, such as "
+                                 "runs/demo/teacher) or a hub name such as facebook/bart-base")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config.json without a model_type transformers knows
         where = "folder" if Path(name_or_path).exists() else "hub name or folder"
         raise ModelLoadError(f"could not load model config from {where} {name_or_path!r}: {err}") from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

@@ -43,3 +43,7 @@ def test_a_missing_or_wrong_model_folder_is_named(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"weights\.bin' is a file, not a model folder"):
         load_pretrained(str(tmp_path / "weights.bin"))
+    (tmp_path / "run" / "teacher").mkdir(parents=True)  # a run directory, not one of its stages
+    with pytest.raises(ModelLoadError, match=r"run' holds no model \(no config\.json\): a run folder holds one "
+                                             r"folder per stage"):
+        load_pretrained(str(tmp_path / "run"))
