@@ -218,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where} (NLGKD_DEBUG=1 shows where it happened)", file=sys.stderr)
         return 1
+    except Exception as err:  # a library's wrapper around a full disk (safetensors' SafetensorError)
+        if "No space left on device" not in str(err) or os.environ.get("NLGKD_DEBUG"):
+            raise
+        print(f"error: the disk is full ({err}); free some space, or pass --runs-dir on another disk; finished "
+              "stages are kept", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

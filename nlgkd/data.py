@@ -89,6 +89,8 @@ def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
 
 def _load_file(path: str, field_path: str) -> datasets.Dataset:
     file = Path(path)
+    if file.is_dir():
+        raise RecipeError(f"{field_path}: {path!r} is a folder; give the file of the split inside it")
     if not file.exists():
         raise RecipeError(f"{field_path}: file {path!r} not found (paths are relative to where you run nlgkd, "
                           "or to data.dir when the recipe sets it)")

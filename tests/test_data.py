@@ -164,3 +164,9 @@ def test_an_empty_or_broken_data_file_is_named_with_the_line(tmp_path):
     with pytest.raises(RecipeError, match=r"data\.train: could not read '.*broken\.jsonl': line 3 is not JSON "
                                           r"\(Expecting ':' delimiter at column 25\)"):
         load_splits(DataConfig(train=str(tmp_path / "broken.jsonl")))
+
+
+def test_a_folder_given_as_a_data_file_is_named(tmp_path):
+    (tmp_path / "train.jsonl").mkdir()
+    with pytest.raises(RecipeError, match=r"data\.train: '.*train\.jsonl' is a folder; give the file"):
+        load_splits(DataConfig(train=str(tmp_path / "train.jsonl")))

@@ -208,3 +208,21 @@ def test_settings_that_cannot_train_as_asked_are_refused(tiny_recipe, stage, mes
                                   **stage})
     with pytest.raises(RecipeError, match=message):
         parse_recipe(tiny_recipe)
+
+
+def test_a_full_disk_is_one_line(tmp_path, tiny_recipe, monkeypatch, capsys):
+    from nlgkd import cli
+    from nlgkd.runner import Runner
+
+    class SafetensorError(Exception):  # what safetensors raises when a write fails
+        pass
+
+    def full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(Runner, "run", full)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert cli.main(["run", str(path), "--runs-dir", str(tmp_path)]) == 1
+    assert "error: the disk is full (" in capsys.readouterr().err
