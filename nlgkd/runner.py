@@ -84,10 +84,12 @@ def is_teacher_field(where: str) -> bool:
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
 
 
-def file_checksums(folder: Path) -> dict[str, dict]:
-    """relative path -> {bytes, sha256} of every file of a finished stage's folder but its stage.json."""
+def file_checksums(folder: Path, only=None) -> dict[str, dict]:
+    """relative path -> {bytes, sha256} of every file of a finished stage's folder but its stage.json (or of
+    the relative paths in `only`, where they exist)."""
     found = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "stage.json"):
+    paths = (folder.rglob("*") if only is None else (folder / name for name in only))
+    for path in sorted(p for p in paths if p.is_file() and p.name != "stage.json"):
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -178,6 +180,7 @@ class Runner:
         self._data = None
         self._data_report = None
         self._fingerprints: dict[str, str] = {}  # stage key -> fingerprint
+        self._data_fingerprints: dict[tuple, str] = {}  # splits -> data_fingerprint (each file hashed once)
 
     @property
     def accelerator(self):
@@ -258,6 +261,12 @@ class Runner:
             self._fingerprints[stage.key] = short_hash(self.fingerprint_parts(stage))
         return self._fingerprints[stage.key]
 
+    def data_fingerprint(self, splits: tuple[str, ...]) -> str:
+        """`data_fingerprint` of the recipe's data for `splits`, computed once per run (it reads the files)."""
+        if splits not in self._data_fingerprints:
+            self._data_fingerprints[splits] = data_fingerprint(self.recipe.data, self.recipe.seed, splits)
+        return self._data_fingerprints[splits]
+
     def fingerprint_parts(self, stage: Stage) -> dict:
         """What a stage's fingerprint hashes: its kind, resolved config, inputs' fingerprints, the data splits
         it reads and the seed. stage.json keeps them, so a re-run can say what changed (`rerun_reasons`)."""
@@ -266,7 +275,7 @@ class Runner:
             "config": to_dict(stage.config),
             "inputs": {where: self.reference_fingerprint(name, stage.index)
                        for where, _, name in references(stage.config)},
-            "data": data_fingerprint(self.recipe.data, self.recipe.seed, splits_read(stage.kind, stage.config)),
+            "data": self.data_fingerprint(splits_read(stage.kind, stage.config)),
             "seed": self.recipe.seed,
         }
 
@@ -304,7 +313,7 @@ class Runner:
             data = self.recipe.data
             has_train = any(source.train or source.task or source.hub for source in [data, *data.tasks.values()])
             read = ("train",) if has_train else ("unlabeled",)
-            parts["tokenizer_data"] = data_fingerprint(data, self.recipe.seed, read)
+            parts["tokenizer_data"] = self.data_fingerprint(read)
         return short_hash(parts)
 
     # -------------------------------------------------------------------------------- models
@@ -567,7 +576,7 @@ class Runner:
         expected = (self.stage_record(stage) or {}).get("files")
         folder = self.finished_dir(stage)
         if expected is not None:
-            found = {path: info for path, info in file_checksums(folder).items() if path in expected}
+            found = file_checksums(folder, only=expected)
             for path, info in expected.items():
                 now = found.get(path)
                 if now != info:
