@@ -70,7 +70,7 @@ def _run_in_parallel(runner, plan, jobs, start, poll_seconds) -> dict[str, str]:
                if action in ("skip", "wait")}
     for stage, action in plan:
         if action == "skip":
-            runner.say(f"[{stage.key}] done earlier with the same inputs and config; skipped")
+            runner.say_skipped(stage)
     deps = stage_dependencies(runner, to_run)
     pending = [stage.key for stage in to_run]
     running: dict[str, tuple[Handle, float]] = {}

@@ -198,6 +198,12 @@ class Runner:
         elif int(os.environ.get("RANK", "0")) == 0:
             print(message, flush=True)
 
+    def say_skipped(self, stage: Stage) -> None:
+        self.say(f"[{stage.key}] done earlier with the same inputs and config; skipped")
+        if self.partial_dir(stage).exists():  # a forced re-run of it was interrupted
+            self.say(f"[{stage.key}] note: an interrupted re-run of it is in {self.partial_dir(stage)}; the "
+                     f"finished result is kept; `nlgkd run RECIPE --from {stage.key}` continues the re-run")
+
     def release_stage_state(self) -> None:
         """Forget what the finished (or failed) stage prepared: the next stage gets an Accelerator of its own.
 
@@ -461,10 +467,7 @@ class Runner:
                 outcome[stage.key] = "waiting"
                 continue
             if action == "skip":
-                self.say(f"[{stage.key}] done earlier with the same inputs and config; skipped")
-                if self.partial_dir(stage).exists():  # a forced re-run of it was interrupted
-                    self.say(f"[{stage.key}] note: an interrupted re-run of it is in {self.partial_dir(stage)}; the "
-                             f"finished result is kept; `nlgkd run RECIPE --from {stage.key}` continues the re-run")
+                self.say_skipped(stage)
                 outcome[stage.key] = "skipped"
                 continue
             self.check_inputs(stage)
@@ -628,15 +631,15 @@ class Runner:
         acc.wait_for_everyone()
         earlier = (ctx.info.get("train") or {}).get("earlier_seconds") or {}
         if acc.is_main_process:
+            parts = self.fingerprint_parts(stage)
             record = {
                 "name": stage.name,
                 "kind": stage.kind,
                 "status": "done",
                 "fingerprint": fingerprint,
                 "config": to_dict(stage.config),
-                "inputs": {where: self.reference_fingerprint(name, stage.index)
-                           for where, _, name in references(stage.config)},
-                "data_fingerprint": self.fingerprint_parts(stage)["data"],
+                "inputs": parts["inputs"],
+                "data_fingerprint": parts["data"],
                 "seed": self.recipe.seed,
                 "world_size": acc.num_processes,
                 "started": started_at,

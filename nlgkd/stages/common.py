@@ -120,9 +120,9 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
                 "trivial baselines; give data.validation to have it checked")
         return
     scores = best if best and "bleu" in best else None
-    n = min(args.eval_samples, len(encoded["validation"])) if scores else min(max(args.eval_samples, 64),
-                                                                              len(encoded["validation"]))
-    if scores is None:  # no evaluation during training (eval_samples: 0): score the teacher now
+    # the examples the loop scored; when it scored none (eval_samples: 0), at least 64
+    n = min(args.eval_samples if scores else max(args.eval_samples, 64), len(encoded["validation"]))
+    if scores is None:  # no evaluation during training: score the teacher now
         references = list(ctx.data()["validation"]["target"])
         scores = validation_metrics(model, tokenizer, encoded["validation"], references, ctx, n,
                                     max(args.batch_size, 32))

@@ -376,15 +376,21 @@ def cached_training_data(cache, cfg, log):
     gold = gold if cfg.gold else []
     if not gold and not groups:
         raise ValueError("no training targets: the cache holds only gold targets and this stage has gold: false")
-    if cfg.pt_schedule == "all":
-        every_pt = [row for group in groups.values() for row in group]
-        return lambda epoch: gold + every_pt
-    return lambda epoch: gold + [group[epoch % len(group)] for group in groups.values()]
+    return with_pseudo_targets(lambda epoch: gold, list(groups.values()), cfg.pt_schedule)
+
+
+def with_pseudo_targets(gold_for_epoch, groups: list[list[dict]], pt_schedule: str):
+    """epoch -> gold examples plus pseudo-targets; `groups` holds each input's K PTs. `cycle` gives each input
+    its PT number (epoch mod K), as in the study; `all` gives all K every epoch."""
+    if pt_schedule == "all":
+        every_pt = [row for rows in groups for row in rows]
+        return lambda epoch: gold_for_epoch(epoch) + every_pt
+    return lambda epoch: gold_for_epoch(epoch) + [rows[epoch % len(rows)] for rows in groups]
 
 
 def training_data(ctx, cfg, tokenizer, encoded):
-    """epoch -> tokenized examples: gold targets (if `gold`) plus this epoch's pseudo-targets.
-    `pt_schedule: cycle` gives each input its PT number (epoch mod K), as in the study; `all` gives all K."""
+    """epoch -> tokenized examples: gold targets (if `gold`) plus this epoch's pseudo-targets (`pt_schedule`:
+    see `with_pseudo_targets`)."""
     gold_for_epoch = mixed_by_task(ctx, list(encoded["train"]) if cfg.gold and "train" in encoded else [])
     groups: list[list[dict]] = []
     for name in cfg.pseudo_targets:
@@ -396,10 +402,7 @@ def training_data(ctx, cfg, tokenizer, encoded):
         ctx.log(f"{name}: {len(pts)} pseudo-targets for {len(by_input)} inputs")
     if not gold_for_epoch(0) and not groups:
         raise ValueError("no training targets: set gold: true (with a train split) or pseudo_targets: [a stage]")
-    if cfg.pt_schedule == "all":
-        every_pt = [row for rows in groups for row in rows]
-        return lambda epoch: gold_for_epoch(epoch) + every_pt
-    return lambda epoch: gold_for_epoch(epoch) + [rows[epoch % len(rows)] for rows in groups]
+    return with_pseudo_targets(gold_for_epoch, groups, cfg.pt_schedule)
 
 
 def with_denoising(ctx, cfg, tokenizer, encoded, teacher_model_type: str):
