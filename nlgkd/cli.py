@@ -3,7 +3,7 @@
     nlgkd run RECIPE [--stage NAME | --from NAME] [--variant NAME] [--force] [--dry-run] [--jobs N]
               [--set key.path=value ...] [--runs-dir DIR]
     nlgkd validate RECIPE [--set ...]
-    nlgkd stages [KIND]
+    nlgkd stages [KIND | recipe | data | models]
     nlgkd report RUN_DIR [--teacher NAME] [--metric NAME] [--out DIR]
     nlgkd serve MODEL_DIR [--port P] [--host H] [--name NAME]
 """
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .recipe import STAGE_CONFIGS, RecipeError, config_help, load_recipe
+from .recipe import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError, config_help, load_recipe
 
 
 def cmd_run(args) -> int:
@@ -111,23 +111,50 @@ def cmd_report(args) -> int:
     return 0
 
 
+# `nlgkd stages WORD` for the parts of a recipe that are not stages: word -> (what it is, its config class)
+RECIPE_PARTS = {"data": ("data: where the examples come from: one dataset (the fields below), or several "
+                         "under tasks", DataConfig),
+                "models": ("models: name -> a model the stages start from (as student:, teacher:, model:, "
+                           "from:); each entry's fields", ModelConfig)}
+
+
+def print_fields(rows: list[tuple[str, str, str]]) -> None:
+    name_width = max(len(name) for name, _, _ in rows)
+    type_width = min(44, max(len(typ) for _, typ, _ in rows))
+    for name, typ, help_text in rows:
+        print(f"  {name:{name_width}s} {typ:{type_width}s} {help_text}".rstrip())
+
+
 def cmd_stages(args) -> int:
+    if args.kind == "recipe":
+        print("recipe: the top level of a recipe file (YAML). Paths in it (data files, data.dir, denoising.file) "
+              "are\nread relative to the folder you run nlgkd in, not to the recipe file.\n")
+        print_fields(TOP_LEVEL_FIELDS)
+        return 0
+    if args.kind in RECIPE_PARTS:
+        what, cls = RECIPE_PARTS[args.kind]
+        print(f"{what}:\n")
+        print_fields(config_help(cls))
+        return 0
     if args.kind:
         if args.kind not in STAGE_CONFIGS:
-            print(f"unknown stage kind {args.kind!r}; kinds: {', '.join(STAGE_CONFIGS)}", file=sys.stderr)
+            print(f"unknown stage kind {args.kind!r}; kinds: {', '.join(STAGE_CONFIGS)}; or one of "
+                  f"recipe, {', '.join(RECIPE_PARTS)}", file=sys.stderr)
             return 2
         cls = STAGE_CONFIGS[args.kind]
         print(f"{args.kind}: {cls.__doc__.strip()}\n")
-        for name, typ, help_text in config_help(cls):
-            print(f"  {name:24s} {typ:40s} {help_text}")
-        print(f"  {'variants':24s} {'mapping of mapping':40s} name -> fields to override; one run per variant")
+        print_fields([("name", "string (required)", "the stage's folder in the run directory; later stages "
+                       "refer to it by this name"), *config_help(cls),
+                      ("variants", "mapping of mapping", "name -> fields to override; one run per variant")])
         return 0
     width = max(len(k) for k in STAGE_CONFIGS)
     for kind, cls in STAGE_CONFIGS.items():
         first_line = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{kind:{width}s}  {first_line}")
-    print("\n`nlgkd stages KIND` lists a kind's fields. Any stage may also declare `variants:` (name -> fields "
-          "to override,\ne.g. {beam: {decoding.strategy: beam}}): it then runs once per variant, as NAME@VARIANT.")
+    print("\n`nlgkd stages KIND` lists a kind's fields; `nlgkd stages recipe`, `nlgkd stages data` and "
+          "`nlgkd stages models`\nlist the rest of a recipe's. Any stage may also declare `variants:` (name -> "
+          "fields to override,\ne.g. {beam: {decoding.strategy: beam}}): it then runs once per variant, as "
+          "NAME@VARIANT.")
     return 0
 
 
@@ -164,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(func=cmd_validate)
 
-    stages = sub.add_parser("stages", help="list the stage kinds, or one kind's fields")
-    stages.add_argument("kind", nargs="?")
+    stages = sub.add_parser("stages", help="list the stage kinds, or the fields of one kind, of the recipe's top "
+                            "level (recipe), of data or of models")
+    stages.add_argument("kind", nargs="?", help="a stage kind, or recipe, data or models")
     stages.set_defaults(func=cmd_stages)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server over a local model")

@@ -75,10 +75,10 @@ def check_bounds(value: Any, limits: dict | None, path: str) -> None:
 # --------------------------------------------------------------------------------------------- data
 @dataclass(kw_only=True)
 class DemoSizes:
-    train: int = field(default=2000, metadata=bounds(ge=0))
-    validation: int = field(default=200, metadata=bounds(ge=0))
-    test: int = field(default=200, metadata=bounds(ge=0))
-    unlabeled: int = field(default=2000, metadata=bounds(ge=0))
+    train: int = field(default=2000, metadata=doc("labeled pairs", ge=0))
+    validation: int = field(default=200, metadata=doc("labeled pairs", ge=0))
+    test: int = field(default=200, metadata=doc("labeled pairs", ge=0))
+    unlabeled: int = field(default=2000, metadata=doc("inputs without targets", ge=0))
 
 
 SPLITS = ("train", "validation", "test", "unlabeled")  # the data splits a recipe can name
@@ -94,11 +94,13 @@ class DataSource:
         "folder the train/validation/test/unlabeled paths are read from (default: where you run nlgkd); "
         "`--set data.dir=PATH` points a recipe at another copy of its files"))
     train: Optional[str] = field(default=None, metadata=doc("jsonl/csv/parquet file of the train split"))
-    validation: Optional[str] = None
-    test: Optional[str] = None
-    unlabeled: Optional[str] = field(default=None, metadata=doc("inputs without targets"))
+    validation: Optional[str] = field(default=None, metadata=doc(
+        "file of the validation split (early stopping, the weak-teacher check)"))
+    test: Optional[str] = field(default=None, metadata=doc("file of the test split (evaluate stages)"))
+    unlabeled: Optional[str] = field(default=None, metadata=doc(
+        "file of inputs without targets (pseudo-targets, denoising); only the source column is read"))
     hub: Optional[str] = field(default=None, metadata=doc("dataset name for datasets.load_dataset"))
-    hub_config: Optional[str] = None
+    hub_config: Optional[str] = field(default=None, metadata=doc("the hub dataset's configuration name"))
     hub_splits: dict[str, str] = field(
         default_factory=dict, metadata=doc("our split -> hub split, e.g. {validation: dev}")
     )
@@ -149,9 +151,11 @@ class DataConfig(DataSource):
 class ModelConfig:
     """A model entry: a pretrained hub name/local path, or a fresh config trained from scratch."""
 
-    init: Literal["pretrained", "fresh"] = "fresh"
+    init: Literal["pretrained", "fresh"] = field(default="fresh", metadata=doc(
+        "fresh: built from arch and the sizes below, with a tokenizer trained on the train split; "
+        "pretrained: loaded from name_or_path (the sizes are ignored)"))
     name_or_path: Optional[str] = field(default=None, metadata=doc("hub name or local folder (init: pretrained)"))
-    revision: Optional[str] = None
+    revision: Optional[str] = field(default=None, metadata=doc("hub branch, tag or commit (init: pretrained)"))
     trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
     arch: Literal["bart", "mbart", "t5", "gpt2", "lstm"] = field(
         default="mbart", metadata=doc(
@@ -160,13 +164,13 @@ class ModelConfig:
             "(transformers#18461); t5: learns slowly from scratch with AdamW (its unit-scale tied embeddings); "
             "gpt2: decoder-only; lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
             "d_model, encoder_layers, decoder_layers, dropout"))
-    d_model: int = field(default=256, metadata=bounds(ge=1))
-    encoder_layers: int = field(default=4, metadata=bounds(ge=1))
-    decoder_layers: int = field(default=4, metadata=bounds(ge=1))
-    attention_heads: int = field(default=4, metadata=bounds(ge=1))
-    ffn_dim: int = field(default=1024, metadata=bounds(ge=1))
-    dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
-    max_position_embeddings: int = field(default=512, metadata=bounds(ge=1))
+    d_model: int = field(default=256, metadata=doc("fresh: hidden size", ge=1))
+    encoder_layers: int = field(default=4, metadata=doc("fresh: encoder blocks", ge=1))
+    decoder_layers: int = field(default=4, metadata=doc("fresh: decoder blocks", ge=1))
+    attention_heads: int = field(default=4, metadata=doc("fresh: heads per attention layer (divides d_model)", ge=1))
+    ffn_dim: int = field(default=1024, metadata=doc("fresh: feed-forward width", ge=1))
+    dropout: float = field(default=0.1, metadata=doc("fresh: dropout of every block", ge=0, lt=1))
+    max_position_embeddings: int = field(default=512, metadata=doc("fresh: longest sequence in tokens", ge=1))
     tokenizer: Literal["bpe", "unigram"] = field(
         default="bpe", metadata=doc("algorithm of the tokenizer trained for a fresh model")
     )
@@ -189,18 +193,20 @@ class ModelConfig:
 class DecodingConfig:
     """How text is generated (evaluation, pseudo-targets)."""
 
-    strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = "greedy"
-    num_beams: int = field(default=4, metadata=bounds(ge=1))
+    strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = field(default="greedy", metadata=doc(
+        "greedy; beam (num_beams); diverse_beam (num_beams in num_beam_groups); sample (temperature, top_k, "
+        "top_p)"))
+    num_beams: int = field(default=4, metadata=doc("beam, diverse_beam: beams per input", ge=1))
     num_beam_groups: int = field(default=2, metadata=doc("diverse beam: groups", ge=1))
     diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty", ge=0))
-    length_penalty: float = 1.0
-    temperature: float = field(default=1.0, metadata=bounds(gt=0))
-    top_k: int = field(default=0, metadata=bounds(ge=0))
-    top_p: float = field(default=1.0, metadata=bounds(gt=0, le=1))
+    length_penalty: float = field(default=1.0, metadata=doc("beam: > 1 favours longer outputs, < 1 shorter"))
+    temperature: float = field(default=1.0, metadata=doc("sample: softmax temperature", gt=0))
+    top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: all)", ge=0))
+    top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))
     num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
-    max_new_tokens: int = field(default=64, metadata=bounds(ge=1))
-    no_repeat_ngram_size: int = field(default=0, metadata=bounds(ge=0))
-    batch_size: int = field(default=32, metadata=bounds(ge=1))
+    max_new_tokens: int = field(default=64, metadata=doc("longest output in tokens", ge=1))
+    no_repeat_ngram_size: int = field(default=0, metadata=doc("forbid repeating any n-gram of this size (0: off)", ge=0))
+    batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1))
     dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
 
 
@@ -208,14 +214,14 @@ class DecodingConfig:
 class TrainArgs:
     """Hyper-parameters of the one training loop (`nlgkd/loop.py`), shared by every training stage."""
 
-    epochs: float = field(default=1.0, metadata=bounds(gt=0))
+    epochs: float = field(default=1.0, metadata=doc("passes over the training data (fractions allowed)", gt=0))
     max_steps: Optional[int] = field(default=None, metadata=doc("optimizer steps; overrides epochs", ge=1))
-    batch_size: int = field(default=16, metadata=bounds(ge=1))
+    batch_size: int = field(default=16, metadata=doc("examples per micro-batch, over all processes (x grad_accum per optimizer step)", ge=1))
     grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", ge=1))
-    lr: float = field(default=5e-4, metadata=bounds(gt=0))
-    weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
-    warmup_steps: int = field(default=0, metadata=bounds(ge=0))
-    max_grad_norm: float = field(default=1.0, metadata=bounds(ge=0))
+    lr: float = field(default=5e-4, metadata=doc("AdamW's peak learning rate (linear warmup, then linear decay)", gt=0))
+    weight_decay: float = field(default=0.01, metadata=doc("AdamW's", ge=0))
+    warmup_steps: int = field(default=0, metadata=doc("steps of linear warmup from 0 to lr", ge=0))
+    max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping (0: off)", ge=0))
     mixed_precision: Literal["auto", "no", "bf16"] = field(
         default="auto", metadata=doc(
             "auto = bf16 on a GPU that has it, else fp32 (no fp16: it needs loss scaling, which this loop does "
@@ -223,13 +229,14 @@ class TrainArgs:
     eval_every: Optional[int] = field(default=None, metadata=doc(
         "steps between evaluations; default once per epoch", ge=1))
     eval_samples: int = field(default=128, metadata=doc("validation examples decoded for the generation metric", ge=0))
-    early_stopping_metric: Literal["val_loss", "bleu", "chrf"] = "val_loss"
+    early_stopping_metric: Literal["val_loss", "bleu", "chrf"] = field(default="val_loss", metadata=doc(
+        "the validation score that picks the kept weights (the best one) and, with patience, stops early"))
     patience: Optional[int] = field(default=None, metadata=doc("evaluations without improvement before stopping", ge=1))
     save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints", ge=1))
     save_every_minutes: Optional[float] = field(default=10.0, metadata=doc(
         "also a checkpoint when this many minutes passed since the last one (slow steps lose no more)", gt=0))
-    log_every: int = field(default=10, metadata=bounds(ge=1))
-    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    log_every: int = field(default=10, metadata=doc("steps between lines of train.log", ge=1))
+    label_smoothing: float = field(default=0.0, metadata=doc("of the gold cross-entropy", ge=0, lt=1))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
 
@@ -703,16 +710,78 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-def config_help(cls: type) -> list[tuple[str, str, str]]:
-    """(field, type, help) rows for `nlgkd stages --fields`."""
+def _nested_config(tp: Any) -> tuple[Optional[type], str]:
+    """The dataclass a field holds and how it is written under the field's name: ('.', directly or
+    optional) or ('.NAME.', a mapping of name -> dataclass); (None, '') for plain values."""
+    if dataclasses.is_dataclass(tp):
+        return tp, "."
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
+            return members[0], "."
+    if origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+        return typing.get_args(tp)[1], ".NAME."
+    return None, ""
+
+
+def _default_text(f: dataclasses.Field, defaults: Any = None) -> str:
+    """' = value' of field `f`; `defaults`: the instance whose values are the defaults (a nested config whose
+    parent's default differs from its class's, e.g. joint_teaching.decoding samples)."""
+    if defaults is not None:
+        value = getattr(defaults, f.name)
+        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+    if f.default is not dataclasses.MISSING:
+        return f" = {f.default!r}"
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+    return " (required)"
+
+
+def config_help(cls: type, prefix: str = "", skip: set[str] = frozenset(),
+                defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(field, type, help) rows for `nlgkd stages KIND | data | models`: every field of `cls`, and the fields
+    of the configs it nests under dotted names (decoding.strategy, tasks.NAME.prefix)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = "" if f.default is dataclasses.MISSING else f" = {f.default!r}"
+        if yaml_name(f) in skip:
+            continue
+        name = prefix + yaml_name(f)
         limits = f.metadata.get("bounds")
         allowed = f" ({describe_bounds(limits)})" if limits else ""
-        rows.append((yaml_name(f), _type_name(hints[f.name]) + allowed + default, f.metadata.get("help", "")))
+        rows.append((name, _type_name(hints[f.name]) + allowed + _default_text(f, defaults),
+                     f.metadata.get("help", "")))
+        nested, joint = _nested_config(hints[f.name])
+        if nested is None:
+            continue
+        # a nested config that shares a base with its parent (data.tasks.NAME: a dataset like data's own) says
+        # so once instead of listing the shared fields again
+        shared_bases = [b for b in nested.__mro__ if dataclasses.is_dataclass(b) and b in cls.__mro__]
+        repeated = {yaml_name(g) for b in shared_bases for g in dataclasses.fields(b)}
+        if repeated:
+            rows.append((name + joint + "*", "", f"each of {', '.join(sorted(repeated))} as above, for this one"))
+        nested_defaults = getattr(defaults, f.name) if defaults is not None else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if not dataclasses.is_dataclass(nested_defaults):
+            nested_defaults = None
+        rows.extend(config_help(nested, name + joint, skip=repeated, defaults=nested_defaults))
     return rows
+
+
+# The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.
+TOP_LEVEL_FIELDS = [
+    ("name", "string = the file's name", "the run directory is runs/NAME"),
+    ("seed", "integer = 0", "seed of every stage that sets none (a stage's own seed: overrides it)"),
+    ("on_weak_teacher", "'warn' | 'stop' = 'warn'",
+     "a teacher that does not beat copying the source or the most frequent target on validation: print a "
+     "warning and go on, or stop before any stage learns from it"),
+    ("data", "mapping (required)", "where examples come from: `nlgkd stages data`"),
+    ("models", "mapping of name -> model", "models the stages start from: `nlgkd stages models`"),
+    ("stages", "list of stage (required)", "what runs, in order; each has name, kind and the kind's fields: "
+     "`nlgkd stages KIND`"),
+]
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -784,7 +853,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         raise RecipeError(f"{source}: a recipe is a mapping with name, data, models and stages")
     for assignment in overrides:
         apply_override(raw, assignment)
-    allowed = {"name", "seed", "on_weak_teacher", "data", "models", "stages"}
+    allowed = {name for name, _, _ in TOP_LEVEL_FIELDS}
     for key in raw:
         if key not in allowed:
             hint = difflib.get_close_matches(str(key), list(allowed), n=1)

@@ -1,6 +1,7 @@
 """Recipe loading: types, unknown keys, references and overrides give errors that name the field."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,59 @@ def test_a_full_disk_is_one_line(tmp_path, tiny_recipe, monkeypatch, capsys):
     path.write_text(yaml.safe_dump(tiny_recipe))
     assert cli.main(["run", str(path), "--runs-dir", str(tmp_path)]) == 1
     assert "error: the disk is full (" in capsys.readouterr().err
+
+
+def listed_fields(capsys, *words: str) -> set[str]:
+    """The field names `nlgkd stages WORDS` prints (first column)."""
+    from nlgkd.cli import main
+
+    assert main(["stages", *words]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[0] for line in lines if line.startswith("  ") and line.strip()}
+
+
+def field_paths(raw: dict, listed: set[str], prefix: str = "") -> list[str]:
+    """Dotted paths of `raw`'s fields, descending into a value only where the listing has its sub-fields
+    (decoding.strategy), so user-named keys (hub_splits' splits) stay leaves."""
+    paths = []
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if isinstance(value, dict) and any(name.startswith(path + ".") for name in listed):
+            paths.extend(field_paths(value, listed, path + "."))
+    return paths
+
+
+@pytest.mark.parametrize("recipe_file", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")))
+def test_every_field_of_every_shipped_recipe_is_listed_by_nlgkd_stages(capsys, recipe_file):
+    """A user writes a recipe from `nlgkd stages recipe | data | models | KIND` alone: every field the
+    shipped recipes use is there."""
+    raw = yaml.safe_load((ROOT / recipe_file).read_text())
+    top = listed_fields(capsys, "recipe")
+    assert set(raw) <= top
+    data_fields = listed_fields(capsys, "data")
+    assert set(field_paths(raw.get("data", {}), data_fields)) <= data_fields
+    model_fields = listed_fields(capsys, "models")
+    for entry in (raw.get("models") or {}).values():
+        assert set(field_paths(entry, model_fields)) <= model_fields
+    for stage in raw["stages"]:
+        kind_fields = listed_fields(capsys, stage["kind"])
+        fields = {k: v for k, v in stage.items() if k not in ("kind", "<<")}
+        missing = set(field_paths(fields, kind_fields)) - kind_fields
+        assert not missing, f"{recipe_file}: stage {stage['name']} uses fields `nlgkd stages {stage['kind']}` omits"
+        for overrides in (stage.get("variants") or {}).values():
+            assert {key.split(".")[0] for key in overrides} - {"seed"} <= kind_fields | {"seed"}
+
+
+def test_nlgkd_stages_nested_fields_show_their_parents_defaults(capsys):
+    from nlgkd.cli import main
+
+    assert main(["stages", "distill"]) == 0
+    out = capsys.readouterr().out
+    # joint_teaching samples its prefixes by default, unlike a bare decoding: config
+    assert re.search(r"joint_teaching\.decoding\.strategy .* = 'sample'", out)
+    assert main(["stages", "data"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tasks\.NAME\.\* .*each of .*train", out) and "tasks.NAME.train " not in out
+    assert main(["stages", "nonsense"]) == 2
+    assert "recipe, data, models" in capsys.readouterr().err
