@@ -175,6 +175,7 @@ class Runner:
         self.run_dir = Path(runs_root) / recipe.name
         self._accelerator = accelerator
         self._stages_ran = False  # end() closes the process group they used
+        self._threads_set = False  # a CPU run chooses its torch thread count once (nlgkd/threads.py)
         self._verified: set[str] = set()  # finished stages whose files matched their checksums in this process
         self.command = " ".join(["nlgkd", *sys.argv[1:]])  # what the run directory's lock says holds it
         self._data = None
@@ -189,6 +190,11 @@ class Runner:
         if self._accelerator is None:
             trackers = sorted({t for s in self.recipe.stages for t in getattr(s.config, "report_to", [])})
             self._accelerator = make_accelerator(trackers, project_dir=str(self.run_dir / "logs"))
+            if self._accelerator.device.type == "cpu" and not self._threads_set:
+                from .threads import set_cpu_threads
+
+                self.say(set_cpu_threads())
+                self._threads_set = True
         return self._accelerator
 
     def say(self, message: str) -> None:
@@ -603,6 +609,8 @@ class Runner:
         return users
 
     def run_stage(self, stage: Stage) -> None:
+        import torch
+
         from .stages import STAGES
 
         acc = self.accelerator
@@ -642,6 +650,7 @@ class Runner:
                 "data_fingerprint": parts["data"],
                 "seed": self.recipe.seed,
                 "world_size": acc.num_processes,
+                **({"cpu_threads": torch.get_num_threads()} if acc.device.type == "cpu" else {}),
                 "started": started_at,
                 "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 # this run, plus what killed earlier runs of the stage spent up to their last checkpoint
