@@ -100,13 +100,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, write_report
+    from .report import ReportError, collect, summary, write_report
 
     try:
         paths = write_report(args.run_dir, out_dir=args.out, teacher=args.teacher, metric=args.metric)
+        text = summary(collect(args.run_dir, metric=args.metric, teacher=args.teacher))
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if text:
+        print(text)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

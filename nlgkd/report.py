@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import flatten
+from .teacher_check import BASELINES
 
 QUALITY = ["bleu", "chrf", "rouge1", "rouge2", "rougeL"]
 
@@ -416,17 +417,67 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def main_table(report: Report) -> tuple[list[str], list[list[str]]]:
+def is_student(row: dict, report: Report) -> bool:
+    """A trained or pruned model of this run that is nobody's teacher (not a trivial baseline)."""
+    return not row["is_teacher"] and row["model"] not in BASELINES and row["model"] in report.stages \
+        and row.get("teacher") is not None
+
+
+def summary(report: Report) -> str | None:
+    """The paragraph a person reads first: the best student against its teacher, the cross-entropy baseline
+    (a student trained on gold alone) and the trivial baselines, from one evaluate stage."""
     m = report.metric
-    header = ["model", "evaluation", *[q for q in QUALITY if any(q in r for r in report.rows)],
-              "teacher", f"% teacher ({m})", "params", "compression", "latency ms", "seq/s", "peak MB", "MFLOPs/tok",
-              "steps", "epochs", "seed"]
+    students = [r for r in report.rows if is_student(r, report) and r.get(m) is not None]
+    if not students:
+        return None
+    best = max(students, key=lambda r: r[m])
+    same_eval = [r for r in report.rows if r["evaluation"] == best["evaluation"]]
+    teacher = next((r for r in same_eval if r["model"] == best["teacher"]), None)
+    words = [f"Best student: {best['model']}, {m.upper()} {best[m]:.2f}"]
+    if teacher is not None and best.get("pct_teacher") is not None:
+        words.append(f", {best['pct_teacher']:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
+        if best.get("compression"):
+            words.append(f", {best['compression']:.1f}x fewer parameters")
+        if best.get("seq_per_s") and teacher.get("seq_per_s"):
+            words.append(f", {best['seq_per_s'] / teacher['seq_per_s']:.1f}x its sequences/s")
+    words.append(f" ({best['evaluation']}, {best.get('split', 'test')} split).")
+    # the cross-entropy baselines: students whose last stage is a fine-tune on gold of a pruned or fresh model
+    ce = [r for r in same_eval if is_student(r, report) and r is not best and r["teacher"] == best["teacher"]
+          and report.stages[r["model"]].get("kind") == "finetune" and r.get(m) is not None]
+    if report.stages[best["model"]].get("kind") == "finetune":
+        words.append(" It is trained on gold alone: no distilled student beats cross-entropy here.")
+    elif ce:
+        base = max(ce, key=lambda r: r[m])
+        words.append(f" The cross-entropy student {base['model']} scores {base[m]:.2f} "
+                     f"({best[m] - base[m]:+.2f} for {best['model']}).")
+    trivial = [f"{BASELINES[r['model']]} {r[m]:.2f}" for r in same_eval if r["model"] in BASELINES]
+    if trivial:
+        words.append(" Trivial baselines: " + ", ".join(trivial) + ".")
+    if best["teacher_weak"]:
+        words.append(" Its teacher is weak (below).")
+    return "".join(words)
+
+
+def quality_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    m = report.metric
+    shown = [q for q in QUALITY if any(q in r for r in report.rows)]
+    header = ["model", "evaluation", *shown, "teacher", f"% teacher ({m})"]
     body = []
     for r in report.rows:
         name = r["model"] + (" (weak teacher)" if r["weak"] else "")
         pct = fmt(r.get("pct_teacher"), 1) + ("*" if r["teacher_weak"] and r.get("pct_teacher") is not None else "")
-        body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in QUALITY if any(q in x for x in report.rows)],
-                     r.get("teacher") or "n/a", pct, fmt(r.get("params")),
+        body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in shown], r.get("teacher") or "n/a", pct])
+    return header, body
+
+
+def cost_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "evaluation", "params", "compression", "latency ms", "seq/s", "peak MB", "MFLOPs/tok",
+              "steps", "epochs", "seed"]
+    body = []
+    for r in report.rows:
+        if r["model"] in BASELINES:
+            continue  # nothing runs: no size, speed or training to show
+        body.append([r["model"], r["evaluation"], fmt(r.get("params")),
                      "n/a" if r.get("compression") is None else f"{r['compression']:.2f}x",
                      fmt(r.get("latency_ms"), 1), fmt(r.get("seq_per_s"), 1), fmt(r.get("peak_mem_mb"), 0),
                      fmt(r.get("mflops_per_token"), 3), fmt(r.get("steps")), fmt(r.get("epochs")), fmt(r.get("seed"))])
@@ -480,7 +531,8 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;p
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher: str | None = None,
                  metric: str = "bleu") -> list[Path]:
-    """Write report.md, report.html and the PNGs; returns their paths."""
+    """Write report.md, report.html and the PNGs; returns their paths (the summary paragraph is in
+    report.md after the title)."""
     report = collect(run_dir, metric=metric, teacher=teacher)
     out = Path(out_dir) if out_dir else report.run_dir / "report"
     try:
@@ -497,12 +549,17 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
     # the same blocks become Markdown and HTML: ("h1"|"h2"|"p", text), ("table", (header, body)), ("img", file)
     blocks: list[tuple[str, Any]] = [
         ("h1", f"Report: {report.run_dir.name}"),
-        ("p", f"Every evaluation in {report.run_dir} ({len(report.rows)} rows). Main metric: {metric}. Each row is "
-              "compared with its own teacher (the distill teacher or pruned-from model its stages lead back to), "
-              f"else with the run's teacher, {report.teacher or 'n/a'} ({report.teacher_rule}). Latency is per generation batch of the evaluate "
-              "stage; MFLOPs/tok is an estimate per generated token (formula in nlgkd/report.py: flops_per_token)."),
+        *([("p", text)] if (text := summary(report)) else []),
         *([("p", note)] if (note := weak_teachers_note(report)) else []),
-        ("table", main_table(report)),
+        ("h2", "Quality"),
+        ("p", f"{len(report.rows)} rows from {report.run_dir}. '% teacher' compares each model with its own teacher "
+              "(the distill teacher or the model it was pruned from), else with the run's teacher, "
+              f"{report.teacher or 'n/a'} ({report.teacher_rule})."),
+        ("table", quality_table(report)),
+        ("h2", "Size, speed and training"),
+        ("p", "Latency is per generation batch of the evaluate stage; MFLOPs/tok is an estimate per generated token "
+              "(nlgkd/report.py: flops_per_token); compare speeds within one run only."),
+        ("table", cost_table(report)),
         ("h2", "Quality vs latency"),
         ("img", "quality_vs_latency.png"),
     ]

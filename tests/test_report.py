@@ -54,21 +54,26 @@ def run_dir(tmp_path) -> Path:
     write_stage(run, "big", "finetune", {"model": "big"}, train={"steps": 10, "epochs": 1.0})
     write_stage(run, "pruned", "prune", {"from": "big", "decoder_layers": [0]})
     write_stage(run, "pruned_ft", "finetune", {"model": "pruned"}, train={"steps": 10, "epochs": 1.0})
+    # the cross-entropy baseline of the kd students: the same student fine-tuned on gold
+    write_stage(run, "ce", "finetune", {"model": "student"}, train={"steps": 100, "epochs": 1.5})
     eval_dir = write_stage(run, "eval", "evaluate", {"models": ["teacher", "kd@plain", "kd@noisy", "big",
-                                                               "pruned_ft"]})
+                                                               "pruned_ft", "ce"], "baselines": True})
     (eval_dir / "metrics.json").write_text(json.dumps({
         "teacher": metrics(40.0, 4000, source_tokens=2.0, output_tokens=4.0),
         "kd@plain": metrics(30.0, 1000, variant="plain", variant_of="kd"),
         "kd@noisy": metrics(34.0, 2000, variant="noisy", variant_of="kd"),
         "big": metrics(50.0, 8000),
         "pruned_ft": metrics(25.0, 2000),
+        "ce": metrics(28.0, 2000),
+        "copy_source": {"bleu": 12.0, "chrf": 30.0, "split": "test", "decoding": "greedy"},
     }))
     return run
 
 
 def test_rows_and_derived_numbers(run_dir):
     report = collect(run_dir)
-    assert [r["model"] for r in report.rows] == ["teacher", "kd@plain", "kd@noisy", "big", "pruned_ft"]
+    assert [r["model"] for r in report.rows] == ["teacher", "kd@plain", "kd@noisy", "big", "pruned_ft", "ce",
+                                                 "copy_source"]
     assert report.teacher == "teacher" and "distill" in report.teacher_rule
     rows = {r["model"]: r for r in report.rows}
     assert rows["kd@plain"]["pct_teacher"] == pytest.approx(75.0)
@@ -121,8 +126,14 @@ def test_written_report(run_dir, tmp_path):
     out = tmp_path / "out"
     assert cli_main(["report", str(run_dir), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
-    assert "| kd@plain | eval | 30.00 | 40.00 |" in md
-    assert "| teacher | 75.0 | 1,000 | 4.00x |" in md  # its teacher, % teacher, params, compression
+    # the summary first: the best student against its teacher, its cross-entropy twin and copying the source
+    assert md.splitlines()[2] == (
+        "Best student: kd@noisy, BLEU 34.00, 85.0% of its teacher (teacher, 40.00), 2.0x fewer parameters, 0.5x its "
+        "sequences/s (eval, test split). The cross-entropy student ce scores 28.00 (+6.00 for kd@noisy). Trivial "
+        "baselines: copying the source 12.00.")
+    assert "| kd@plain | eval | 30.00 | 40.00 | 50.00 | 30.00 | 45.00 | teacher | 75.0 |" in md  # quality
+    assert "| kd@plain | eval | 1,000 | 4.00x | 1000.0 | 1.0 |" in md  # params, compression, latency, seq/s
+    assert "| copy_source | eval | 1,000" not in md and "| copy_source | eval | 12.00 | 30.00 |" in md
     assert "## Ablation: kd" in md and "| noisy | kd@noisy | objective=noisy_kd | 34.00 | +4.00 | 85.0 |" in md
     assert "![ablation_kd.png](ablation_kd.png)" in md
     import matplotlib.image
@@ -149,3 +160,15 @@ def test_report_errors(tmp_path, run_dir, capsys):
         collect(run_dir, metric="meteor")
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_the_summary_says_when_cross_entropy_wins(run_dir):
+    from nlgkd.report import summary
+
+    metrics_file = run_dir / "eval" / "metrics.json"
+    values = json.loads(metrics_file.read_text())
+    values["ce"]["bleu"] = 36.0
+    metrics_file.write_text(json.dumps(values))
+    text = summary(collect(run_dir))
+    assert text.startswith("Best student: ce, BLEU 36.00, 90.0% of its teacher (teacher, 40.00)")
+    assert "It is trained on gold alone: no distilled student beats cross-entropy here." in text
