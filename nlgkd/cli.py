@@ -1,4 +1,5 @@
-"""The `nlgkd` command: parses arguments, then calls the library.
+"""The `nlgkd` command: parses arguments, then calls the library. `nlgkd -v COMMAND` keeps library messages
+that are hidden as harmless (nlgkd/quiet.py).
 
     nlgkd run RECIPE [--stage NAME | --from NAME] [--variant NAME] [--force] [--dry-run] [--jobs N]
               [--set key.path=value ...] [--runs-dir DIR]
@@ -169,6 +170,8 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlgkd", description="Knowledge distillation of text generators.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the library messages nlgkd hides as harmless (nlgkd/quiet.py)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe's stages (finished ones with unchanged inputs are skipped)")
@@ -226,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if args.verbose:
+        os.environ["NLGKD_VERBOSE"] = "1"  # and the stage processes of --jobs
+    from .quiet import quiet_known_noise
+
+    quiet_known_noise()
     from .runner import StageError
 
     from .errors import ModelLoadError

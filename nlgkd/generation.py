@@ -194,11 +194,13 @@ def generate(
     done: dict[int, list[list[str]]] | None = None,
     on_batch: Callable[[int, list[int], list[list[str]]], None] | None = None,
     desc: str = "generate",
+    progress: bool = True,
 ) -> list[list[str]]:
     """Generate K outputs for every source, sharded over processes, returned in input order.
 
     done: batch index -> outputs already made (a resumed run skips them).
     on_batch(batch_index, input_indices, outputs) is called on the process that made the batch, as it goes.
+    progress: a bar of its own (not while the training bar shows: two bars on one console tear each other).
     """
     for i, ids in enumerate(source_ids):
         if not ids:
@@ -211,7 +213,7 @@ def generate(
     unwrapped.eval()
     mine = [j for j in range(len(batches)) if j % world == rank]
     made: dict[int, list[list[str]]] = {}
-    bar = tqdm(total=len(batches), desc=desc, disable=not accelerator.is_main_process, leave=False)
+    bar = tqdm(total=len(batches), desc=desc, disable=not (accelerator.is_main_process and progress), leave=False)
     bar.update(len(done))
     for j in mine:
         if j in done:

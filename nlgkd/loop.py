@@ -125,7 +125,9 @@ def train(
     if args.report_to:
         # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
         accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
+    # leave=False: when the stage ends its "finished" line replaces the bar
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process,
+               leave=False)
     started, cpu_started = time.time(), time.process_time()
     earlier = dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0}))
     last_save = started

@@ -3,11 +3,13 @@ and one forward function that gives target-aligned logits for every family.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from .errors import ModelLoadError
+from .quiet import quiet_weight_bars
 from .recipe import ModelConfig
 
 # One special-token layout for every fresh tokenizer; T5-style sentinels serve span corruption.
@@ -44,9 +46,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
         where = "folder" if Path(name_or_path).exists() else "hub name or folder"
         raise ModelLoadError(f"could not load model config from {where} {name_or_path!r}: {err}") from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    local = Path(name_or_path).is_dir()
     try:
-        model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision,
-                                     use_safetensors=True)
+        with quiet_weight_bars() if local else contextlib.nullcontext():  # a download keeps its bar
+            model = auto.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision,
+                                         use_safetensors=True)
     except OSError as err:
         raise ModelLoadError(
             f"could not load safetensors weights of {name_or_path!r} ({err}); nlgkd loads only safetensors: "
@@ -65,7 +69,8 @@ def looks_like_a_path(name: str) -> bool:
 
 def save_model(model, tokenizer, folder: str | Path) -> None:
     """A folder plain transformers code can load: safetensors weights, config, generation config, tokenizer."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+    with quiet_weight_bars():
+        model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
 
 

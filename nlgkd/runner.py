@@ -152,7 +152,11 @@ class StageContext:
         return self.recipe.seed
 
     def log(self, message: str) -> None:
-        self.accelerator.print(f"[{self.stage.key}] {message}")
+        """A line on the main process, above any progress bar (tqdm.write), never glued to one."""
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[{self.stage.key}] {message}")
 
     def data(self):
         return self.runner.data()

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 from nlgkd.recipe import parse_recipe
-from nlgkd.report import collect, main_table, weak_teachers_note
+from nlgkd.report import collect, quality_table, weak_teachers_note
 from nlgkd.runner import Runner, StageError
 from nlgkd.teacher_check import baseline_predictions, judge, weak_teacher_message
 
@@ -103,7 +103,7 @@ def test_the_report_marks_a_weak_teacher_and_its_students(tmp_path):
     eval_dir = write_stage(run, "eval", "evaluate", {"models": ["teacher", "kd"]})
     (eval_dir / "metrics.json").write_text(json.dumps({"teacher": metrics(0.5, 4000), "kd": metrics(0.4, 2000)}))
     report = collect(run)
-    header, body = main_table(report)
+    header, body = quality_table(report)
     rows = {row[0]: dict(zip(header, row)) for row in body}
     assert set(rows) == {"teacher (weak teacher)", "kd"}
     assert rows["kd"]["% teacher (bleu)"] == "80.0*"

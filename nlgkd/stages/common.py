@@ -80,7 +80,8 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
         sources = [encoded_val[i]["source_ids"] for i in range(n)]
         decoding = DecodingConfig(strategy="greedy", batch_size=batch_size,
                                   max_new_tokens=ctx.recipe.data.max_target_length)
-        outputs = generate(unwrapped, tokenizer, sources, decoding, acc, seed=ctx.seed, desc="validate")
+        outputs = generate(unwrapped, tokenizer, sources, decoding, acc, seed=ctx.seed, desc="validate",
+                           progress=False)
         scores = text_metrics([o[0] for o in outputs], references[:n])
         metrics.update(bleu=scores["bleu"], chrf=scores["chrf"])
     unwrapped.train(was_training)
