@@ -196,7 +196,7 @@ def pick_teacher(rows: list[dict], stages: dict[str, dict], teacher: str | None)
                 if name in names:
                     named[name] += 1
     if named:
-        return named.most_common(1)[0][0], "the teacher: the run's distill/pseudo_targets stages name most"
+        return named.most_common(1)[0][0], "the teacher most of the run's distill and pseudo_targets stages name"
     if "teacher" in names:
         return "teacher", "the row called teacher"
     return None, "none found (pass --teacher NAME)"
@@ -439,7 +439,7 @@ def summary(report: Report) -> str | None:
         if best.get("compression"):
             words.append(f", {best['compression']:.1f}x fewer parameters")
         if best.get("seq_per_s") and teacher.get("seq_per_s"):
-            words.append(f", {best['seq_per_s'] / teacher['seq_per_s']:.1f}x its sequences/s")
+            words.append(f", {best['seq_per_s'] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
     words.append(f" ({best['evaluation']}, {best.get('split', 'test')} split).")
     # the cross-entropy baselines: students whose last stage is a fine-tune on gold of a pruned or fresh model
     ce = [r for r in same_eval if is_student(r, report) and r is not best and r["teacher"] == best["teacher"]

@@ -128,8 +128,8 @@ def test_written_report(run_dir, tmp_path):
     md = (out / "report.md").read_text()
     # the summary first: the best student against its teacher, its cross-entropy twin and copying the source
     assert md.splitlines()[2] == (
-        "Best student: kd@noisy, BLEU 34.00, 85.0% of its teacher (teacher, 40.00), 2.0x fewer parameters, 0.5x its "
-        "sequences/s (eval, test split). The cross-entropy student ce scores 28.00 (+6.00 for kd@noisy). Trivial "
+        "Best student: kd@noisy, BLEU 34.00, 85.0% of its teacher (teacher, 40.00), 2.0x fewer parameters, 0.5x the "
+        "teacher's sequences/s (eval, test split). The cross-entropy student ce scores 28.00 (+6.00 for kd@noisy). Trivial "
         "baselines: copying the source 12.00.")
     assert "| kd@plain | eval | 30.00 | 40.00 | 50.00 | 30.00 | 45.00 | teacher | 75.0 |" in md  # quality
     assert "| kd@plain | eval | 1,000 | 4.00x | 1000.0 | 1.0 |" in md  # params, compression, latency, seq/s
