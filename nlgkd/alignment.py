@@ -335,7 +335,7 @@ def write_soft_targets(folder, rows: Sequence[dict], tokenizer, top_k: int, meta
     """
     import datasets
 
-    from .stages.cache_logits import tokenizer_hash
+    from .fingerprints import tokenizer_hash
 
     if not rows:
         raise ValueError("write_soft_targets: no rows (every pseudo-target was empty or failed)")

@@ -401,7 +401,7 @@ class DistillConfig(TrainArgs):
 
 @dataclass(kw_only=True)
 class ApiTeacherConfig:
-    """An LLM behind an OpenAI-compatible chat API as the teacher (`nlgkd/api_teacher.py`): OpenAI, vLLM,
+    """An LLM behind an OpenAI-compatible chat API as the teacher (`nlgkd/stages/pseudo_targets_api.py`, `nlgkd/api_client.py`): OpenAI, vLLM,
     Ollama, TGI, or `nlgkd serve`. Answers are cached in runs/<recipe>/api_cache.sqlite and never paid twice."""
 
     model: str = field(metadata=doc("model name the endpoint knows, e.g. gpt-4o"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -20,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from .recipe import SPLITS, DataConfig, ModelConfig, Recipe, RecipeError, Stage, flatten, references, to_dict
+from .fingerprints import data_fingerprint, file_checksums, short_hash
+from .recipe import SPLITS, ModelConfig, Recipe, RecipeError, Stage, flatten, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
 
@@ -82,47 +81,6 @@ def splits_read(kind: str, config) -> tuple[str, ...]:
 def is_teacher_field(where: str) -> bool:
     """Whether a reference's field path (`teacher`, `teacher[1]`, `teachers_by_task.qg[0]`) names a teacher."""
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
-
-
-def file_checksums(folder: Path, only=None) -> dict[str, dict]:
-    """relative path -> {bytes, sha256} of every file of a finished stage's folder but its stage.json (or of
-    the relative paths in `only`, where they exist)."""
-    found = {}
-    paths = (folder.rglob("*") if only is None else (folder / name for name in only))
-    for path in sorted(p for p in paths if p.is_file() and p.name != "stage.json"):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        found[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return found
-
-
-def short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def data_fingerprint(config: DataConfig, seed: int, splits=SPLITS) -> str:
-    """Hash of the data config and the bytes of the local files of `splits` (default: all of them). Where the
-    files live (`data.dir`) is left out: the bytes are hashed, so the same files moved elsewhere keep finished
-    stages; so are the other splits' files, so adding an unlabeled file does not redo a teacher."""
-    described = to_dict(config)
-    for source in [described, *described.get("tasks", {}).values()]:
-        source.pop("dir", None)
-        for split in set(SPLITS) - set(splits):
-            source.pop(split, None)
-            source.get("max_examples", {}).pop(split, None)
-    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
-    h.update(str(seed).encode())
-    for source in [config, *config.tasks.values()]:
-        for split in splits:
-            path = source.split_file(split, parent_dir=config.dir)
-            if not (path and Path(path).exists()):
-                continue
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from nlgkd.losses import sparse_kd_loss
 from nlgkd.models import forward_on_targets, load_pretrained
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
-from nlgkd.stages.cache_logits import LogitCache
+from nlgkd.logit_cache import LogitCache
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 WORDS = [" we", " are", " play", "ing", " played", " caf", "é", " ok"]
@@ -188,7 +188,7 @@ def test_stripped_or_edited_text_and_missing_logprobs(kind):
     # the API answered "\n we are playing"; the PT is stripped: the same soft targets
     answered = [("\n", -0.01, [("\n", -0.01)]), (" we", -0.1, [(" we", -0.1), (" play", -2.5)])] + COARSE[1:]
     assert_rows(rows_as_dicts(*api_soft_targets(answered, "we are playing", tok, top_k=4)[1:]), plain)
-    # ... also when the caller already stripped the piece's text but not its alternatives (api_teacher does)
+    # ... also when the caller already stripped the piece's text but not its alternatives (the API stage does)
     trimmed = [("we", -0.1, [(" we", -0.1), (" play", -2.5)])] + COARSE[1:]
     assert_rows(rows_as_dicts(*api_soft_targets(trimmed, "we are playing", tok, top_k=4)[1:]), plain)
     # an edited PT (a double space collapsed): the pieces are placed by matching characters

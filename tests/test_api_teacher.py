@@ -22,7 +22,7 @@ import yaml
 
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
-from nlgkd.stages.pseudo_targets import load_pseudo_targets
+from nlgkd.pseudo_target_data import load_pseudo_targets
 
 from conftest import forked_nlgkd, free_port, kill_once, with_stage
 
@@ -182,7 +182,7 @@ def cached_keys(root: Path) -> set[str]:
 
 def body_key(source: str, recipe: dict) -> str:
     """The cache key the stage uses for an input of `api_recipe` (recomputed from the request body)."""
-    from nlgkd.api_teacher import build_requests
+    from nlgkd.api_client import build_requests
 
     stage = parse_recipe(copy.deepcopy(recipe)).stages[0].config
     (request,) = build_requests(stage.teacher_api, stage.decoding, [source], [], seed=0)[0]
@@ -325,15 +325,15 @@ def test_budget_stops_at_the_cap_and_a_larger_one_continues(tmp_path, api_key):
 
 
 def test_rate_limit_spaces_requests(tmp_path, api_key, monkeypatch):
-    from nlgkd import api_teacher
+    from nlgkd import api_client
 
-    made, make_limiter = [], api_teacher.RateLimiter
+    made, make_limiter = [], api_client.RateLimiter
 
     def kept_limiter(*args):
         made.append(make_limiter(*args))
         return made[-1]
 
-    monkeypatch.setattr(api_teacher, "RateLimiter", kept_limiter)
+    monkeypatch.setattr(api_client, "RateLimiter", kept_limiter)
     with FakeEndpoint() as endpoint:
         recipe = api_recipe(tmp_path, endpoint.base_url, requests_per_minute=600.0, concurrency=8)
         Runner(parse_recipe(recipe), runs_root=tmp_path / "runs").run()
@@ -349,7 +349,7 @@ def test_rate_limit_spaces_requests(tmp_path, api_key, monkeypatch):
 
 
 def test_rate_limiter_spaces_concurrent_waits_evenly():
-    from nlgkd.api_teacher import RateLimiter
+    from nlgkd.api_client import RateLimiter
 
     async def ten_waits(limiter):
         async def one():
@@ -371,7 +371,7 @@ def test_rate_limiter_spaces_concurrent_waits_evenly():
 def test_answer_pieces_and_retry_after_parsing():
     from email.utils import formatdate
 
-    from nlgkd.api_teacher import piece_texts, retry_after_seconds
+    from nlgkd.api_client import piece_texts, retry_after_seconds
 
     # OpenAI gives a character split over two tokens as escaped text; its bytes put it on the second token
     entries = [{"token": "n", "bytes": [110]}, {"token": "\\xc3", "bytes": [0xC3]}, {"token": "\\xa9", "bytes": [0xA9]}]

@@ -11,7 +11,7 @@ import torch
 from nlgkd.losses import kd_loss, sparse_kd_loss
 from nlgkd.models import forward_on_targets, load_pretrained
 from nlgkd.runner import StageError
-from nlgkd.stages.cache_logits import LogitCache
+from nlgkd.logit_cache import LogitCache
 
 from conftest import distill_stage, with_stage
 
@@ -78,7 +78,7 @@ def test_cache_with_another_tokenizer_is_refused(trained):
     data["tokenizer"] = "0" * 16
     manifest.write_text(json.dumps(data))
     # as if the cache had been made for another tokenizer (its stage.json's checksums agree with its files)
-    from nlgkd.runner import file_checksums
+    from nlgkd.fingerprints import file_checksums
 
     record_file = runner.run_dir / "cache_other" / "stage.json"
     record = json.loads(record_file.read_text())

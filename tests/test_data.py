@@ -37,7 +37,7 @@ def test_missing_file_names_the_field(tmp_path):
 
 
 def test_data_dir_reads_split_files_from_that_folder_and_moving_them_keeps_the_fingerprint(tmp_path):
-    from nlgkd.runner import data_fingerprint
+    from nlgkd.fingerprints import data_fingerprint
 
     rows = [{"original": f"thou art {i}", "modern": f"you are {i}"} for i in range(4)]
     for folder in ("a", "b"):

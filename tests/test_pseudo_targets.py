@@ -14,7 +14,7 @@ import yaml
 
 from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
 from nlgkd.runner import Runner, StageError
-from nlgkd.stages.pseudo_targets import load_augmented, load_pseudo_targets
+from nlgkd.pseudo_target_data import load_augmented, load_pseudo_targets
 
 from conftest import kill_once, with_two_process_stages
 

@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ..runner import data_fingerprint
+from ..fingerprints import data_fingerprint
 from ..features import QKVCapture, attentions, hidden_states
 from ..generation import gather_objects, generation_kwargs
 from ..loop import train
@@ -39,9 +39,9 @@ from ..losses import (
 from ..alignment import cross_tokenizer_targets, soft_targets_folder
 from ..denoising import make_denoising_data
 from ..lstm import is_lstm
+from ..pseudo_target_data import encode_pseudo_targets
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
 from .common import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
-from .pseudo_targets import encode_pseudo_targets
 
 HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": projected_mse_loss}
 
@@ -305,7 +305,7 @@ def run(ctx) -> None:
     encoded = encode_splits(ctx, tokenizer)
     collate_fn = make_collator(student, tokenizer, tasks=tuple(tasks) if cfg.teachers_by_task else ())
     if cfg.cached_teacher is not None:
-        from .cache_logits import LogitCache
+        from ..logit_cache import LogitCache
 
         cache = LogitCache(soft_targets_folder(ctx.artifact_dir(cfg.cached_teacher)))
         cache.check(tokenizer, data_fingerprint(ctx.recipe.data, ctx.recipe.seed), "cached_teacher")
