@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "kd_loss",
@@ -34,13 +34,12 @@ __all__ = [
     "cross_entropy_loss",
     "pkd_loss",
     "cosine_hidden_loss",
-    "projected_mse_loss",
+    "tinybert_hidden_loss",
     "layer_map",
     "attention_score_mse",
     "relation_kd_loss",
 ]
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 SPARSE_TAILS = ("renormalize", "bucket")
 LAYER_MAP_STRATEGIES = ("last", "skip", "uniform")
 
@@ -198,6 +197,54 @@ def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# The divergences of `kd_loss`, one per recipe word (distill's `divergence:`). Each takes a chunk of tempered
+# log-probabilities, student ``log_ps`` and teacher ``log_pt`` (``[n, V]`` fp32, floored at _LOG_FLOOR; both
+# may be overwritten) and returns (the divergence summed over the n rows, and, when ``want_grad``, its
+# gradient with respect to the student's tempered logits ``s``, ``[n, V]``). In place where possible: a
+# chunk holds about four ``[n, V]`` fp32 tensors at its peak.
+def forward_kl(log_ps: Tensor, log_pt: Tensor, want_grad: bool, beta: float) -> tuple[Tensor, Tensor | None]:
+    """``KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)``: mode covering (Hinton et al.). ``beta`` unused."""
+    p_t = log_pt.exp()
+    loss_sum = log_pt.sub_(log_ps).mul_(p_t).sum()
+    del log_pt
+    grad = log_ps.exp_().sub_(p_t) if want_grad else None  # d/ds KL(p_t || softmax(s)) = p_s - p_t
+    return loss_sum, grad
+
+
+def reverse_kl(log_ps: Tensor, log_pt: Tensor, want_grad: bool, beta: float) -> tuple[Tensor, Tensor | None]:
+    """``KL(p_s || p_t)``: mode seeking. ``beta`` unused."""
+    p_s = log_ps.exp()
+    f = log_pt.neg_().add_(log_ps)  # log p_s - log p_t
+    per_row = (p_s * f).sum(-1)
+    grad = f.sub_(per_row[:, None]).mul_(p_s) if want_grad else None  # d/ds sum_v p_s f_v = p_s * (f - KL)
+    return per_row.sum(), grad
+
+
+def jsd(log_ps: Tensor, log_pt: Tensor, want_grad: bool, beta: float) -> tuple[Tensor, Tensor | None]:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024):
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``."""
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
+    kl_t = log_pt.sub_(log_m).mul_(p_t).sum(-1)
+    del p_t, log_pt
+    log_s_m = log_ps.sub_(log_m)  # log p_s - log m
+    del log_m
+    kl_s = (p_s * log_s_m).sum(-1)
+    loss_sum = (beta * kl_t + (1.0 - beta) * kl_s).sum()
+    grad = None
+    if want_grad:
+        # dJSD/dp_s = (1 - beta) log(p_s / m); through the softmax: p_s * (g - sum_v p_s g_v)
+        grad = log_s_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta)
+    return loss_sum, grad
+
+
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor, bool, float], tuple[Tensor, Tensor | None]]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+}
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | Sequence[Tensor],
@@ -240,7 +287,7 @@ def kd_loss(
     for i, t in enumerate(teachers):
         _check_logits(student_logits, t, f"teacher_logits[{i}]" if len(teachers) > 1 else "teacher_logits")
     if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (beta 0 or 1 makes the JSD identically 0)")
     if temperature <= 0:
@@ -260,34 +307,10 @@ def kd_loss(
     # In place where possible: a chunk holds about four [n, V] fp32 tensors at its peak. Log-probs are
     # floored at _LOG_FLOOR so that tokens with zero probability contribute 0, not NaN.
     def row_fn(logits: Tensor, idx: Tensor, grad_scale: float | None):
-        log_ps = _log_softmax_rows(logits, idx, T).clamp_(min=_LOG_FLOOR)
-        log_pt = teacher_log_probs(idx).clamp_(min=_LOG_FLOOR)
-        grad = None
-        if divergence == "forward_kl":
-            p_t = log_pt.exp()
-            loss_sum = log_pt.sub_(log_ps).mul_(p_t).sum()  # sum p_t (log p_t - log p_s)
-            del log_pt
-            if grad_scale is not None:
-                grad = log_ps.exp_().sub_(p_t)  # d/ds KL(p_t || softmax(s)) = p_s - p_t
-        elif divergence == "reverse_kl":
-            p_s = log_ps.exp()
-            f = log_pt.neg_().add_(log_ps)  # log p_s - log p_t
-            per_row = (p_s * f).sum(-1)
-            loss_sum = per_row.sum()
-            if grad_scale is not None:
-                grad = f.sub_(per_row[:, None]).mul_(p_s)  # d/ds sum_v p_s f_v = p_s * (f - KL)
-        else:  # jsd
-            p_s, p_t = log_ps.exp(), log_pt.exp()
-            log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
-            kl_t = log_pt.sub_(log_m).mul_(p_t).sum(-1)
-            del p_t, log_pt
-            log_s_m = log_ps.sub_(log_m)  # log p_s - log m
-            del log_m
-            kl_s = (p_s * log_s_m).sum(-1)
-            loss_sum = (beta * kl_t + (1.0 - beta) * kl_s).sum()
-            if grad_scale is not None:
-                # dJSD/dp_s = (1 - beta) log(p_s / m); through the softmax: p_s * (g - sum_v p_s g_v)
-                grad = log_s_m.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta)
+        # passed without a name here, so the divergence can free them as it goes (their only reference)
+        loss_sum, grad = DIVERGENCES[divergence](_log_softmax_rows(logits, idx, T).clamp_(min=_LOG_FLOOR),
+                                                 teacher_log_probs(idx).clamp_(min=_LOG_FLOOR),
+                                                 grad_scale is not None, beta)
         # Loss is T^2 * D(softmax(z / T)); dz = ds / T, so the raw-logit gradient carries T^2 / T = T.
         if grad is not None:
             grad.mul_(T * grad_scale)
@@ -497,7 +520,7 @@ def _check_hidden(student: Tensor, teacher: Tensor, same_width: bool = True) -> 
     if same_width and student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"student hidden size {student.shape[-1]} != teacher hidden size {teacher.shape[-1]}; "
-            "use projected_mse_loss with a learned projection"
+            "project the student first (hidden.loss: tinybert learns the projection)"
         )
 
 
@@ -523,26 +546,21 @@ def cosine_hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Ten
     return _masked_position_mean(1.0 - cos, mask)
 
 
-def projected_mse_loss(
-    student_hidden: Tensor, teacher_hidden: Tensor, projection: nn.Module, mask: Tensor | None
-) -> Tensor:
-    """TinyBERT hidden-state loss (Jiao et al. 2020): ``MSE(h_s W, h_t)`` with a learned projection.
+def tinybert_hidden_loss(projected_student: Tensor, teacher_hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """TinyBERT hidden-state loss (Jiao et al. 2020): ``MSE(h_s W, h_t)``, W a projection learned with the
+    student (the caller applies it, so student and teacher widths may differ).
 
     Args:
-        student_hidden: ``[B, L, Ds]``.
+        projected_student: ``[B, L, Dt]``, the student's hidden states times W.
         teacher_hidden: ``[B, L, Dt]``.
-        projection: maps ``Ds -> Dt`` (e.g. ``nn.Linear(Ds, Dt)``); it is trained with the student.
         mask: ``[B, L]``.
 
     Returns:
         fp32 scalar: per position the mean over ``Dt`` of the squared difference, averaged over masked
         positions.
     """
-    _check_hidden(student_hidden, teacher_hidden, same_width=False)
-    projected = projection(student_hidden)
-    if projected.shape != teacher_hidden.shape:
-        raise ValueError(f"projection output {tuple(projected.shape)} != teacher hidden {tuple(teacher_hidden.shape)}")
-    per_position = (projected.float() - teacher_hidden.detach().float()).pow(2).mean(-1)
+    _check_hidden(projected_student, teacher_hidden)
+    per_position = (projected_student.float() - teacher_hidden.detach().float()).pow(2).mean(-1)
     return _masked_position_mean(per_position, mask)
 
 

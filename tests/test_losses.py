@@ -422,15 +422,16 @@ def test_cosine_hidden_loss_matches_reference():
     assert losses.cosine_hidden_loss(hs, hs.detach(), mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_projected_mse_loss_matches_reference():
+def test_tinybert_hidden_loss_matches_reference():
     hs, ht, mask = _hidden(0, d=4), _hidden(1, d=D), _hmask()
     proj = torch.nn.Linear(4, D)
 
     def one(b, p):
         return float(((proj(hs[b, p]) - ht[b, p]) ** 2).mean().detach())
 
-    assert losses.projected_mse_loss(hs, ht, proj, mask).item() == pytest.approx(_position_mean(one, mask), rel=1e-5)
-    losses.projected_mse_loss(hs, ht, proj, mask).backward()
+    assert losses.tinybert_hidden_loss(proj(hs), ht, mask).item() == pytest.approx(_position_mean(one, mask),
+                                                                                   rel=1e-5)
+    losses.tinybert_hidden_loss(proj(hs), ht, mask).backward()
     assert proj.weight.grad is not None and hs.grad is not None and ht.grad is None
 
 
@@ -439,9 +440,9 @@ def test_hidden_losses_all_masked_give_zero(name):
     hs, ht = _hidden(0), _hidden(1)
     loss = getattr(losses, name)(hs, ht, torch.zeros(B, L, dtype=torch.bool))
     assert loss.item() == 0.0 and loss.grad_fn is not None
-    loss = losses.projected_mse_loss(hs, ht, torch.nn.Linear(D, D), torch.zeros(B, L, dtype=torch.bool))
+    loss = losses.tinybert_hidden_loss(torch.nn.Linear(D, D)(hs), ht, torch.zeros(B, L, dtype=torch.bool))
     assert loss.item() == 0.0 and not torch.isnan(loss)
-    with pytest.raises(ValueError, match="projected_mse_loss"):
+    with pytest.raises(ValueError, match="hidden.loss: tinybert learns the projection"):
         losses.pkd_loss(hs, _hidden(1, d=D + 2), None)
 
 

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import asdict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..fingerprints import data_fingerprint
 from ..features import QKVCapture, attentions, hidden_states
@@ -32,7 +32,7 @@ from ..losses import (
     layer_map,
     logits_mse_loss,
     pkd_loss,
-    projected_mse_loss,
+    tinybert_hidden_loss,
     relation_kd_loss,
     sparse_kd_loss,
 )
@@ -43,7 +43,41 @@ from ..pseudo_target_data import encode_pseudo_targets
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
 from .common import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
 
-HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": projected_mse_loss}
+
+
+# ------------------------------------------------------------------------- what each recipe word computes
+# Word-level objectives (`objective:`). Each: student logits [B, T, V], the teachers' logits (a list; several
+# form an ensemble), the mask [B, T] of counted tokens, the window's token count and the stage config ->
+# an fp32 scalar, summed over counted tokens / normalizer.
+def logits_kd(s_logits: Tensor, t_logits: list[Tensor], mask: Tensor, normalizer, cfg) -> Tensor:
+    """Word-level KD (Hinton et al. 2015; Kim & Rush 2016): `divergence` (forward_kl, reverse_kl, jsd; see
+    nlgkd/losses.py) between the tempered teacher distribution (an ensemble's mean) and the student's."""
+    return kd_loss(s_logits, t_logits if len(t_logits) > 1 else t_logits[0], mask, temperature=cfg.temperature,
+                   divergence=cfg.divergence, beta=cfg.jsd_beta, num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+
+
+def noisy_kd(s_logits: Tensor, t_logits: list[Tensor], mask: Tensor, normalizer, cfg) -> Tensor:
+    """Noisy KD: logits_kd from a teacher that keeps its dropout on while it teaches (`noise_dropout`, set
+    up by `set_teacher_noise` in `run`), so every step sees a differently perturbed teacher."""
+    return logits_kd(s_logits, t_logits, mask, normalizer, cfg)
+
+
+def logits_mse(s_logits: Tensor, t_logits: list[Tensor], mask: Tensor, normalizer, cfg) -> Tensor:
+    """MSE between the student's and the teacher's raw logits (Ba & Caruana 2014; an ensemble's mean logits)."""
+    target = t_logits[0] if len(t_logits) == 1 else torch.stack(t_logits).mean(0)
+    return logits_mse_loss(s_logits, target, mask, num_tokens=normalizer)
+
+
+OBJECTIVES = {
+    "finetune": None,  # gold cross-entropy only: no teacher term
+    "logits_kd": logits_kd,
+    "noisy_kd": noisy_kd,
+    "logits_mse": logits_mse,
+}
+# Hidden-state losses (`hidden.loss:`), on one pair of layers: student [B, L, Ds] (already projected to the
+# teacher's width where the loss needs it: see HIDDEN_PROJECTED), teacher [B, L, Dt], mask [B, L] -> scalar.
+HIDDEN_LOSSES = {"pkd": pkd_loss, "cosine": cosine_hidden_loss, "tinybert": tinybert_hidden_loss}
+HIDDEN_PROJECTED = {"tinybert"}  # learn a Ds -> Dt projection with the student (different widths allowed)
 
 
 class StudentWithProjections(nn.Module):
@@ -525,24 +559,16 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
             elif on_student_prefix:
                 # Joint-Teaching: the targets are the student's own samples, so gold cross-entropy on them
                 # means nothing; the teacher's word-level distribution is the only signal
-                word = kd_loss(s_logits, t_logits if len(t_logits) > 1 else t_logits[0], mask,
-                               temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
-                               num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+                word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
                 loss = word
                 logs["kd_student_prefix"] = word.detach()
                 with torch.no_grad():
                     logs["teacher_nll_student_pt"] = cross_entropy_loss(t_logits[0], batch["labels"],
                                                                          num_tokens=normalizer)
-            elif cfg.objective == "finetune":
+            elif OBJECTIVES[cfg.objective] is None:
                 loss = ce
             else:
-                if cfg.objective == "logits_mse":
-                    target = t_logits[0] if len(t_logits) == 1 else torch.stack(t_logits).mean(0)
-                    word = logits_mse_loss(s_logits, target, mask, num_tokens=normalizer)
-                else:
-                    word = kd_loss(s_logits, t_logits if len(t_logits) > 1 else t_logits[0], mask,
-                                   temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
-                                   num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+                word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
                 logs[cfg.objective] = word.detach()
                 if cfg.joint_teaching is not None:
                     logs["kd_teacher_prefix"] = word.detach()
@@ -556,10 +582,9 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
                 logs["hidden"] = term.detach()
                 loss = loss + cfg.hidden.weight * share * term
             if cfg.attention is not None:
-                if minilm:
-                    term = relation_term(cfg.attention, s_cap, t_caps[0], batch, causal)
-                else:
-                    term = attention_prob_term(cfg.attention, s_out, t_outs[0], batch, causal)
+                # MiniLM reads the Q/K/V captured by the hooks; TinyBERT the attention probabilities outputs hold
+                seen = (s_cap, t_caps[0]) if minilm else (s_out, t_outs[0])
+                term = ATTENTION_LOSSES[cfg.attention.loss](cfg.attention, *seen, batch, causal)
                 logs["attention"] = term.detach()
                 loss = loss + cfg.attention.weight * share * term
         return loss, {k: float(v) for k, v in logs.items()}
@@ -593,13 +618,7 @@ def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[i
             sub = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
             with torch.no_grad():  # not inference_mode: teacher tensors are read by the student's backward
                 t_logits = [forward_on_targets(teachers[i], sub)[0] for i in indices]
-            if cfg.objective == "logits_mse":
-                target = torch.stack(t_logits).mean(0) if len(t_logits) > 1 else t_logits[0]
-                word = logits_mse_loss(s_logits[rows], target, mask[rows], num_tokens=normalizer)
-            else:
-                word = kd_loss(s_logits[rows], t_logits if len(t_logits) > 1 else t_logits[0], mask[rows],
-                               temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.jsd_beta,
-                               num_tokens=normalizer, chunk_size=cfg.kd_chunk_size)
+            word = OBJECTIVES[cfg.objective](s_logits[rows], t_logits, mask[rows], normalizer, cfg)
             word_total = word_total + word.detach()
             loss = loss + (1 - cfg.alpha) * word + cfg.alpha * ce
             agree = agree + ((s_logits[rows].argmax(-1) == t_logits[0].argmax(-1)) & mask[rows]).sum() / normalizer
@@ -621,14 +640,13 @@ def hidden_term(spec, module, s_out, t_out, batch, causal) -> torch.Tensor:
         for s_layer, t_layer in layer_pairs(spec.layer_map, n_student, n_teacher):
             s_h = side_hidden(s_out, side, s_layer, batch, causal)
             t_h = side_hidden(t_out, side, t_layer, batch, causal).to(s_h.dtype)
-            if spec.loss == "tinybert":
-                terms.append(projected_mse_loss(s_h, t_h, module.projections[f"{side}_{s_layer}"], mask))
-            else:
-                terms.append(HIDDEN_LOSSES[spec.loss](s_h, t_h, mask))
+            if spec.loss in HIDDEN_PROJECTED:
+                s_h = module.projections[f"{side}_{s_layer}"](s_h)
+            terms.append(HIDDEN_LOSSES[spec.loss](s_h, t_h, mask))
     return torch.stack(terms).mean()
 
 
-def relation_term(spec, s_cap, t_cap, batch, causal) -> torch.Tensor:
+def minilm_attention_term(spec, s_cap, t_cap, batch, causal) -> torch.Tensor:
     """MiniLM-v2: KL between teacher and student Q-Q, K-K, V-V relations (cross: decoder Q to encoder K)."""
     terms = []
     for side in spec.sides:
@@ -648,7 +666,7 @@ def relation_term(spec, s_cap, t_cap, batch, causal) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def attention_prob_term(spec, s_out, t_out, batch, causal) -> torch.Tensor:
+def tinybert_attention_term(spec, s_out, t_out, batch, causal) -> torch.Tensor:
     """TinyBERT: MSE between the attention probabilities of the chosen student and teacher layers."""
     terms = []
     for side in spec.sides:
@@ -658,3 +676,7 @@ def attention_prob_term(spec, s_out, t_out, batch, causal) -> torch.Tensor:
         k_mask = batch["attention_mask"].bool() if side in ("encoder_self", "cross") or causal else q_mask
         terms.append(attention_score_mse(s_att, t_att, q_mask, k_mask))
     return torch.stack(terms).mean()
+
+
+# Attention losses (`attention.loss:`): (spec, student's and teacher's captures or outputs, batch, causal) -> scalar.
+ATTENTION_LOSSES = {"minilm": minilm_attention_term, "tinybert": tinybert_attention_term}
