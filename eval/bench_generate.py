@@ -41,7 +41,7 @@ import torch
 from nlgkd.demo_task import make_demo_splits
 from nlgkd.generation import generate, generate_batch
 from nlgkd.models import build_fresh
-from nlgkd.recipe import DecodingConfig, ModelConfig
+from nlgkd.config import DecodingConfig, ModelConfig
 
 
 def make_inputs(n: int, max_repeat: int, spread: str, seed: int = 0) -> list[str]:

@@ -14,7 +14,9 @@ import argparse
 import os
 import sys
 
-from .recipe import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError, config_help, load_recipe
+from .config import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError, config_help
+
+from .recipe import load_recipe
 
 
 def cmd_run(args) -> int:

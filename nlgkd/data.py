@@ -18,7 +18,7 @@ import datasets
 import torch
 
 from .data_files import template_fields
-from .recipe import SPLITS, DataConfig, DataSource, RecipeError
+from .config import SPLITS, DataConfig, DataSource, RecipeError
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

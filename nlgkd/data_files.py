@@ -10,7 +10,7 @@ import json
 import string
 from pathlib import Path
 
-from .recipe import SPLITS, DataConfig
+from .config import SPLITS, DataConfig
 
 READABLE = (".jsonl", ".json", ".csv", ".parquet")  # the extensions nlgkd/data.py loads
 

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .recipe import SPLITS, DataConfig, to_dict
+from .config import SPLITS, DataConfig
+
+from .recipe import to_dict
 
 
 def file_checksums(folder: Path, only=None) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .data import causal_prompt, pad
 from .hf_compat import CACHE_KWARG
 from .models import is_causal
-from .recipe import DecodingConfig
+from .config import DecodingConfig
 
 EMPTY_INPUT_ERROR = "generation: input {i} is empty after tokenization; drop empty sources from the data"
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .recipe import TrainArgs
+from .config import TrainArgs
 
 LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict[str, float]]"]
 # (model, micro-batches, step) -> (micro-batches, logs): lets a stage replace targets before tokens are counted

@@ -10,7 +10,7 @@ import torch
 
 from .errors import ModelLoadError
 from .quiet import quiet_weight_bars
-from .recipe import ModelConfig
+from .config import ModelConfig
 
 # One special-token layout for every fresh tokenizer; T5-style sentinels serve span corruption.
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"

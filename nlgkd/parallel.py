@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .recipe import Stage, references
+from .config import Stage
+
+from .recipe import references
 
 
 class Handle(Protocol):

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .fingerprints import data_fingerprint, file_checksums, short_hash
-from .recipe import SPLITS, ModelConfig, Recipe, RecipeError, Stage, flatten, references, to_dict
+from .config import SPLITS, ModelConfig, Recipe, RecipeError, Stage
+from .recipe import flatten, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
 

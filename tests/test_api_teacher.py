@@ -384,7 +384,7 @@ def test_answer_pieces_and_retry_after_parsing():
 
 
 def test_recipe_checks_teacher_fields():
-    from nlgkd.recipe import RecipeError
+    from nlgkd.config import RecipeError
 
     recipe = {"name": "x", "data": {"task": "demo"}, "models": {"t": {}},
               "stages": [{"name": "pts", "kind": "pseudo_targets"}]}

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nlgkd.data import collate, load_splits, pad
-from nlgkd.recipe import DataConfig, RecipeError, TaskData
+from nlgkd.config import DataConfig, RecipeError, TaskData
 
 
 def write_jsonl(path, rows):

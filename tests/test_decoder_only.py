@@ -12,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from nlgkd.data import collate
 from nlgkd.generation import generate_batch
 from nlgkd.models import train_tokenizer
-from nlgkd.recipe import DecodingConfig, parse_recipe
+from nlgkd.config import DecodingConfig
+from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner
 from nlgkd.stages.common import cross_entropy_step
 

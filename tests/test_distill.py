@@ -10,7 +10,8 @@ import torch
 
 from nlgkd.data import collate, encode, load_splits
 from nlgkd.models import load_pretrained, target_logits
-from nlgkd.recipe import RecipeError, parse_recipe
+from nlgkd.config import RecipeError
+from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 from nlgkd.stages.distill import set_teacher_noise
 
@@ -141,7 +142,7 @@ def test_noise_dropout_makes_the_teacher_noisy(trained):
 def test_each_objective_is_its_formula_with_the_stages_temperature_and_alpha(trained, fields):
     """The distill stage's loss equals the textbook formula written out here, so a swapped alpha or an
     ignored temperature fails."""
-    from nlgkd.recipe import DistillConfig
+    from nlgkd.config import DistillConfig
     from nlgkd.stages.distill import StudentWithProjections, make_loss
 
     recipe, root = trained

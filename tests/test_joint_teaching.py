@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from nlgkd.models import load_pretrained
-from nlgkd.recipe import DecodingConfig, JointTeachingConfig
+from nlgkd.config import DecodingConfig, JointTeachingConfig
 from nlgkd.stages.distill import is_student_step, make_joint_teaching, mask_after_eos
 
 from conftest import distill_stage, with_stage

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nlgkd.loop import MAX_NONFINITE_STEPS, train
-from nlgkd.recipe import TrainArgs
+from nlgkd.config import TrainArgs
 from nlgkd.runner import make_accelerator
 
 

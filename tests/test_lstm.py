@@ -14,7 +14,8 @@ from nlgkd.generation import generate
 from nlgkd.hf_compat import CACHE_KWARG
 from nlgkd.lstm import LSTMSeq2SeqForConditionalGeneration, is_lstm
 from nlgkd.models import build_fresh, forward_on_targets, load_pretrained, save_model
-from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
+from nlgkd.config import DecodingConfig, ModelConfig
+from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError, make_accelerator
 
 LSTM = {"init": "fresh", "arch": "lstm", "d_model": 64, "encoder_layers": 2, "decoder_layers": 1, "dropout": 0.0,
@@ -26,7 +27,7 @@ STEPS = 30
 def tiny_lstm():
     """(model, tokenizer, batch): an untrained 2+1-layer LSTM with a tokenizer trained on demo text, and a
     right-padded batch of 8 demo examples."""
-    from nlgkd.recipe import DataConfig, DemoSizes
+    from nlgkd.config import DataConfig, DemoSizes
 
     data, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(train=64, validation=8, test=8, unlabeled=0)))
     texts = list(data["train"]["source"]) + list(data["train"]["target"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nlgkd.models import build_fresh
-from nlgkd.recipe import ModelConfig
+from nlgkd.config import ModelConfig
 
 TEXTS = [f"the {w} sat on the mat {i}" for i, w in enumerate(["cat", "dog", "bird", "fox"] * 20)]
 

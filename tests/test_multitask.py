@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from nlgkd.data import collate, load_splits, task_mixture
 from nlgkd.models import build_fresh, forward_on_targets
-from nlgkd.recipe import DataConfig, ModelConfig, RecipeError, TaskData, parse_recipe
+from nlgkd.config import DataConfig, ModelConfig, RecipeError, TaskData
+from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner
 from nlgkd.stages.distill import StudentWithProjections, make_loss_by_task
 

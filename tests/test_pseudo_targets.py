@@ -12,7 +12,9 @@ import pytest
 import torch
 import yaml
 
-from nlgkd.recipe import DecodingConfig, ModelConfig, parse_recipe
+from nlgkd.config import DecodingConfig, ModelConfig
+
+from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 from nlgkd.pseudo_target_data import load_augmented, load_pseudo_targets
 

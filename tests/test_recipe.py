@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nlgkd.recipe import STAGE_CONFIGS, RecipeError, apply_override, load_recipe, parse_recipe
+from nlgkd.config import STAGE_CONFIGS, RecipeError
+
+from nlgkd.recipe import apply_override, load_recipe, parse_recipe
 from nlgkd.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]

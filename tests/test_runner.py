@@ -192,7 +192,7 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_killed_run_leaves
 
 def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, tiny_recipe, capsys):
     from nlgkd.data import load_splits
-    from nlgkd.recipe import DataConfig, DemoSizes
+    from nlgkd.config import DataConfig, DemoSizes
 
     # the tiny recipe's demo data written as files, so that one split can change alone
     splits, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(**tiny_recipe["data"]["demo"])))

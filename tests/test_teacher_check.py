@@ -86,7 +86,7 @@ def test_on_weak_teacher_stop_keeps_the_teacher_and_refuses_its_students(tmp_pat
 
 
 def test_on_weak_teacher_takes_warn_or_stop_only(tiny_recipe):
-    from nlgkd.recipe import RecipeError
+    from nlgkd.config import RecipeError
 
     tiny_recipe["on_weak_teacher"] = "ignore"
     with pytest.raises(RecipeError, match=r"on_weak_teacher: 'ignore' is not allowed; allowed: warn, stop"):
@@ -113,7 +113,7 @@ def test_the_report_marks_a_weak_teacher_and_its_students(tmp_path):
 
 def test_evaluate_scores_the_baselines_on_its_split_when_asked(tmp_path, tiny_recipe):
     from nlgkd.data import load_splits
-    from nlgkd.recipe import DataConfig, DemoSizes
+    from nlgkd.config import DataConfig, DemoSizes
 
     tiny_recipe["stages"][0].update(max_steps=1, eval_samples=0, save_every=None)
     tiny_recipe["stages"][1]["baselines"] = True
@@ -141,7 +141,7 @@ def test_a_teacher_without_validation_data_is_noted_not_judged(tmp_path, tiny_re
 
 
 def test_init_std_is_refused_where_nothing_uses_it(tiny_recipe):
-    from nlgkd.recipe import RecipeError
+    from nlgkd.config import RecipeError
 
     tiny_recipe["models"]["teacher"].update(arch="t5", init_std=0.1)
     with pytest.raises(RecipeError, match=r"models\.teacher: init_std: only fresh bart and mbart models use it, "

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from nlgkd.cli import main as cli_main
-from nlgkd.recipe import RecipeError, parse_recipe, references
+from nlgkd.config import RecipeError
+from nlgkd.recipe import parse_recipe, references
 from nlgkd.runner import Runner
 
 

@@ -1,5 +1,5 @@
 """Stage kinds: one module each, one explicit dict. The config dataclass of each kind is in
-`nlgkd/recipe.py:STAGE_CONFIGS` under the same key."""
+`nlgkd/config.py:STAGE_CONFIGS` under the same key."""
 from . import augment, cache_logits, distill, evaluate, finetune, prune, pseudo_targets
 
 STAGES = {

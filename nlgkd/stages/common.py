@@ -10,7 +10,7 @@ from ..generation import generate
 from ..losses import cross_entropy_loss
 from ..metrics import text_metrics
 from ..models import is_causal, target_logits
-from ..recipe import DecodingConfig
+from ..config import DecodingConfig
 
 
 def encode_splits(ctx, tokenizer, splits=("train", "validation")) -> dict:

@@ -1,0 +1,665 @@
+"""The recipe's schema: typed dataclasses for the data, the models and every stage kind (`STAGE_CONFIGS`),
+each field with its type, default, help and numeric bounds, and the help `nlgkd stages` prints from them.
+
+Loading a YAML file into these classes, `--set` overrides, name resolution and variants are in
+`nlgkd/recipe.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message names the file and the field path and says what to do."""
+
+
+def ref(kind: str, help: str, yaml_name: str | None = None) -> dict:
+    """Field metadata marking a reference to an earlier artifact (`model`, `models`, `dataset`, `datasets`).
+    `yaml_name` is the recipe key when it is not a valid Python name (`from`)."""
+    meta = {"ref": kind, "help": help}
+    if yaml_name:
+        meta["yaml_name"] = yaml_name
+    return meta
+
+
+def yaml_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("yaml_name", f.name)
+
+
+def doc(help: str, **limits) -> dict:
+    """Field metadata: its help text and, for a number, the allowed range (`bounds`)."""
+    return {"help": help, **bounds(**limits)} if limits else {"help": help}
+
+
+def bounds(**limits: float) -> dict:
+    """Field metadata: the range a number must lie in, checked when a recipe is read (`check_bounds`):
+    ge / gt (at least / above) and le / lt (at most / below)."""
+    return {"bounds": limits}
+
+
+BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+BOUND_TESTS = {"ge": lambda v, x: v >= x, "gt": lambda v, x: v > x, "le": lambda v, x: v <= x,
+               "lt": lambda v, x: v < x}
+
+
+def describe_bounds(limits: dict) -> str:
+    return " and ".join(f"{BOUND_WORDS[k]} {v:g}" for k, v in limits.items())
+
+
+def check_bounds(value: Any, limits: dict | None, path: str) -> None:
+    """A number (or each number of a mapping) outside `limits` is an error naming the field path."""
+    if not limits or value is None:
+        return
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for key, number in items:
+        if not all(BOUND_TESTS[k](number, x) for k, x in limits.items()):
+            where = f"{path}.{key}" if key is not None else path
+            raise RecipeError(f"{where}: {number!r} is out of range; it must be {describe_bounds(limits)}")
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass(kw_only=True)
+class DemoSizes:
+    train: int = field(default=2000, metadata=doc("labeled pairs", ge=0))
+    validation: int = field(default=200, metadata=doc("labeled pairs", ge=0))
+    test: int = field(default=200, metadata=doc("labeled pairs", ge=0))
+    unlabeled: int = field(default=2000, metadata=doc("inputs without targets", ge=0))
+
+
+SPLITS = ("train", "validation", "test", "unlabeled")  # the data splits a recipe can name
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """One dataset: the built-in task, files or a hub name, and how rows become (source, target) text."""
+
+    task: Optional[Literal["demo"]] = field(default=None, metadata=doc("built-in task that needs no download"))
+    demo: DemoSizes = field(default_factory=DemoSizes, metadata=doc("split sizes of the demo task"))
+    dir: Optional[str] = field(default=None, metadata=doc(
+        "folder the train/validation/test/unlabeled paths are read from (default: where you run nlgkd); "
+        "`--set data.dir=PATH` points a recipe at another copy of its files"))
+    train: Optional[str] = field(default=None, metadata=doc("jsonl/csv/parquet file of the train split"))
+    validation: Optional[str] = field(default=None, metadata=doc(
+        "file of the validation split (early stopping, the weak-teacher check)"))
+    test: Optional[str] = field(default=None, metadata=doc("file of the test split (evaluate stages)"))
+    unlabeled: Optional[str] = field(default=None, metadata=doc(
+        "file of inputs without targets (pseudo-targets, denoising); only the source column is read"))
+    hub: Optional[str] = field(default=None, metadata=doc("dataset name for datasets.load_dataset"))
+    hub_config: Optional[str] = field(default=None, metadata=doc("the hub dataset's configuration name"))
+    hub_splits: dict[str, str] = field(
+        default_factory=dict, metadata=doc("our split -> hub split, e.g. {validation: dev}")
+    )
+    source: str = field(
+        default="source", metadata=doc("source column, or a template like '{context}; answer: {answer}'")
+    )
+    target: str = field(default="target", metadata=doc("target column, or a template"))
+    max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}", ge=1))
+
+    def split_file(self, split: str, parent_dir: Optional[str] = None) -> Optional[str]:
+        """The file of `split` as given, or joined onto `dir` (a task's own, else `parent_dir`: the top-level
+        data.dir); an absolute path stays as it is."""
+        path = getattr(self, split)
+        folder = self.dir if self.dir is not None else parent_dir
+        if path is None or folder is None:
+            return path
+        return str(Path(folder).expanduser() / path)
+
+
+@dataclass(kw_only=True)
+class TaskData(DataSource):
+    """One task of a multi-task recipe (MT-DNN): its own dataset, a source prefix and a sampling weight."""
+
+    prefix: str = field(default="", metadata=doc("prepended to every source, e.g. 'summarize: '"))
+    weight: Optional[float] = field(default=None, metadata=doc(
+        "share of each training epoch drawn from this task, relative to the other tasks' weights "
+        "(smaller tasks are repeated, larger ones subsampled); default: its own train size", gt=0))
+
+
+@dataclass(kw_only=True)
+class DataConfig(DataSource):
+    """Where examples come from: one dataset (the fields of DataSource) or several tasks (`tasks:`)."""
+
+    tasks: dict[str, TaskData] = field(default_factory=dict, metadata=doc(
+        "several datasets in one recipe, by task name; each example keeps its task (per-task teachers "
+        "in distill: teachers_by_task)"))
+    max_source_length: int = field(default=256, metadata=doc("tokens; longer sources are truncated and counted", ge=1))
+    max_target_length: int = field(default=128, metadata=doc("tokens; longer targets are truncated and counted", ge=1))
+    on_empty: Literal["drop", "error"] = field(
+        default="drop", metadata=doc("examples with empty source/target: drop and count, or stop")
+    )
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A model entry: a pretrained hub name/local path, or a fresh config trained from scratch."""
+
+    init: Literal["pretrained", "fresh"] = field(default="fresh", metadata=doc(
+        "fresh: built from arch and the sizes below, with a tokenizer trained on the train split; "
+        "pretrained: loaded from name_or_path (the sizes are ignored)"))
+    name_or_path: Optional[str] = field(default=None, metadata=doc("hub name or local folder (init: pretrained)"))
+    revision: Optional[str] = field(default=None, metadata=doc("hub branch, tag or commit (init: pretrained)"))
+    trust_remote_code: bool = field(default=False, metadata=doc("off unless you trust the model's code"))
+    arch: Literal["bart", "mbart", "t5", "gpt2", "lstm"] = field(
+        default="mbart", metadata=doc(
+            "family of a fresh model. mbart (default): BART with pre-layer-norm, the fastest to learn from scratch "
+            "(eval/README.md, 'Fresh models'); bart: post-layer-norm, can learn to ignore its input "
+            "(transformers#18461); t5: learns slowly from scratch with AdamW (its unit-scale tied embeddings); "
+            "gpt2: decoder-only; lstm: a BiLSTM encoder + attentional LSTM decoder (nlgkd/lstm.py) sized by "
+            "d_model, encoder_layers, decoder_layers, dropout"))
+    d_model: int = field(default=256, metadata=doc("fresh: hidden size", ge=1))
+    encoder_layers: int = field(default=4, metadata=doc("fresh: encoder blocks", ge=1))
+    decoder_layers: int = field(default=4, metadata=doc("fresh: decoder blocks", ge=1))
+    attention_heads: int = field(default=4, metadata=doc("fresh: heads per attention layer (divides d_model)", ge=1))
+    ffn_dim: int = field(default=1024, metadata=doc("fresh: feed-forward width", ge=1))
+    dropout: float = field(default=0.1, metadata=doc("fresh: dropout of every block", ge=0, lt=1))
+    max_position_embeddings: int = field(default=512, metadata=doc("fresh: longest sequence in tokens", ge=1))
+    tokenizer: Literal["bpe", "unigram"] = field(
+        default="bpe", metadata=doc("algorithm of the tokenizer trained for a fresh model")
+    )
+    tokenizer_from: Optional[str] = field(
+        default=None, metadata=ref("model", "share this model's tokenizer instead of training one")
+    )
+    vocab_size: int = field(default=2000, metadata=doc("vocabulary of a trained tokenizer", ge=1))
+    init_std: Optional[float] = field(default=None, metadata=doc(
+        "fresh bart/mbart: std of the initial weights; default 1/sqrt(d_model) (transformers' 0.02 suits "
+        "d_model 1024 and leaves small models ignoring their input)", gt=0))
+
+    def __post_init__(self):
+        if self.init_std is not None and (self.init != "fresh" or self.arch not in ("bart", "mbart")):
+            raise RecipeError(f"init_std: only fresh bart and mbart models use it, and this one is "
+                              f"{'a pretrained model' if self.init != 'fresh' else 'arch ' + self.arch}; remove it")
+
+
+# ------------------------------------------------------------------------------------------- stages
+@dataclass(kw_only=True)
+class DecodingConfig:
+    """How text is generated (evaluation, pseudo-targets)."""
+
+    strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = field(default="greedy", metadata=doc(
+        "greedy; beam (num_beams); diverse_beam (num_beams in num_beam_groups); sample (temperature, top_k, "
+        "top_p)"))
+    num_beams: int = field(default=4, metadata=doc("beam, diverse_beam: beams per input", ge=1))
+    num_beam_groups: int = field(default=2, metadata=doc("diverse beam: groups", ge=1))
+    diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty", ge=0))
+    length_penalty: float = field(default=1.0, metadata=doc("beam: > 1 favours longer outputs, < 1 shorter"))
+    temperature: float = field(default=1.0, metadata=doc("sample: softmax temperature", gt=0))
+    top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: all)", ge=0))
+    top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))
+    num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
+    max_new_tokens: int = field(default=64, metadata=doc("longest output in tokens", ge=1))
+    no_repeat_ngram_size: int = field(default=0, metadata=doc("forbid repeating any n-gram of this size (0: off)", ge=0))
+    batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1))
+    dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Hyper-parameters of the one training loop (`nlgkd/loop.py`), shared by every training stage."""
+
+    epochs: float = field(default=1.0, metadata=doc("passes over the training data (fractions allowed)", gt=0))
+    max_steps: Optional[int] = field(default=None, metadata=doc("optimizer steps; overrides epochs", ge=1))
+    batch_size: int = field(default=16, metadata=doc("examples per micro-batch, over all processes (x grad_accum per optimizer step)", ge=1))
+    grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", ge=1))
+    lr: float = field(default=5e-4, metadata=doc("AdamW's peak learning rate (linear warmup, then linear decay)", gt=0))
+    weight_decay: float = field(default=0.01, metadata=doc("AdamW's", ge=0))
+    warmup_steps: int = field(default=0, metadata=doc("steps of linear warmup from 0 to lr", ge=0))
+    max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping (0: off)", ge=0))
+    mixed_precision: Literal["auto", "no", "bf16"] = field(
+        default="auto", metadata=doc(
+            "auto = bf16 on a GPU that has it, else fp32 (no fp16: it needs loss scaling, which this loop does "
+            "not do)"))
+    eval_every: Optional[int] = field(default=None, metadata=doc(
+        "steps between evaluations; default once per epoch", ge=1))
+    eval_samples: int = field(default=128, metadata=doc("validation examples decoded for the generation metric", ge=0))
+    early_stopping_metric: Literal["val_loss", "bleu", "chrf"] = field(default="val_loss", metadata=doc(
+        "the validation score that picks the kept weights (the best one) and, with patience, stops early"))
+    patience: Optional[int] = field(default=None, metadata=doc("evaluations without improvement before stopping", ge=1))
+    save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints", ge=1))
+    save_every_minutes: Optional[float] = field(default=10.0, metadata=doc(
+        "also a checkpoint when this many minutes passed since the last one (slow steps lose no more)", gt=0))
+    log_every: int = field(default=10, metadata=doc("steps between lines of train.log", ge=1))
+    label_smoothing: float = field(default=0.0, metadata=doc("of the gold cross-entropy", ge=0, lt=1))
+    seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
+    report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainArgs):
+    """Cross-entropy training of a model on gold targets (a teacher, or a baseline student)."""
+
+    produces: ClassVar[str] = "model"
+    model: str = field(metadata=ref("model", "models: entry or earlier stage to train"))
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Decode a split with each model; BLEU, chrF, ROUGE, lengths, size and speed; a comparison table."""
+
+    produces: ClassVar[str] = "metrics"
+    # a varied stage in `models` becomes one row per variant (the comparison), not one evaluate per variant
+    expands_variants: ClassVar[bool] = True
+    models: list[str] = field(metadata=ref("models", "models to evaluate"))
+    split: Literal["test", "validation", "train"] = "test"
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    max_examples: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    baselines: bool = field(default=False, metadata=doc(
+        "also score trivial baselines on the same examples: copying the source, and the most frequent train "
+        "target for every input (rows copy_source, most_frequent_target)"))
+
+
+LayerSpec = Optional[Union[list[int], dict[str, int], str]]
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    """Build a student from a teacher by keeping chosen encoder and/or decoder layers (study stage S2)."""
+
+    produces: ClassVar[str] = "model"
+    from_: str = field(metadata=ref("model", "teacher model to prune", yaml_name="from"))
+    encoder_layers: LayerSpec = field(default=None, metadata=doc(
+        "layers to keep: a list like [0, -1], {first_last: N}, {first: N}, every_other, all (default)"))
+    decoder_layers: LayerSpec = field(default=None, metadata=doc("as encoder_layers, for the decoder"))
+
+
+@dataclass(kw_only=True)
+class HiddenKD:
+    """Hidden-state distillation: PKD (normalized MSE), DistilBERT cosine, TinyBERT projected MSE."""
+
+    loss: Literal["pkd", "cosine", "tinybert"] = "pkd"
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
+    sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"])
+    layer_map: Union[Literal["last", "skip", "uniform"], list[list[int]]] = field(
+        default="skip", metadata=doc("strategy, or explicit [[student_layer, teacher_layer], ...]"))
+
+
+@dataclass(kw_only=True)
+class AttentionKD:
+    """Attention distillation: MiniLM-v2 Q/K/V relations, or TinyBERT attention-score MSE."""
+
+    loss: Literal["minilm", "tinybert"] = "minilm"
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
+    sides: list[Literal["encoder_self", "decoder_self", "cross"]] = field(
+        default_factory=lambda: ["encoder_self", "decoder_self"])
+    relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
+    relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into", ge=1))
+    student_layer: int = -1
+    teacher_layer: int = -1
+
+
+@dataclass(kw_only=True)
+class JointTeachingConfig:
+    """Joint-Teaching (study stage S8): word-level KD also on prefixes the current student samples."""
+
+    student_ratio: float = field(default=0.5, metadata=doc(
+        "share of steps trained on student samples (1 = only)", ge=0, le=1))
+    schedule: Literal["alternate", "random"] = field(
+        default="alternate", metadata=doc("alternate: evenly spread; random: seeded coin per step"))
+    decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, max_new_tokens=64),
+        metadata=doc("how the student samples its prefixes"))
+
+
+@dataclass(kw_only=True)
+class DenoisingConfig:
+    """General distillation data (TinyBERT / DistilBERT's first stage): denoising pairs made from raw text
+    the way the teacher was pretrained; input = corrupted text, target = the original (nlgkd/denoising.py)."""
+
+    splits: list[Literal["train", "validation", "test", "unlabeled"]] = field(
+        default_factory=lambda: ["train", "unlabeled"], metadata=doc("splits whose text is used (unless file:)"))
+    columns: list[Literal["source", "target"]] = field(
+        default_factory=lambda: ["source"], metadata=doc("text of those splits: sources and/or targets"))
+    file: Optional[str] = field(default=None, metadata=doc(
+        "raw text instead of the splits: .txt (one text per line), .jsonl, .csv or .parquet"))
+    file_column: str = field(default="text", metadata=doc("column of file: holding the text (not for .txt)"))
+    family: Optional[Literal["bart", "t5"]] = field(default=None, metadata=doc(
+        "bart: sentence permutation + text infilling with <mask>; t5: span corruption with <extra_id_N> "
+        "sentinels; default: the teacher's family"))
+    noise: Optional[float] = field(default=None, metadata=doc(
+        "share of words (bart) or tokens (t5) corrupted; default 0.3 for bart, 0.15 for t5", gt=0, lt=1))
+    mean_span: float = field(default=3.0, metadata=doc(
+        "bart: Poisson lambda of span lengths; t5: mean span length", gt=0))
+    permute_sentences: bool = field(default=True, metadata=doc("bart: shuffle each text's sentences"))
+    seed: Optional[int] = field(default=None, metadata=doc(
+        "default: the recipe seed; the noise of text i in epoch e depends only on (seed, e, i)"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("use the first N texts", ge=1))
+
+
+@dataclass(kw_only=True)
+class DistillConfig(TrainArgs):
+    """Train a student against one or more teachers with word-level, hidden-state and attention KD (S3)."""
+
+    produces: ClassVar[str] = "model"
+    student: str = field(metadata=ref("model", "model to train (e.g. a prune stage)"))
+    teacher: Optional[Union[str, list[str]]] = field(
+        default=None, metadata=ref("models", "teacher, or a list of teachers (an ensemble averages them)"))
+    teachers_by_task: dict[str, list[str]] = field(default_factory=dict, metadata=ref(
+        "models", "multi-task data: each task's teachers (MT-DNN); a task with none ([] or left out) "
+        "trains on gold cross-entropy alone. Use instead of teacher:"))
+    objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
+        default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
+    noise_dropout: Optional[float] = field(default=None, metadata=doc(
+        "noisy_kd: the teacher's dropout rate while it teaches (default: the rates it was trained with)", ge=0, lt=1))
+    alpha: float = field(default=0.0, metadata=doc(
+        "loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy", ge=0, le=1))
+    temperature: float = field(default=1.0, metadata=bounds(gt=0))
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = field(default=0.5, metadata=bounds(gt=0, lt=1))
+    hidden: Optional[HiddenKD] = None
+    attention: Optional[AttentionKD] = None
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata=doc("auto: bf16 on a GPU that has it, else fp32"))
+    kd_chunk_size: Optional[int] = field(default=None, metadata=doc("token rows per KD chunk (memory bound)", ge=1))
+    gold: bool = field(default=True, metadata=doc("train on the gold targets"))
+    pseudo_targets: list[str] = field(
+        default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
+    pt_schedule: Literal["cycle", "all"] = field(
+        default="cycle", metadata=doc("cycle: epoch e uses PT number e mod K (the study); all: every PT each epoch"))
+    joint_teaching: Optional[JointTeachingConfig] = None
+    cached_teacher: Optional[str] = field(
+        default=None, metadata=ref("logits", "a cache_logits stage: KD from stored top-k, no teacher loaded"))
+    cache_tail: Literal["renormalize", "bucket"] = field(
+        default="renormalize", metadata=doc("teacher mass outside the cached top-k: see losses.sparse_kd_loss"))
+    cross_tokenizer: bool = field(default=False, metadata=doc(
+        "allow a teacher with another tokenizer (e.g. BART -> T5): per batch it scores the target text under its "
+        "own tokenizer and its top-k is aligned to the student's tokens by character offsets "
+        "(nlgkd/alignment.py); objective logits_kd or noisy_kd, forward_kl, one teacher; mass lost in the "
+        "alignment is handled by cache_tail"))
+    cross_tokenizer_top_k: int = field(default=20, metadata=doc(
+        "cross_tokenizer: teacher alternatives kept per teacher token (and slots per student token)", ge=1))
+    denoising: Optional[DenoisingConfig] = field(default=None, metadata=doc(
+        "general distillation: denoising pairs of raw text join the training data (with gold: false, they "
+        "are all of it); the teacher's prediction of the original text is the soft target. With objective: "
+        "finetune and no teacher, it is denoising pretraining of the student itself"))
+
+    def __post_init__(self):
+        if self.joint_teaching is not None and self.objective not in ("logits_kd", "noisy_kd"):
+            raise RecipeError(f"joint_teaching: trains with the KL to the teacher on prefixes the student samples, so "
+                              f"it needs objective: logits_kd or noisy_kd (and a teacher), not {self.objective!r}; "
+                              "remove joint_teaching or change the objective")
+        if self.noise_dropout is not None and self.objective != "noisy_kd":
+            raise RecipeError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
+                              f"{self.objective!r}; remove noise_dropout or set objective: noisy_kd")
+
+
+@dataclass(kw_only=True)
+class ApiTeacherConfig:
+    """An LLM behind an OpenAI-compatible chat API as the teacher (`nlgkd/stages/pseudo_targets_api.py`, `nlgkd/api_client.py`): OpenAI, vLLM,
+    Ollama, TGI, or `nlgkd serve`. Answers are cached in runs/<recipe>/api_cache.sqlite and never paid twice."""
+
+    model: str = field(metadata=doc("model name the endpoint knows, e.g. gpt-4o"))
+    base_url: Optional[str] = field(default=None, metadata=doc(
+        "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; default: OpenAI's (or $OPENAI_BASE_URL)"))
+    api_key_env: Optional[str] = field(default="OPENAI_API_KEY", metadata=doc(
+        "environment variable holding the key (never put the key in a recipe); null: the endpoint needs none"))
+    system: Optional[str] = field(default=None, metadata=doc("system message of every request"))
+    prompt: str = field(default="{source}", metadata=doc("user message; {source} is replaced by the input"))
+    shots: int = field(default=0, metadata=doc(
+        "k-shot examples from the train split (the same k for every request, drawn with the recipe seed): user "
+        "prompt, assistant target", ge=0))
+    n_per_request: bool = field(default=True, metadata=doc(
+        "ask for the K outputs with n=K in one request; false: K requests (seeds seed..seed+K-1) for endpoints "
+        "that ignore n"))
+    logprobs: bool = field(default=False, metadata=doc("ask for the answer tokens' log-probabilities"))
+    top_logprobs: int = field(default=0, metadata=doc(
+        "alternatives per token with their log-probabilities (<= 20)", ge=0, le=20))
+    concurrency: int = field(default=8, metadata=doc("requests in flight at once", ge=1))
+    requests_per_minute: Optional[float] = field(default=None, metadata=doc("rate limit (spaced evenly)", gt=0))
+    tokens_per_minute: Optional[float] = field(default=None, metadata=doc(
+        "rate limit on estimated prompt + max completion tokens", gt=0))
+    timeout: float = field(default=60.0, metadata=doc(
+        "seconds without an answer (or to connect) before a request is abandoned and retried", gt=0))
+    max_retries: int = field(default=6, metadata=doc(
+        "retries of a request after 429, 5xx, timeouts, dropped connections, malformed or empty answers", ge=0))
+    backoff: float = field(default=1.0, metadata=doc(
+        "seconds before the first retry; doubles each retry, jittered (a Retry-After header wins)", ge=0))
+    backoff_max: float = field(default=60.0, metadata=doc("longest wait between retries without Retry-After", ge=0))
+    input_price: float = field(default=0.0, metadata=doc(
+        "price per million prompt tokens (cost estimates, budget)", ge=0))
+    output_price: float = field(default=0.0, metadata=doc("price per million completion tokens", ge=0))
+    max_cost: Optional[float] = field(default=None, metadata=doc(
+        "budget in the prices' currency: no request is sent whose worst case would pass it", ge=0))
+    max_total_tokens: Optional[int] = field(default=None, metadata=doc(
+        "budget in tokens (prompt + completion) of this run; answers from the cache are free", ge=1))
+    on_budget: Literal["stop", "finish"] = field(default="stop", metadata=doc(
+        "budget reached: stop (an error; answers stay cached, a re-run with a larger budget continues) or "
+        "finish (write the PTs paid for so far)"))
+    allow_failures: int = field(default=0, metadata=doc(
+        "requests that may still fail after their retries and the stage finishes without them (listed in "
+        "failures.jsonl); more stop the stage", ge=0))
+
+
+@dataclass(kw_only=True)
+class PseudoTargetsConfig:
+    """Generate K pseudo-targets per input with a teacher: sequence-level KD data (study stages S4-S7)."""
+
+    produces: ClassVar[str] = "dataset"
+    teacher: Optional[str] = field(default=None, metadata=ref("model", "model that writes the pseudo-targets"))
+    teacher_api: Optional[ApiTeacherConfig] = field(default=None, metadata=doc(
+        "instead of teacher: an LLM behind an OpenAI-compatible API (decoding: greedy or sample only)"))
+    align_to: Optional[str] = field(default=None, metadata=ref("model", (
+        "with teacher_api logprobs: the student whose tokenizer the API's top logprobs are aligned to; the "
+        "stage then also writes soft targets that distill reads with cached_teacher: this stage")))
+    inputs: list[Literal["train", "validation", "test", "unlabeled"]] = field(
+        default_factory=lambda: ["train"], metadata=doc("splits whose sources get pseudo-targets"))
+    augmented: list[str] = field(default_factory=list, metadata=ref("datasets", "augment stages whose inputs to label"))
+    decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, num_return_sequences=4),
+        metadata=doc("how the teacher writes; default: nucleus sampling p=0.95, K=4"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split", ge=1))
+    save_every: int = field(default=10, metadata=doc(
+        "batches between writes to disk (a kill loses at most these)", ge=1))
+
+    def __post_init__(self):
+        if (self.teacher is None) == (self.teacher_api is None):
+            raise RecipeError("give teacher: (a model) or teacher_api: (an OpenAI-compatible endpoint), one of them")
+        if self.align_to is not None and (self.teacher_api is None or not self.teacher_api.logprobs
+                                          or not self.teacher_api.top_logprobs):
+            raise RecipeError("align_to: needs teacher_api with logprobs: true and top_logprobs: 1..20")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Make new inputs from a split by masking, POS-guided replacement and n-gram sampling (Tang et al.)."""
+
+    produces: ClassVar[str] = "dataset"
+    split: Literal["train", "unlabeled"] = "train"
+    n_iter: int = field(default=4, metadata=doc("variants per input (duplicates dropped)", ge=1))
+    p_mask: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    p_pos: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    p_ng: float = field(default=0.25, metadata=bounds(ge=0, le=1))
+    field_separator: Optional[str] = field(default=None, metadata=doc("e.g. ' | ' to augment one field at a time"))
+    pos_method: Literal["auto", "distributional", "spacy"] = "distributional"
+    max_examples: Optional[int] = field(default=None, metadata=bounds(ge=1))
+
+
+@dataclass(kw_only=True)
+class CacheLogitsConfig:
+    """Run a teacher once over gold and/or pseudo-targets; store its top-k log-probs for teacher-free KD."""
+
+    produces: ClassVar[str] = "logits"
+    teacher: str = field(metadata=ref("model", "model whose distributions are cached"))
+    gold: bool = field(default=True, metadata=doc("cache the train split's gold targets"))
+    pseudo_targets: list[str] = field(default_factory=list, metadata=ref("datasets", "pseudo_targets stages to cache"))
+    top_k: int = field(default=32, metadata=doc("entries kept per token", ge=1))
+    dtype: Literal["fp16", "fp32"] = field(default="fp16", metadata=doc("storage of the log-probs"))
+    batch_size: int = field(default=32, metadata=bounds(ge=1))
+
+
+# kind -> config dataclass. The run functions live in `nlgkd/stages/__init__.py:STAGES` (same keys).
+STAGE_CONFIGS: dict[str, type] = {
+    "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+    "pseudo_targets": PseudoTargetsConfig,
+    "augment": AugmentConfig,
+    "cache_logits": CacheLogitsConfig,
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    config: Any
+    index: int
+    # `variants:` of the recipe stage: variant name -> its config (the stage's fields plus the overrides)
+    variants: dict[str, Any] = field(default_factory=dict)
+    # set on the copies the runner runs (`Recipe.instances`): which variant, and of which stage
+    variant: Optional[str] = None
+    varied: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """`name`, or `name@variant`: the run-directory folder and how other stages may pin it."""
+        return f"{self.name}@{self.variant}" if self.variant else self.name
+
+
+@dataclass
+class Recipe:
+    name: str
+    seed: int
+    data: DataConfig
+    models: dict[str, ModelConfig]
+    stages: list[Stage]
+    source: str = "<recipe>"  # file the recipe came from, for messages
+    raw: dict = field(default_factory=dict)
+    # a teacher that does not beat trivial baselines on validation (nlgkd/teacher_check.py): warn and go on,
+    # or stop before any stage learns from it
+    on_weak_teacher: Literal["warn", "stop"] = "warn"
+    # what the runner runs, in order: one copy per variant of a varied stage and of every stage that reads
+    # it, with references pinned to `name@variant` (see `expand_variants`); other stages as they are
+    instances: list[Stage] = field(default_factory=list)
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise RecipeError(f"{self.source}: no stage named {name!r}; stages are {[s.name for s in self.stages]}")
+
+    def resolve(self, name: str, before: int) -> tuple[str, Any]:
+        """('stage', Stage) for the latest stage named `name` before index `before`, else ('model', ModelConfig).
+        `name@variant` is that variant's copy; once the recipe is expanded, plain names give the runnable copy."""
+        base, _, variant = name.partition("@")
+        for stage in reversed(self.stages[:before]):
+            if stage.name == base:
+                for instance in self.instances:
+                    if instance.index == stage.index and instance.variant == (variant or None):
+                        return "stage", instance
+                if variant:
+                    raise KeyError(name)
+                return "stage", stage
+        if not variant and name in self.models:
+            return "model", self.models[name]
+        raise KeyError(name)
+
+    def variant_names(self) -> dict[str, list[str]]:
+        """varied stage -> its variant names, in recipe order."""
+        found: dict[str, list[str]] = {}
+        for instance in self.instances:
+            if instance.variant is not None and instance.varied == instance.name:
+                found.setdefault(instance.name, []).append(instance.variant)
+        return found
+
+
+# ------------------------------------------------------------------------------ typed construction
+
+
+# ------------------------------------------------------------------------------------------- help
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _nested_config(tp: Any) -> tuple[Optional[type], str]:
+    """The dataclass a field holds and how it is written under the field's name: ('.', directly or
+    optional) or ('.NAME.', a mapping of name -> dataclass); (None, '') for plain values."""
+    if dataclasses.is_dataclass(tp):
+        return tp, "."
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
+            return members[0], "."
+    if origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+        return typing.get_args(tp)[1], ".NAME."
+    return None, ""
+
+
+def _default_text(f: dataclasses.Field, defaults: Any = None) -> str:
+    """' = value' of field `f`; `defaults`: the instance whose values are the defaults (a nested config whose
+    parent's default differs from its class's, e.g. joint_teaching.decoding samples)."""
+    if defaults is not None:
+        value = getattr(defaults, f.name)
+        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+    if f.default is not dataclasses.MISSING:
+        return f" = {f.default!r}"
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+    return " (required)"
+
+
+def config_help(cls: type, prefix: str = "", skip: set[str] = frozenset(),
+                defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(field, type, help) rows for `nlgkd stages KIND | data | models`: every field of `cls`, and the fields
+    of the configs it nests under dotted names (decoding.strategy, tasks.NAME.prefix)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if yaml_name(f) in skip:
+            continue
+        name = prefix + yaml_name(f)
+        limits = f.metadata.get("bounds")
+        allowed = f" ({describe_bounds(limits)})" if limits else ""
+        rows.append((name, _type_name(hints[f.name]) + allowed + _default_text(f, defaults),
+                     f.metadata.get("help", "")))
+        nested, joint = _nested_config(hints[f.name])
+        if nested is None:
+            continue
+        # a nested config that shares a base with its parent (data.tasks.NAME: a dataset like data's own) says
+        # so once instead of listing the shared fields again
+        shared_bases = [b for b in nested.__mro__ if dataclasses.is_dataclass(b) and b in cls.__mro__]
+        repeated = {yaml_name(g) for b in shared_bases for g in dataclasses.fields(b)}
+        if repeated:
+            rows.append((name + joint + "*", "", f"each of {', '.join(sorted(repeated))} as above, for this one"))
+        nested_defaults = getattr(defaults, f.name) if defaults is not None else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if not dataclasses.is_dataclass(nested_defaults):
+            nested_defaults = None
+        rows.extend(config_help(nested, name + joint, skip=repeated, defaults=nested_defaults))
+    return rows
+
+
+# The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.
+TOP_LEVEL_FIELDS = [
+    ("name", "string = the file's name", "the run directory is runs/NAME"),
+    ("seed", "integer = 0", "seed of every stage that sets none (a stage's own seed: overrides it)"),
+    ("on_weak_teacher", "'warn' | 'stop' = 'warn'",
+     "a teacher that does not beat copying the source or the most frequent target on validation: print a "
+     "warning and go on, or stop before any stage learns from it"),
+    ("data", "mapping (required)", "where examples come from: `nlgkd stages data`"),
+    ("models", "mapping of name -> model", "models the stages start from: `nlgkd stages models`"),
+    ("stages", "list of stage (required)", "what runs, in order; each has name, kind and the kind's fields: "
+     "`nlgkd stages KIND`"),
+]
