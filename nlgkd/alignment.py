@@ -65,6 +65,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .data import truncate
+
 # piece / alternative format: (text, logprob, [(alternative text or None, logprob), ...]); None = end of sequence
 Alternative = tuple[Optional[str], float]
 Piece = tuple[Optional[str], float, Sequence[Alternative]]
@@ -145,9 +147,9 @@ def student_target(text: str, tokenizer, max_target_length: Optional[int] = None
     vocab = student_vocab(tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    truncated = max_target_length is not None and len(ids) + 1 > max_target_length
-    if truncated:
-        ids, offsets = ids[: max_target_length - 1], offsets[: max_target_length - 1]
+    kept = len(truncate(ids + [tokenizer.eos_token_id], max_target_length)) - 1
+    truncated = kept < len(ids)
+    ids, offsets = ids[:kept], offsets[:kept]
     starts, ends, phantom = token_starts(ids, offsets, text, vocab)
     eos_start = None if truncated else len(text)
     return ids + [tokenizer.eos_token_id], starts + [eos_start], ends + [eos_start], phantom + [False]
@@ -348,9 +350,7 @@ def write_soft_targets(folder, rows: Sequence[dict], tokenizer, top_k: int, meta
         if missing:
             raise ValueError(f"write_soft_targets: row {n} has no {missing}; each row needs source, pt and pieces")
         target_ids, ids, logprobs, aligned = soft_targets(row["pieces"], row["pt"], tokenizer, top_k, max_target_length)
-        source_ids = tokenizer(row["source"], add_special_tokens=True)["input_ids"]
-        if max_source_length is not None and len(source_ids) > max_source_length:
-            source_ids = source_ids[: max_source_length - 1] + [source_ids[-1]]  # keep the final </s>, as encode
+        source_ids = truncate(tokenizer(row["source"], add_special_tokens=True)["input_ids"], max_source_length)
         examples.append({"source": row["source"], "target": row["pt"], "source_ids": source_ids,
                          "target_ids": target_ids, "kind": "pt", "input": row["source"]})
         all_ids.append(ids)
@@ -452,10 +452,8 @@ def cross_tokenizer_targets(teacher, teacher_tokenizer, student_tokenizer, sourc
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     examples = []
     for source, target in zip(sources, targets):
-        source_ids = tok(source, add_special_tokens=True)["input_ids"]
-        if len(source_ids) > max_source_length:
-            source_ids = source_ids[: max_source_length - 1] + [source_ids[-1]]
-        target_ids = tok(target, add_special_tokens=False)["input_ids"][: max_target_length - 1] + [eos]
+        source_ids = truncate(tok(source, add_special_tokens=True)["input_ids"], max_source_length)
+        target_ids = truncate(tok(target, add_special_tokens=False)["input_ids"] + [eos], max_target_length)
         examples.append({"source_ids": source_ids, "target_ids": target_ids})
     device = next(teacher.parameters()).device
     batch = collate(examples, pad_id=pad, causal=is_causal(teacher), sep_id=eos)

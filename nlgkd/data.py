@@ -213,6 +213,16 @@ def task_mixture(examples: list[dict], weights: dict[str, float | None], seed: i
 
 
 # ---------------------------------------------------------------------------------- tokenizing
+def truncate(ids: list[int], max_length: int | None) -> list[int]:
+    """nlgkd's one truncation rule, for every source and target wherever it is tokenized (training data,
+    pseudo-target scores, soft targets, the server): `ids` end in their closing token (a source's </s>, a
+    target's EOS); longer than `max_length`, they keep their first max_length - 1 tokens and that closing one.
+    None: no limit."""
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    return ids[: max_length - 1] + [ids[-1]]
+
+
 def encode(
     ds: datasets.Dataset, tokenizer, max_source_length: int, max_target_length: int
 ) -> tuple[datasets.Dataset, dict[str, int]]:
@@ -226,17 +236,15 @@ def encode(
         src = tokenizer(batch["source"], add_special_tokens=True)["input_ids"]
         out = {"source_ids": []}
         for ids in src:
-            if len(ids) > max_source_length:
-                truncated["source"] += 1
-                ids = ids[: max_source_length - 1] + [ids[-1]]
-            out["source_ids"].append(ids)
+            kept = truncate(ids, max_source_length)
+            truncated["source"] += len(kept) < len(ids)
+            out["source_ids"].append(kept)
         if has_target:
             out["target_ids"] = []
             for ids in tokenizer(batch["target"], add_special_tokens=False)["input_ids"]:
-                if len(ids) + 1 > max_target_length:
-                    truncated["target"] += 1
-                    ids = ids[: max_target_length - 1]
-                out["target_ids"].append(ids + [eos])
+                kept = truncate(ids + [eos], max_target_length)
+                truncated["target"] += len(kept) < len(ids) + 1
+                out["target_ids"].append(kept)
         return out
 
     encoded = ds.map(one, batched=True, load_from_cache_file=False, keep_in_memory=True)

@@ -37,6 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .data import truncate
+
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 MAX_N = 64
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
@@ -152,9 +154,7 @@ class ServedModel:
         source = next(message_text(m) for m in reversed(messages) if m.role == "user")
         if not source.strip():
             raise ApiError(400, "messages: the last user message is empty", "messages")
-        ids = tok(source, add_special_tokens=True)["input_ids"]
-        if len(ids) > self.max_source_length:  # truncated as nlgkd truncates sources (keeps the last token)
-            ids = ids[: self.max_source_length - 1] + [ids[-1]]
+        ids = truncate(tok(source, add_special_tokens=True)["input_ids"], self.max_source_length)
         if not self.encoder_decoder:
             from .data import causal_prompt
 

@@ -170,3 +170,12 @@ def test_a_folder_given_as_a_data_file_is_named(tmp_path):
     (tmp_path / "train.jsonl").mkdir()
     with pytest.raises(RecipeError, match=r"data\.train: '.*train\.jsonl' is a folder; give the file"):
         load_splits(DataConfig(train=str(tmp_path / "train.jsonl")))
+
+
+def test_one_truncation_rule_for_sources_and_targets():
+    from nlgkd.data import truncate
+
+    assert truncate([5, 6, 7, 2], 4) == [5, 6, 7, 2]            # fits: unchanged
+    assert truncate([5, 6, 7, 8, 9, 2], 4) == [5, 6, 7, 2]      # the closing token (</s>, EOS) is kept
+    assert truncate([5, 6, 7, 8, 9, 2], None) == [5, 6, 7, 8, 9, 2]
+    assert truncate([5, 2], 1) == [2]

@@ -29,7 +29,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from ..data import collate, encode
+from ..data import collate, encode, truncate
 from ..generation import gather_objects, generate, length_buckets
 from ..models import is_causal, target_logits
 from ..pseudo_target_data import FEATURES, build_rows, collect_inputs, log_examples
@@ -46,7 +46,7 @@ def mean_logprobs(model, tokenizer, source_ids: list[list[int]], texts: list[str
     scores: list[float | None] = [None] * len(texts)
     todo = [i for i, t in enumerate(texts) if t]
     targets = tokenizer([texts[i] for i in todo], add_special_tokens=False)["input_ids"] if todo else []
-    examples = [{"source_ids": source_ids[i], "target_ids": ids[: max_target_length - 1] + [eos]}
+    examples = [{"source_ids": source_ids[i], "target_ids": truncate(ids + [eos], max_target_length)}
                 for i, ids in zip(todo, targets)]
     for start in range(0, len(examples), chunk):
         batch = collate(examples[start : start + chunk], pad_id, causal=is_causal(model), sep_id=eos)
