@@ -1,3 +1,4 @@
+"""`python -m nlgkd`: the same as the `nlgkd` command."""
 import sys
 
 from .cli import main

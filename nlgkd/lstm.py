@@ -258,7 +258,7 @@ class LSTMSeq2SeqForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                       None if state is None else (state.h, state.c))
         logits = self.lm_head(hidden)  # [B, T, V]
         loss = None
-        if labels is not None:
+        if labels is not None:  # the transformers contract, for code outside nlgkd (its stages use the logits)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         steps = (0 if state is None else state.steps) + decoder_input_ids.shape[1]
         new_state = LSTMDecoderState(h, c, steps) if use_cache else None

@@ -1,4 +1,4 @@
-"""`nlgkd report RUN_DIR`: every evaluation of a run directory in one table, and the study's plots.
+"""`nlgkd report RUN_DIR`: a summary, every evaluation of a run directory in a quality and a cost table, and plots.
 
 The report reads the run directory only:
     <stage>/stage.json      kind, resolved config, variant, seed, train steps/epochs, wall and CPU seconds

@@ -23,6 +23,14 @@ BASELINES = {
 METRICS = ("bleu", "chrf")
 
 
+def raw_sources(rows, tasks: dict) -> list[str]:
+    """The sources of `rows` (a split) without the task prefix a multi-task recipe puts before them
+    (`data.tasks.NAME.prefix`; `tasks`: data.tasks): what copying the source means for the trivial baseline."""
+    if "task" not in rows.column_names or not tasks:
+        return list(rows["source"])
+    return [source.removeprefix(tasks[task].prefix) for source, task in zip(rows["source"], rows["task"])]
+
+
 def baseline_predictions(sources: list[str], train_targets: list[str]) -> dict[str, list[str]]:
     """Each baseline's outputs for `sources`: the sources themselves, and the training split's most frequent
     target (the first one seen among equally frequent) for every input."""

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from nlgkd.augment import (
+from nlgkd.augmentation import (
     augment_once,
     augment_texts,
     build_pos_lexicon,

@@ -15,7 +15,7 @@ from nlgkd.models import train_tokenizer
 from nlgkd.config import DecodingConfig
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner
-from nlgkd.stages.common import cross_entropy_step
+from nlgkd.stages.training import cross_entropy_step
 
 
 def tiny_gpt2(tokenizer):

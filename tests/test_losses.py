@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlgkd import losses
+from nlgkd import feature_losses, losses
 
 B, T, V = 3, 5, 11
 
@@ -404,11 +404,11 @@ def test_pkd_loss_matches_reference():
         s, t = hs[b, p].detach().double(), ht[b, p].detach().double()
         return float(((s / s.norm() - t / t.norm()) ** 2).sum())
 
-    assert losses.pkd_loss(hs, ht, mask).item() == pytest.approx(_position_mean(one, mask), rel=1e-5)
-    losses.pkd_loss(hs, ht, mask).backward()
+    assert feature_losses.pkd_loss(hs, ht, mask).item() == pytest.approx(_position_mean(one, mask), rel=1e-5)
+    feature_losses.pkd_loss(hs, ht, mask).backward()
     assert hs.grad is not None and ht.grad is None
     assert hs.grad[1].abs().sum() == 0  # fully masked sequence
-    assert losses.pkd_loss(hs, hs.detach() * 5.0, mask).item() < 1e-6  # scale invariant
+    assert feature_losses.pkd_loss(hs, hs.detach() * 5.0, mask).item() < 1e-6  # scale invariant
 
 
 def test_cosine_hidden_loss_matches_reference():
@@ -418,8 +418,8 @@ def test_cosine_hidden_loss_matches_reference():
         s, t = hs[b, p].detach().double(), ht[b, p].detach().double()
         return 1.0 - float(s @ t / (s.norm() * t.norm()))
 
-    assert losses.cosine_hidden_loss(hs, ht, mask).item() == pytest.approx(_position_mean(one, mask), rel=1e-5)
-    assert losses.cosine_hidden_loss(hs, hs.detach(), mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_losses.cosine_hidden_loss(hs, ht, mask).item() == pytest.approx(_position_mean(one, mask), rel=1e-5)
+    assert feature_losses.cosine_hidden_loss(hs, hs.detach(), mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_tinybert_hidden_loss_matches_reference():
@@ -429,36 +429,36 @@ def test_tinybert_hidden_loss_matches_reference():
     def one(b, p):
         return float(((proj(hs[b, p]) - ht[b, p]) ** 2).mean().detach())
 
-    assert losses.tinybert_hidden_loss(proj(hs), ht, mask).item() == pytest.approx(_position_mean(one, mask),
+    assert feature_losses.tinybert_hidden_loss(proj(hs), ht, mask).item() == pytest.approx(_position_mean(one, mask),
                                                                                    rel=1e-5)
-    losses.tinybert_hidden_loss(proj(hs), ht, mask).backward()
+    feature_losses.tinybert_hidden_loss(proj(hs), ht, mask).backward()
     assert proj.weight.grad is not None and hs.grad is not None and ht.grad is None
 
 
 @pytest.mark.parametrize("name", ["pkd_loss", "cosine_hidden_loss"])
 def test_hidden_losses_all_masked_give_zero(name):
     hs, ht = _hidden(0), _hidden(1)
-    loss = getattr(losses, name)(hs, ht, torch.zeros(B, L, dtype=torch.bool))
+    loss = getattr(feature_losses, name)(hs, ht, torch.zeros(B, L, dtype=torch.bool))
     assert loss.item() == 0.0 and loss.grad_fn is not None
-    loss = losses.tinybert_hidden_loss(torch.nn.Linear(D, D)(hs), ht, torch.zeros(B, L, dtype=torch.bool))
+    loss = feature_losses.tinybert_hidden_loss(torch.nn.Linear(D, D)(hs), ht, torch.zeros(B, L, dtype=torch.bool))
     assert loss.item() == 0.0 and not torch.isnan(loss)
     with pytest.raises(ValueError, match="hidden.loss: tinybert learns the projection"):
-        losses.pkd_loss(hs, _hidden(1, d=D + 2), None)
+        feature_losses.pkd_loss(hs, _hidden(1, d=D + 2), None)
 
 
 def test_layer_map_examples():
-    assert losses.layer_map(3, 12, "last") == [(0, 9), (1, 10), (2, 11)]
-    assert losses.layer_map(3, 12, "skip") == [(0, 3), (1, 7), (2, 11)]
-    assert losses.layer_map(3, 12, "uniform") == [(0, 0), (1, 6), (2, 11)]
-    assert losses.layer_map(6, 12, "skip") == [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]
-    assert losses.layer_map(6, 12, "last") == [(i, 6 + i) for i in range(6)]
-    assert losses.layer_map(1, 6, "uniform") == [(0, 5)]
-    assert losses.layer_map(4, 4, "uniform") == [(i, i) for i in range(4)]
-    assert losses.layer_map(4, 4, "skip") == [(i, i) for i in range(4)]
+    assert feature_losses.layer_map(3, 12, "last") == [(0, 9), (1, 10), (2, 11)]
+    assert feature_losses.layer_map(3, 12, "skip") == [(0, 3), (1, 7), (2, 11)]
+    assert feature_losses.layer_map(3, 12, "uniform") == [(0, 0), (1, 6), (2, 11)]
+    assert feature_losses.layer_map(6, 12, "skip") == [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]
+    assert feature_losses.layer_map(6, 12, "last") == [(i, 6 + i) for i in range(6)]
+    assert feature_losses.layer_map(1, 6, "uniform") == [(0, 5)]
+    assert feature_losses.layer_map(4, 4, "uniform") == [(i, i) for i in range(4)]
+    assert feature_losses.layer_map(4, 4, "skip") == [(i, i) for i in range(4)]
     with pytest.raises(ValueError, match="strategy"):
-        losses.layer_map(3, 12, "random")
+        feature_losses.layer_map(3, 12, "random")
     with pytest.raises(ValueError, match="num_student"):
-        losses.layer_map(13, 12, "last")
+        feature_losses.layer_map(13, 12, "last")
 
 
 # ------------------------------------------------------------------ attention
@@ -475,18 +475,18 @@ def test_attention_score_mse_matches_reference():
         for b in range(B) for h in range(H) for i in range(Lq) for j in range(Lk)
         if mask_q[b, i] and mask_k[b, j]
     ]
-    loss = losses.attention_score_mse(s, t, mask_q, mask_k)
+    loss = feature_losses.attention_score_mse(s, t, mask_q, mask_k)
     assert loss.item() == pytest.approx(sum(vals) / len(vals), rel=1e-5)
     # Additively masked entries (e.g. causal -inf) are ignored and give no NaN gradient.
     s2 = s.detach().clone()
     s2[0, :, 0, 1] = float("-inf")
     s2.requires_grad_(True)
-    loss2 = losses.attention_score_mse(s2, t, mask_q, mask_k)
+    loss2 = feature_losses.attention_score_mse(s2, t, mask_q, mask_k)
     loss2.backward()
     assert torch.isfinite(loss2) and torch.isfinite(s2.grad).all()
-    assert losses.attention_score_mse(s, t, torch.zeros(B, Lq, dtype=torch.bool), mask_k).item() == 0.0
+    assert feature_losses.attention_score_mse(s, t, torch.zeros(B, Lq, dtype=torch.bool), mask_k).item() == 0.0
     with pytest.raises(ValueError, match="same number of heads"):
-        losses.attention_score_mse(s, _rand(B, H + 1, Lq, Lk), mask_q, mask_k)
+        feature_losses.attention_score_mse(s, _rand(B, H + 1, Lq, Lk), mask_q, mask_k)
 
 
 def ref_relation(sx, tx, heads, mask_q, sy=None, ty=None, mask_k=None):
@@ -516,12 +516,12 @@ def test_relation_kd_different_head_counts_matches_reference():
     student = _rand(B, Lq, 2 * 8, seed=0).requires_grad_(True)  # 2 attention heads of 8 dims
     teacher = _rand(B, Lq, 4 * 16, seed=1)  # 4 attention heads of 16 dims
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    loss = losses.relation_kd_loss(student, teacher, 4, mask)
+    loss = feature_losses.relation_kd_loss(student, teacher, 4, mask)
     assert loss.item() == pytest.approx(ref_relation(student.detach(), teacher, 4, mask), rel=1e-5)
     loss.backward()
     assert torch.isfinite(student.grad).all() and student.grad[2].abs().sum() == 0
     # Same relations on both sides give zero.
-    assert losses.relation_kd_loss(student, student.detach(), 4, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_losses.relation_kd_loss(student, student.detach(), 4, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_relation_kd_cross_relation_with_key_mask():
@@ -530,9 +530,9 @@ def test_relation_kd_cross_relation_with_key_mask():
     sy, ty = _rand(B, Lk, 8, seed=2), _rand(B, Lk, 12, seed=3)
     mask_q = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
     mask_k = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
-    got = losses.relation_kd_loss(sx, tx, 2, mask_q, student_y=sy, teacher_y=ty, mask_y=mask_k)
+    got = feature_losses.relation_kd_loss(sx, tx, 2, mask_q, student_y=sy, teacher_y=ty, mask_y=mask_k)
     assert got.item() == pytest.approx(ref_relation(sx, tx, 2, mask_q, sy, ty, mask_k), rel=1e-5)
-    all_masked = losses.relation_kd_loss(sx.requires_grad_(True), tx, 2, torch.zeros(B, Lq, dtype=torch.bool))
+    all_masked = feature_losses.relation_kd_loss(sx.requires_grad_(True), tx, 2, torch.zeros(B, Lq, dtype=torch.bool))
     assert all_masked.item() == 0.0 and all_masked.grad_fn is not None
     with pytest.raises(ValueError, match="divisible"):
-        losses.relation_kd_loss(sx, tx, 5, mask_q)
+        feature_losses.relation_kd_loss(sx, tx, 5, mask_q)

@@ -66,6 +66,17 @@ def test_save_load_round_trip_gives_identical_logits(tiny_lstm, tmp_path):
     assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
+def test_labels_give_the_transformers_loss_for_code_outside_nlgkd(tiny_lstm):
+    """nlgkd's stages compute their own losses from the logits; `model(..., labels=)` still returns the
+    masked token cross-entropy, as every transformers seq2seq model does (e.g. for transformers' Trainer)."""
+    model, _, batch = tiny_lstm
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        logits, _ = forward_on_targets(model, batch)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert torch.allclose(out.logits, logits) and torch.allclose(out.loss, expected)
+
+
 def test_padding_does_not_change_a_row(tiny_lstm):
     model, tokenizer, batch = tiny_lstm
     with torch.no_grad():

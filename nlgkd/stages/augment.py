@@ -1,5 +1,5 @@
 """`augment`: new inputs made from a split's sources by masking, POS-guided replacement and n-gram sampling
-(Tang et al., 2019; study stage S5). The procedure is `nlgkd.augment.augment_texts`.
+(Tang et al., 2019; study stage S5). The procedure is `nlgkd.augmentation.augment_texts`.
 
 The artifact is `dataset/` (`datasets.Dataset.save_to_disk`) with columns
     source   the augmented input text
@@ -13,7 +13,7 @@ import time
 
 import datasets
 
-from ..augment import augment_texts, build_pos_lexicon
+from ..augmentation import augment_texts, build_pos_lexicon
 
 MASK_TOKEN = "<mask>"  # the mask token of BART's and of nlgkd's fresh tokenizers
 

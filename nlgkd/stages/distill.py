@@ -21,27 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from ..fingerprints import data_fingerprint
-from ..features import QKVCapture, attentions, hidden_states
+from ..hooks import QKVCapture, attentions, hidden_states
 from ..generation import gather_objects, generation_kwargs
 from ..loop import train
-from ..losses import (
-    attention_score_mse,
-    cosine_hidden_loss,
-    cross_entropy_loss,
-    kd_loss,
-    layer_map,
-    logits_mse_loss,
-    pkd_loss,
-    tinybert_hidden_loss,
-    relation_kd_loss,
-    sparse_kd_loss,
-)
+from ..feature_losses import (attention_score_mse, cosine_hidden_loss, layer_map, pkd_loss, relation_kd_loss,
+                              tinybert_hidden_loss)
+from ..losses import cross_entropy_loss, kd_loss, logits_mse_loss, sparse_kd_loss
 from ..alignment import cross_tokenizer_targets, soft_targets_folder
 from ..denoising import make_denoising_data
 from ..lstm import is_lstm
 from ..pseudo_target_data import encode_pseudo_targets
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
-from .common import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
+from .training import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
 
 
 

@@ -9,7 +9,6 @@ import torch
 from ..data import encode
 from ..generation import generate, length_buckets
 from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
-from .common import raw_sources
 
 TABLE_COLUMNS = ["model", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params",
                  "latency_ms", "seq_per_s", "peak_mem_mb"]
@@ -66,14 +65,14 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
 
 def baseline_rows(ctx) -> dict[str, tuple[dict, list[dict]]]:
     """name -> (metrics, predictions) of the trivial baselines on the evaluated split (nlgkd/teacher_check.py)."""
-    from ..teacher_check import baseline_predictions
+    from ..teacher_check import baseline_predictions, raw_sources
 
     data = ctx.data()
     split = data[ctx.config.split]
     if ctx.config.max_examples is not None:
         split = split.select(range(min(ctx.config.max_examples, len(split))))
     train_targets = list(data["train"]["target"]) if "train" in data else []
-    sources, references = raw_sources(ctx, split), list(split["target"])
+    sources, references = raw_sources(split, ctx.recipe.data.tasks), list(split["target"])
     found = {}
     for name, predictions in baseline_predictions(sources, train_targets).items():
         metrics = text_metrics(predictions, references)

@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 from ..loop import train
 from ..models import save_model
-from .common import (cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task,
+from .training import (cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task,
                      record_teacher_check)
 
 

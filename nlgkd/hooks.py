@@ -220,7 +220,7 @@ def hidden_states(outputs, side: str) -> tuple[Tensor, ...]:
     """Per-layer hidden states from a model run with ``output_hidden_states=True``.
 
     ``side`` is ``"encoder"`` or ``"decoder"`` (``"decoder"`` also for decoder-only models). Element 0 is
-    the embedding output and element ``i + 1`` the output of layer ``i`` (see ``losses.layer_map``);
+    the embedding output and element ``i + 1`` the output of layer ``i`` (see ``feature_losses.layer_map``);
     each is ``[B, L, D]``.
     """
     if side == "encoder":

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from nlgkd import features, losses
+from nlgkd import feature_losses, hooks
 
 B, L_SRC, L_TGT, VOCAB = 2, 7, 5, 64
 
@@ -96,7 +96,7 @@ def record_inputs(modules):
 def test_bart_capture_equals_manual_projection():
     model = tiny_bart()
     batch = encdec_batch()
-    with torch.no_grad(), features.QKVCapture(model, sides=features.SIDES) as cap:
+    with torch.no_grad(), hooks.QKVCapture(model, sides=hooks.SIDES) as cap:
         out = model(**batch, output_hidden_states=True)
     enc_h, dec_h = out.encoder_hidden_states, out.decoder_hidden_states
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_bart_capture_equals_manual_projection():
 def test_t5_capture_equals_manual_projection():
     model = tiny_t5()
     batch = encdec_batch()
-    with torch.no_grad(), features.QKVCapture(model, sides=features.SIDES) as cap:
+    with torch.no_grad(), hooks.QKVCapture(model, sides=hooks.SIDES) as cap:
         out = model(**batch, output_hidden_states=True)
     with torch.no_grad():
         for i, block in enumerate(model.encoder.block):  # T5 is pre-LN
@@ -136,7 +136,7 @@ def test_t5_capture_equals_manual_projection():
 
 def test_gpt2_fused_capture_is_split_into_qkv():
     model = tiny_gpt2()
-    with torch.no_grad(), features.QKVCapture(model, sides="decoder_self") as cap:
+    with torch.no_grad(), hooks.QKVCapture(model, sides="decoder_self") as cap:
         out = model(**decoder_only_batch(), output_hidden_states=True)
     with torch.no_grad():
         for i, block in enumerate(model.transformer.h):
@@ -146,15 +146,15 @@ def test_gpt2_fused_capture_is_split_into_qkv():
             torch.testing.assert_close(cap.get("decoder_self", "v", i), v)
     assert_no_hooks(model)
     with pytest.raises(ValueError, match="decoder-only"):
-        features.QKVCapture(model, sides=["cross"])
+        hooks.QKVCapture(model, sides=["cross"])
 
 
 @pytest.mark.parametrize(
     "build,batch_fn,sides",
     [
-        (lambda: tiny_bart(cls=transformers.MBartForConditionalGeneration, config_cls=transformers.MBartConfig), encdec_batch, features.SIDES),
-        (lambda: tiny_bart(cls=transformers.MarianMTModel, config_cls=transformers.MarianConfig), encdec_batch, features.SIDES),
-        (lambda: tiny_bart(cls=transformers.PegasusForConditionalGeneration, config_cls=transformers.PegasusConfig), encdec_batch, features.SIDES),
+        (lambda: tiny_bart(cls=transformers.MBartForConditionalGeneration, config_cls=transformers.MBartConfig), encdec_batch, hooks.SIDES),
+        (lambda: tiny_bart(cls=transformers.MarianMTModel, config_cls=transformers.MarianConfig), encdec_batch, hooks.SIDES),
+        (lambda: tiny_bart(cls=transformers.PegasusForConditionalGeneration, config_cls=transformers.PegasusConfig), encdec_batch, hooks.SIDES),
         (tiny_opt, decoder_only_batch, ("decoder_self",)),
         (tiny_llama, decoder_only_batch, ("decoder_self",)),
     ],
@@ -165,10 +165,10 @@ def test_other_families_capture_equals_module_applied_to_its_input(build, batch_
     targets = [
         (side, i, kind, getattr(attn, f"{kind}_proj"))
         for side in sides
-        for i, attn in enumerate(features.attention_layers(model, side))
+        for i, attn in enumerate(hooks.attention_layers(model, side))
         for kind in "qkv"
     ]
-    with torch.no_grad(), record_inputs([t[-1] for t in targets]) as seen, features.QKVCapture(model, sides=sides) as cap:
+    with torch.no_grad(), record_inputs([t[-1] for t in targets]) as seen, hooks.QKVCapture(model, sides=sides) as cap:
         model(**batch_fn())
     with torch.no_grad():
         for n, (side, i, kind, proj) in enumerate(targets):
@@ -183,11 +183,11 @@ def test_other_families_capture_equals_module_applied_to_its_input(build, batch_
 def test_hooks_removed_on_exception_and_clear():
     model = tiny_bart()
     with pytest.raises(RuntimeError, match="boom"):
-        with features.QKVCapture(model, sides=["decoder_self", "cross"]) as cap:
+        with hooks.QKVCapture(model, sides=["decoder_self", "cross"]) as cap:
             assert any(m._forward_hooks for m in all_projection_modules(model))
             raise RuntimeError("boom")
     assert_no_hooks(model)
-    cap = features.QKVCapture(model, sides=["encoder_self"], layers=[-1], kinds=["k"])
+    cap = hooks.QKVCapture(model, sides=["encoder_self"], layers=[-1], kinds=["k"])
     with cap:
         with torch.no_grad():
             model(**encdec_batch())
@@ -196,14 +196,14 @@ def test_hooks_removed_on_exception_and_clear():
         assert cap.outputs == {}
     assert_no_hooks(model)
     with pytest.raises(ValueError, match="out of range"):
-        features.QKVCapture(model, sides=["decoder_self"], layers=[3])
+        hooks.QKVCapture(model, sides=["decoder_self"], layers=[3])
     with pytest.raises(ValueError, match="side"):
-        features.QKVCapture(model, sides=["encoder"])
+        hooks.QKVCapture(model, sides=["encoder"])
 
 
 def test_layer_dict_selection_and_get_errors():
     model = tiny_bart()
-    with torch.no_grad(), features.QKVCapture(model, sides=["encoder_self", "decoder_self"], layers={"decoder_self": [0, -1]}, kinds="q") as cap:
+    with torch.no_grad(), hooks.QKVCapture(model, sides=["encoder_self", "decoder_self"], layers={"decoder_self": [0, -1]}, kinds="q") as cap:
         model(**encdec_batch())
     assert sorted(cap.outputs) == [
         ("decoder_self", "q", 0), ("decoder_self", "q", 2), ("encoder_self", "q", 0), ("encoder_self", "q", 1)
@@ -215,9 +215,9 @@ def test_layer_dict_selection_and_get_errors():
 def test_unsupported_model_names_class_and_supported_types():
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     with pytest.raises(ValueError, match="BertModel.*bart.*t5.*gpt2"):
-        features.QKVCapture(transformers.BertModel(config))
+        hooks.QKVCapture(transformers.BertModel(config))
     with pytest.raises(ValueError, match="Linear"):
-        features.attention_layers(torch.nn.Linear(2, 2), "decoder_self")
+        hooks.attention_layers(torch.nn.Linear(2, 2), "decoder_self")
 
 
 def test_relation_kd_on_captured_features_trains_the_student():
@@ -225,13 +225,13 @@ def test_relation_kd_on_captured_features_trains_the_student():
     student, teacher = tiny_bart(d_model=16, heads=2), tiny_bart(d_model=32, heads=4)
     batch = encdec_batch()
     mask = torch.ones(B, L_TGT, dtype=torch.bool)
-    with features.QKVCapture(student, sides=["decoder_self", "cross"], layers=[-1]) as s_cap, \
-            features.QKVCapture(teacher, sides=["decoder_self", "cross"], layers=[-1]) as t_cap:
+    with hooks.QKVCapture(student, sides=["decoder_self", "cross"], layers=[-1]) as s_cap, \
+            hooks.QKVCapture(teacher, sides=["decoder_self", "cross"], layers=[-1]) as t_cap:
         student(**batch)
         with torch.inference_mode():
             teacher(**batch)
-        loss = losses.relation_kd_loss(s_cap.get("decoder_self", "q", -1), t_cap.get("decoder_self", "q", -1), 4, mask)
-        loss = loss + losses.relation_kd_loss(
+        loss = feature_losses.relation_kd_loss(s_cap.get("decoder_self", "q", -1), t_cap.get("decoder_self", "q", -1), 4, mask)
+        loss = loss + feature_losses.relation_kd_loss(
             s_cap.get("cross", "q", -1), t_cap.get("cross", "q", -1), 4, mask,
             student_y=s_cap.get("cross", "k", -1), teacher_y=t_cap.get("cross", "k", -1),
             mask_y=batch["attention_mask"].bool(),
@@ -250,14 +250,14 @@ def test_hidden_states_and_attentions_helpers():
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         out = model(**encdec_batch(), output_hidden_states=True, output_attentions=True)
-    assert len(features.hidden_states(out, "encoder")) == 2 + 1
-    assert len(features.hidden_states(out, "decoder")) == 3 + 1
-    assert features.attentions(out, "cross")[0].shape == (B, 2, L_TGT, L_SRC)
-    assert features.attentions(out, "decoder_self")[0].shape == (B, 2, L_TGT, L_TGT)
+    assert len(hooks.hidden_states(out, "encoder")) == 2 + 1
+    assert len(hooks.hidden_states(out, "decoder")) == 3 + 1
+    assert hooks.attentions(out, "cross")[0].shape == (B, 2, L_TGT, L_SRC)
+    assert hooks.attentions(out, "decoder_self")[0].shape == (B, 2, L_TGT, L_TGT)
     gpt2 = tiny_gpt2()
     with torch.no_grad():
         plain = gpt2(**decoder_only_batch())
     with pytest.raises(ValueError, match="output_hidden_states"):
-        features.hidden_states(plain, "decoder")
+        hooks.hidden_states(plain, "decoder")
     with pytest.raises(ValueError, match="eager"):
-        features.attentions(plain, "decoder_self")
+        hooks.attentions(plain, "decoder_self")

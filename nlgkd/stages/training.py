@@ -1,4 +1,5 @@
-"""Pieces the training and evaluation stages share: tokenized splits, collators, validation."""
+"""What the training stages (finetune, distill) share: tokenized splits, collators, validation during training,
+and the teacher check when a stage whose model teaches later ones ends."""
 from __future__ import annotations
 
 from functools import partial
@@ -97,20 +98,11 @@ def make_validator(model, tokenizer, encoded, ctx, args):
                                         args.eval_samples, max(args.batch_size, 32))
 
 
-def raw_sources(ctx, rows) -> list[str]:
-    """The sources of `rows` without the task prefix a multi-task recipe puts before them (`data.tasks.NAME.
-    prefix`): what copying the source means for the trivial baseline."""
-    tasks = ctx.recipe.data.tasks
-    if "task" not in rows.column_names or not tasks:
-        return list(rows["source"])
-    return [source.removeprefix(tasks[task].prefix) for source, task in zip(rows["source"], rows["task"])]
-
-
 def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None, args) -> None:
     """When later stages use this training stage's model as a teacher: score it against trivial baselines on
     its validation examples (nlgkd/teacher_check.py), record `teacher_check` in stage.json, and warn when it
     does not beat them. `best`: the loop's evaluation of the kept weights, reused when it has BLEU."""
-    from ..teacher_check import judge, weak_teacher_message
+    from ..teacher_check import judge, raw_sources, weak_teacher_message
 
     users = ctx.runner.teacher_users(ctx.stage)
     if not users:
@@ -129,7 +121,7 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
                                     max(args.batch_size, 32))
     validation = ctx.data()["validation"].select(range(n))
     train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
-    check = judge(scores, raw_sources(ctx, validation), list(validation["target"]), train_targets)
+    check = judge(scores, raw_sources(validation, ctx.recipe.data.tasks), list(validation["target"]), train_targets)
     check["model_type"] = getattr(getattr(model, "config", None), "model_type", None)
     ctx.info["teacher_check"] = check
     if check["weak"]:
