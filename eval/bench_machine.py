@@ -1,17 +1,27 @@
-"""How fast and how steady is this machine? Times training steps of a tiny T5 and a matmul.
+"""How fast and how steady is this machine? Times nlgkd's own training steps and a matmul.
 
-A number of minutes measured on one machine says little about another: run this on both. It prints the
-median and p90 of 60 identical training steps (a steady machine has p90 close to the median; a VM that
-stalls does not) and the fp32 matmul rate.
+A number of minutes measured on one machine says little about another: run this on both. It trains the
+demo's teacher shape (a fresh mBART, d_model 128, 3+6 layers, on the demo task, batch 16) through
+`nlgkd.loop.train`, the loop every training stage uses, and prints the median and p90 of the step times
+(a steady machine has p90 close to the median; a VM that stalls does not), then the fp32 matmul rate.
+It prints absolute figures, not ratios: what it measures is the machine.
 
     python eval/bench_machine.py [--threads 2] [--steps 60]
 """
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from accelerate import Accelerator
+
+from nlgkd.config import DataConfig, DemoSizes, ModelConfig, TrainArgs
+from nlgkd.data import encode, load_splits
+from nlgkd.loop import train
+from nlgkd.models import build_fresh
+from nlgkd.stages.training import cross_entropy_step, make_collator
 
 
 def main() -> None:
@@ -22,20 +32,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    # the shape of recipes/demo.yaml's teacher: d_model 128, 3+3 layers, 4 heads, vocabulary 800
-    config = T5Config(vocab_size=800, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_decoder_layers=3,
-                      num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
-    model = T5ForConditionalGeneration(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sources = torch.randint(1, 800, (16, 40))
-    targets = torch.randint(1, 800, (16, 20))
-    step_seconds = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        model(input_ids=sources, labels=targets).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        step_seconds.append(time.perf_counter() - start)
+    data, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(train=500, validation=0, test=0, unlabeled=0)))
+    texts = list(data["train"]["source"]) + list(data["train"]["target"])
+    model, tokenizer = build_fresh(ModelConfig(arch="mbart", d_model=128, encoder_layers=3, decoder_layers=6,
+                                               attention_heads=4, ffn_dim=512, vocab_size=800), texts, seed=0)
+    encoded, _ = encode(data["train"], tokenizer, 64, 64)
+
+    # one call of compute_loss per optimizer step (grad_accum 1): the time between two calls is one step
+    calls = []
+
+    def timed_loss(model, batch, normalizer):
+        calls.append(time.perf_counter())
+        return cross_entropy_step(model, batch, normalizer)
+
+    with tempfile.TemporaryDirectory() as out:
+        train(model=model, train_data=encoded, collate_fn=make_collator(model, tokenizer), compute_loss=timed_loss,
+              evaluate=None, args=TrainArgs(max_steps=args.steps + 1, batch_size=16, lr=1e-3, save_every=None,
+                                            save_every_minutes=None, log_every=1000),
+              accelerator=Accelerator(cpu=True), out_dir=Path(out), seed=0, log=lambda message: None)
+    step_seconds = [b - a for a, b in zip(calls, calls[1:])]
     median, p90 = statistics.median(step_seconds), statistics.quantiles(step_seconds, n=10)[-1]
 
     matrix = torch.randn(512, 512)
@@ -44,8 +59,9 @@ def main() -> None:
         matrix @ matrix
     gflops = 20 * 2 * 512**3 / (time.perf_counter() - start) / 1e9
 
-    print(f"tiny T5 training step ({args.threads} threads, batch 16 x 40 tokens): median {median * 1e3:.0f} ms, "
-          f"p90 {p90 * 1e3:.0f} ms (p90/median {p90 / median:.1f}), {args.steps} steps in {sum(step_seconds):.1f} s")
+    print(f"nlgkd training step, the demo teacher's shape ({args.threads} threads, batch 16): median "
+          f"{median * 1e3:.0f} ms, p90 {p90 * 1e3:.0f} ms (p90/median {p90 / median:.1f}), {len(step_seconds)} steps "
+          f"in {sum(step_seconds):.1f} s")
     print(f"512x512 fp32 matmul: {gflops:.1f} GFLOP/s")
 
 
