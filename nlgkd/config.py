@@ -173,6 +173,10 @@ class ModelConfig:
         "d_model 1024 and leaves small models ignoring their input)", gt=0))
 
     def __post_init__(self):
+        if self.init == "fresh" and self.arch != "lstm" and self.d_model % self.attention_heads:
+            raise RecipeError(f"attention_heads: {self.attention_heads} does not divide d_model {self.d_model}; each "
+                              "head gets d_model / attention_heads dimensions, so pick a divisor (e.g. "
+                              f"{max(h for h in range(1, min(self.attention_heads, self.d_model) + 1) if self.d_model % h == 0)})")
         if self.init_std is not None and (self.init != "fresh" or self.arch not in ("bart", "mbart")):
             raise RecipeError(f"init_std: only fresh bart and mbart models use it, and this one is "
                               f"{'a pretrained model' if self.init != 'fresh' else 'arch ' + self.arch}; remove it")
@@ -225,7 +229,7 @@ class TrainArgs:
     save_every: Optional[int] = field(default=200, metadata=doc("steps between resumable checkpoints", ge=1))
     save_every_minutes: Optional[float] = field(default=10.0, metadata=doc(
         "also a checkpoint when this many minutes passed since the last one (slow steps lose no more)", gt=0))
-    log_every: int = field(default=10, metadata=doc("steps between lines of train.log", ge=1))
+    log_every: int = field(default=10, metadata=doc("steps between records of metrics.jsonl (the running loss, also on the progress bar)", ge=1))
     label_smoothing: float = field(default=0.0, metadata=doc("of the gold cross-entropy", ge=0, lt=1))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
@@ -247,12 +251,17 @@ class EvaluateConfig:
     # a varied stage in `models` becomes one row per variant (the comparison), not one evaluate per variant
     expands_variants: ClassVar[bool] = True
     models: list[str] = field(metadata=ref("models", "models to evaluate"))
-    split: Literal["test", "validation", "train"] = "test"
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    max_examples: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    split: Literal["test", "validation", "train"] = field(default="test", metadata=doc("the split decoded and scored"))
+    decoding: DecodingConfig = field(default_factory=DecodingConfig, metadata=doc("how every model generates"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("score the first N examples of the split", ge=1))
     baselines: bool = field(default=False, metadata=doc(
         "also score trivial baselines on the same examples: copying the source, and the most frequent train "
         "target for every input (rows copy_source, most_frequent_target)"))
+
+    def __post_init__(self):
+        if not self.models:
+            raise RecipeError("models: an evaluate stage needs at least one model to score; list the stages or "
+                              "models: entries to compare, e.g. [teacher, distill]")
 
 
 LayerSpec = Optional[Union[list[int], dict[str, int], str]]
@@ -273,9 +282,12 @@ class PruneConfig:
 class HiddenKD:
     """Hidden-state distillation: PKD (normalized MSE), DistilBERT cosine, TinyBERT projected MSE."""
 
-    loss: Literal["pkd", "cosine", "tinybert"] = "pkd"
-    weight: float = field(default=1.0, metadata=bounds(ge=0))
-    sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"])
+    loss: Literal["pkd", "cosine", "tinybert"] = field(default="pkd", metadata=doc(
+        "pkd: squared distance of L2-normalized states; cosine: 1 - cos; tinybert: MSE after a projection learned "
+        "with the student (student and teacher widths may differ)"))
+    weight: float = field(default=1.0, metadata=doc("added to the loss times this", ge=0))
+    sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"], metadata=doc(
+        "the stacks whose hidden states are matched"))
     layer_map: Union[Literal["last", "skip", "uniform"], list[list[int]]] = field(
         default="skip", metadata=doc("strategy, or explicit [[student_layer, teacher_layer], ...]"))
 
@@ -284,14 +296,18 @@ class HiddenKD:
 class AttentionKD:
     """Attention distillation: MiniLM-v2 Q/K/V relations, or TinyBERT attention-score MSE."""
 
-    loss: Literal["minilm", "tinybert"] = "minilm"
-    weight: float = field(default=1.0, metadata=bounds(ge=0))
+    loss: Literal["minilm", "tinybert"] = field(default="minilm", metadata=doc(
+        "minilm: KL between Q-Q, K-K, V-V relations (any head counts and widths); tinybert: MSE of the attention "
+        "probabilities (same head count)"))
+    weight: float = field(default=1.0, metadata=doc("added to the loss times this", ge=0))
     sides: list[Literal["encoder_self", "decoder_self", "cross"]] = field(
-        default_factory=lambda: ["encoder_self", "decoder_self"])
-    relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
+        default_factory=lambda: ["encoder_self", "decoder_self"], metadata=doc(
+            "attention blocks matched: encoder self-attention, decoder self-attention, cross-attention"))
+    relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"], metadata=doc(
+        "minilm: which self-relations (query-query, key-key, value-value)"))
     relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into", ge=1))
-    student_layer: int = -1
-    teacher_layer: int = -1
+    student_layer: int = field(default=-1, metadata=doc("the student's layer (negative: from the top)"))
+    teacher_layer: int = field(default=-1, metadata=doc("the teacher's layer it learns from (negative: from the top)"))
 
 
 @dataclass(kw_only=True)
@@ -349,11 +365,16 @@ class DistillConfig(TrainArgs):
         "noisy_kd: the teacher's dropout rate while it teaches (default: the rates it was trained with)", ge=0, lt=1))
     alpha: float = field(default=0.0, metadata=doc(
         "loss = (1 - alpha) * word-level KD + alpha * gold cross-entropy", ge=0, le=1))
-    temperature: float = field(default=1.0, metadata=bounds(gt=0))
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    jsd_beta: float = field(default=0.5, metadata=bounds(gt=0, lt=1))
-    hidden: Optional[HiddenKD] = None
-    attention: Optional[AttentionKD] = None
+    temperature: float = field(default=1.0, metadata=doc(
+        "both distributions are softmax(logits / T); the KD term is scaled by T^2", gt=0))
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field(default="forward_kl", metadata=doc(
+        "KL(teacher || student), the usual (mode covering); KL(student || teacher) (mode seeking); or the "
+        "generalized Jensen-Shannon of GKD with jsd_beta"))
+    jsd_beta: float = field(default=0.5, metadata=doc("jsd: the teacher's weight in the mixture", gt=0, lt=1))
+    hidden: Optional[HiddenKD] = field(default=None, metadata=doc(
+        "also match hidden states of mapped layers (PKD, DistilBERT, TinyBERT); off when absent"))
+    attention: Optional[AttentionKD] = field(default=None, metadata=doc(
+        "also match attention (MiniLM relations or TinyBERT scores) of one layer pair; off when absent"))
     teacher_dtype: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata=doc("auto: bf16 on a GPU that has it, else fp32"))
     kd_chunk_size: Optional[int] = field(default=None, metadata=doc("token rows per KD chunk (memory bound)", ge=1))
@@ -362,7 +383,8 @@ class DistillConfig(TrainArgs):
         default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
     pt_schedule: Literal["cycle", "all"] = field(
         default="cycle", metadata=doc("cycle: epoch e uses PT number e mod K (the study); all: every PT each epoch"))
-    joint_teaching: Optional[JointTeachingConfig] = None
+    joint_teaching: Optional[JointTeachingConfig] = field(default=None, metadata=doc(
+        "Joint-Teaching (study stage S8): also KD on prefixes the student samples itself; off when absent"))
     cached_teacher: Optional[str] = field(
         default=None, metadata=ref("logits", "a cache_logits stage: KD from stored top-k, no teacher loaded"))
     cache_tail: Literal["renormalize", "bucket"] = field(

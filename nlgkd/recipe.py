@@ -246,6 +246,9 @@ def _build_stage(raw: Any, index: int) -> Stage:
         raise RecipeError(f"{path}.name: {name!r} must use letters, digits, '_' and '-' (it names a folder)")
     path = f"stages[{index}] ({name})"
     kind = raw.get("kind")
+    if kind is None:
+        raise RecipeError(f"{path}.kind: missing; every stage needs a kind, one of {', '.join(STAGE_CONFIGS)} "
+                          "(`nlgkd stages` describes them)")
     if kind not in STAGE_CONFIGS:
         hint = difflib.get_close_matches(str(kind), list(STAGE_CONFIGS), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -346,7 +349,7 @@ def check_references(recipe: Recipe) -> None:
                         f"{path}: {target!r} is a stage that runs later (stages[{later[0].index}]); "
                         "move it before this stage"
                     ) from None
-                known = list(recipe.models) + [s.name for s in recipe.stages[: stage.index]]
+                known = list(dict.fromkeys([*recipe.models, *(s.name for s in recipe.stages[: stage.index])]))
                 hint = difflib.get_close_matches(target, known, n=1)
                 did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise RecipeError(f"{path}: unknown name {target!r}{did_you_mean}; known here: {known}") from None

@@ -246,7 +246,8 @@ def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = Non
     names = {r["model"] for r in rows}
     for row in rows:
         own = None if teacher is not None else own_teacher(row["model"], stages, names)
-        row["teacher"] = own or teacher_name
+        # a trivial baseline (copy the source, ...) is nobody's student: no teacher, no "% teacher"
+        row["teacher"] = None if row["model"] in BASELINES else own or teacher_name
         add_derived(row, rows, stages, run_dir, metric)
     teachers = {r["teacher"] for r in rows}
     for row in rows:

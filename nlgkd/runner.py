@@ -441,7 +441,7 @@ class Runner:
                 continue
             self.check_inputs(stage)
             done = sum(what in ("ran", "reused") for what in outcome.values())
-            self.say(f"[{stage.key}] stage {done + 1} of {to_run} to run")
+            self.say(f"[{stage.key}] starts: {done + 1} of the {to_run} stages this run runs")
             if not (force or start_from) and (reasons := self.rerun_reasons(stage)):
                 self.say(f"[{stage.key}] finished before, runs again and replaces it: " + "; ".join(reasons))
             same = None if force or start_from else self.same_artifact(stage)

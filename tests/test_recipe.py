@@ -285,3 +285,23 @@ def test_nlgkd_stages_nested_fields_show_their_parents_defaults(capsys):
     assert re.search(r"tasks\.NAME\.\* .*each of .*train", out) and "tasks.NAME.train " not in out
     assert main(["stages", "nonsense"]) == 2
     assert "recipe, data, models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("models.teacher.attention_heads=5", r"models\.teacher: attention_heads: 5 does not divide d_model 32; .*\(e\.g\. 4\)"),
+    ("stages.eval.models=[]", r"stages\[1\] \(eval\): models: an evaluate stage needs at least one model"),
+])
+def test_mistakes_a_new_user_made_are_caught_when_the_recipe_is_read(tiny_recipe, override, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(tiny_recipe, overrides=[override])
+
+
+def test_a_stage_without_a_kind_says_it_is_missing_and_an_unknown_name_lists_each_name_once(tiny_recipe):
+    del tiny_recipe["stages"][1]["kind"]
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(eval\)\.kind: missing; every stage needs a kind"):
+        parse_recipe(tiny_recipe)
+    tiny_recipe["stages"][1]["kind"] = "evaluate"
+    tiny_recipe["stages"][1]["models"] = ["teachr"]
+    with pytest.raises(RecipeError, match=r"unknown name 'teachr' \(did you mean 'teacher'\?\); known here: "
+                                          r"\['teacher'\]"):
+        parse_recipe(tiny_recipe)
