@@ -257,6 +257,11 @@ class EvaluateConfig:
     baselines: bool = field(default=False, metadata=doc(
         "also score trivial baselines on the same examples: copying the source, and the most frequent train "
         "target for every input (rows copy_source, most_frequent_target)"))
+    timing_passes: int = field(default=3, metadata=doc(
+        "speed: timed generation passes over the same batches after the scored pass (which warms up); latency "
+        "and seq/s are their median, with the spread; 0: time the scored pass alone", ge=0))
+    timing_examples: Optional[int] = field(default=512, metadata=doc(
+        "the timed passes decode the first N inputs of the split (null: all of them)", ge=1))
 
     def __post_init__(self):
         if not self.models:

@@ -13,7 +13,9 @@ Columns:
     % teacher    100 * score / the score of the model's teacher (column "teacher"), from that teacher's row in
                  the same evaluate stage (else in one with the same split and decoding)
     compression  teacher parameters / model parameters
-    latency      evaluate's milliseconds per generation batch; seq/s its throughput; peak memory as measured
+    latency      evaluate's milliseconds per generation batch, the median of its timed passes, with their spread
+                 (shown as bars in the plot); seq/s its throughput; weights MB each model's own; peak memory as
+                 measured (on a CPU the evaluate process's high-water mark)
     MFLOPs/tok   an estimate per generated token (`flops_per_token`); n/a when the model is not a stage
                  artifact of this run or its architecture is not one the estimate knows
     steps/epochs optimizer steps and epochs of the stage that made the model (0 for a pruned copy) and the seed
@@ -349,6 +351,9 @@ def plot_pareto(report: Report, path: Path) -> None:
             ax.scatter([r["latency_ms"] for r in members], [r[report.metric] for r in members], s=36,
                        color=colors(i % 10), label=f"variants of {group}" if group else "other models")
     for r in rows:
+        if r.get("latency_spread"):  # the range of the timed passes, as a horizontal bar
+            half = r["latency_ms"] * r["latency_spread"] / 2
+            ax.errorbar([r["latency_ms"]], [r[report.metric]], xerr=[[half], [half]], color="grey", lw=1, capsize=2)
         if r["is_teacher"]:
             ax.scatter([r["latency_ms"]], [r[report.metric]], marker="*", s=220, color="black", label="teacher")
         ax.annotate(r["model"], (r["latency_ms"], r[report.metric]), fontsize=7, xytext=(4, 3),
@@ -472,15 +477,18 @@ def quality_table(report: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "evaluation", "params", "compression", "latency ms", "seq/s", "peak MB", "MFLOPs/tok",
-              "steps", "epochs", "seed"]
+    header = ["model", "evaluation", "params", "compression", "weights MB", "latency ms", "spread", "seq/s",
+              "peak MB", "MFLOPs/tok", "steps", "epochs", "seed"]
     body = []
     for r in report.rows:
         if r["model"] in BASELINES:
             continue  # nothing runs: no size, speed or training to show
         body.append([r["model"], r["evaluation"], fmt(r.get("params")),
                      "n/a" if r.get("compression") is None else f"{r['compression']:.2f}x",
-                     fmt(r.get("latency_ms"), 1), fmt(r.get("seq_per_s"), 1), fmt(r.get("peak_mem_mb"), 0),
+                     fmt(r.get("weights_mb"), 1), fmt(r.get("latency_ms"), 1),
+                     "n/a" if r.get("latency_spread") is None else f"±{50 * r['latency_spread']:.0f}%",
+                     fmt(r.get("seq_per_s"), 1),
+                     fmt(r.get("peak_mem_mb"), 0) + (" (process)" if r.get("peak_mem_kind") == "cpu_max_rss" else ""),
                      fmt(r.get("mflops_per_token"), 3), fmt(r.get("steps")), fmt(r.get("epochs")), fmt(r.get("seed"))])
     return header, body
 
@@ -558,8 +566,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
               f"{report.teacher or 'n/a'} ({report.teacher_rule})."),
         ("table", quality_table(report)),
         ("h2", "Size, speed and training"),
-        ("p", "Latency is per generation batch of the evaluate stage; MFLOPs/tok is an estimate per generated token "
-              "(nlgkd/report.py: flops_per_token); compare speeds within one run only."),
+        ("p", "Latency is per generation batch: the median of the evaluate stage's timed passes over the same "
+              "batches, after a warm-up pass; spread is half their range (slowest - fastest) over the median. Weights "
+              "MB is each model's own parameters and buffers; peak MB is CUDA's peak for that model on a GPU, and on a "
+              "CPU the evaluate process's high-water mark (marked 'process': it covers every model evaluated so "
+              "far). MFLOPs/tok is an estimate per generated token (nlgkd/report.py: flops_per_token); compare "
+              "speeds within one run only."),
         ("table", cost_table(report)),
         ("h2", "Quality vs latency"),
         ("img", "quality_vs_latency.png"),

@@ -25,7 +25,8 @@ def write_stage(run_dir: Path, key: str, kind: str, config: dict, **facts) -> Pa
 
 def metrics(bleu, params, **extra) -> dict:
     return {"bleu": bleu, "chrf": bleu + 10, "rouge1": 50.0, "rouge2": 30.0, "rougeL": 45.0, "params": params,
-            "latency_ms": 1000.0 / (params / 1000), "seq_per_s": params / 1000, "peak_mem_mb": 100.0,
+            "latency_ms": 1000.0 / (params / 1000), "latency_spread": 0.1, "seq_per_s": params / 1000,
+            "peak_mem_mb": 100.0, "peak_mem_kind": "cpu_max_rss",
             "split": "test", "decoding": "greedy", **extra}
 
 
@@ -133,7 +134,8 @@ def test_written_report(run_dir, tmp_path):
         "teacher's sequences/s (eval, test split). The cross-entropy student ce scores 28.00 (+6.00 for kd@noisy). Trivial "
         "baselines: copying the source 12.00.")
     assert "| kd@plain | eval | 30.00 | 40.00 | 50.00 | 30.00 | 45.00 | teacher | 75.0 |" in md  # quality
-    assert "| kd@plain | eval | 1,000 | 4.00x | 1000.0 | 1.0 |" in md  # params, compression, latency, seq/s
+    # params, compression, weights MB (not in these metrics), latency, its spread, seq/s, the CPU process peak
+    assert "| kd@plain | eval | 1,000 | 4.00x | n/a | 1000.0 | ±5% | 1.0 | 100 (process) |" in md
     assert "| copy_source | eval | 1,000" not in md and "| copy_source | eval | 12.00 | 30.00 |" in md
     assert "## Ablation: kd" in md and "| noisy | kd@noisy | objective=noisy_kd | 34.00 | +4.00 | 85.0 |" in md
     assert "![ablation_kd.png](ablation_kd.png)" in md

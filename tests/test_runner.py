@@ -38,6 +38,17 @@ def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
 
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics["teacher"]) >= {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "params", "seq_per_s", "latency_ms"}
+    # speed: the median of 3 timed passes over the same 2 batches (16 inputs, batch_size 8) after the scored one
+    timing, row = metrics["teacher"]["timing"], metrics["teacher"]
+    assert timing["passes"] == 3 and len(timing["seconds"]) == 3 and timing["batches"] == 2
+    median = sorted(timing["seconds"])[1]
+    assert row["latency_ms"] == pytest.approx(1000 * median / 2, rel=1e-3)
+    assert row["seq_per_s"] == pytest.approx(16 / median, rel=1e-3)
+    assert row["latency_spread"] == pytest.approx((max(timing["seconds"]) - min(timing["seconds"])) / median, rel=1e-2)
+    model = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "teacher")
+    own_bytes = sum({t.data_ptr(): t.numel() * t.element_size()
+                     for t in [*model.parameters(), *model.buffers()]}.values())
+    assert row["weights_mb"] == pytest.approx(own_bytes / 2**20) and row["peak_mem_kind"] == "cpu_max_rss"
     predictions = (run_dir / "eval" / "predictions" / "teacher.jsonl").read_text().splitlines()
     assert len(predictions) == 16
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import torch
@@ -10,8 +11,42 @@ from ..data import encode
 from ..generation import generate, length_buckets
 from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
 
-TABLE_COLUMNS = ["model", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params",
-                 "latency_ms", "seq_per_s", "peak_mem_mb"]
+TABLE_COLUMNS = ["model", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params", "weights_mb",
+                 "latency_ms", "latency_spread", "seq_per_s", "peak_mem_mb"]
+
+
+def timed_pass(model, tokenizer, sources, decoding, acc, seed: int) -> float:
+    """Seconds of one generation pass over `sources` (synchronized on CUDA); the outputs are dropped."""
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    generate(model, tokenizer, sources, decoding, acc, seed=seed, progress=False)
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def speed(ctx, model, tokenizer, sources: list[list[int]], scored_seconds: float) -> dict:
+    """Latency per batch and sequences/s: the median of `timing_passes` timed passes over the same batches
+    (the first `timing_examples` inputs), after the scored pass warmed the model up; `latency_spread` is
+    (slowest - fastest) / median of those passes, so a reader sees how far one figure can be trusted. With
+    timing_passes: 0, the scored pass alone (spread unknown)."""
+    cfg, acc = ctx.config, ctx.accelerator
+    if cfg.timing_passes:
+        timed = sources[: cfg.timing_examples] if cfg.timing_examples else sources
+        seconds = [timed_pass(model, tokenizer, timed, cfg.decoding, acc, ctx.seed) for _ in range(cfg.timing_passes)]
+    else:
+        timed, seconds = sources, [scored_seconds]
+    num_batches = len(length_buckets([len(s) for s in timed], cfg.decoding.batch_size))
+    middle = statistics.median(seconds)
+    return {
+        # per batch of one process: the processes decode their shares of the batches at the same time
+        "latency_ms": 1000 * middle / max(1, num_batches) * acc.num_processes,
+        "latency_spread": (max(seconds) - min(seconds)) / middle if len(seconds) > 1 and middle else None,
+        "seq_per_s": len(timed) / middle,
+        "timing": {"passes": len(seconds), "examples": len(timed), "batches": num_batches,
+                   "seconds": [round(s, 4) for s in seconds]},
+    }
 
 
 def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
@@ -29,7 +64,7 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
     model.to(acc.device).eval()
     encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
     sources = list(encoded["source_ids"])
-    with PeakMemory(acc.device) as memory:
+    with PeakMemory(acc.device) as memory:  # on CUDA reset per model; on a CPU the process's high-water mark
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -37,15 +72,18 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
+        timing = speed(ctx, model, tokenizer, sources, elapsed)
     predictions = [o[0] if o else "" for o in outputs]
     references = list(split["target"])
-    num_batches = len(length_buckets([len(s) for s in sources], cfg.decoding.batch_size))
     metrics = text_metrics(predictions, references)
     metrics.update(
         params=count_parameters(model),
-        latency_ms=1000 * elapsed / max(1, num_batches) * acc.num_processes,
-        seq_per_s=len(sources) / elapsed,
+        # the model's own bytes (weights and buffers, tied ones once): comparable across models on any device
+        weights_mb=sum({t.data_ptr(): t.numel() * t.element_size()
+                        for t in [*model.parameters(), *model.buffers()]}.values()) / 2**20,
+        **timing,
         peak_mem_mb=memory.peak_mb,
+        peak_mem_kind=memory.kind,  # cuda_max_allocated: this model's; cpu_max_rss: the whole process so far
         examples=len(sources),
         split=cfg.split,
         decoding=cfg.decoding.strategy,
