@@ -98,7 +98,8 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, max_source_length=args.max_source_length,
-          default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
+          default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
+          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     return 0
 
 
@@ -216,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the most answer tokens a request may ask for (default 1024); more is a 400")
     serve.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                        help="the largest request body accepted (default 1 MiB); larger is a 413")
+    serve.add_argument("--max-batch", type=positive_int, default=16,
+                       help="requests decoded together at most (dynamic batching; 1: one at a time)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long the first waiting request waits for others to join its batch (default 5)")
     serve.set_defaults(func=cmd_serve)
 
     report = sub.add_parser("report", help="collect a run directory's evaluations into tables and plots")

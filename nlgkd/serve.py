@@ -18,12 +18,20 @@ OpenAI reports them. `logprobs.content` has one entry per generated token up to,
 that ends inside a multi-byte character adds "" and the next one the whole character) and `bytes` its UTF-8
 bytes. `top_logprobs` entries are the top tokens decoded on their own.
 
-Requests are served one at a time (the model runs in a worker thread, so the server keeps accepting
-connections); a `seed` makes sampling repeatable.
+Requests are batched (dynamic batching): one worker thread runs the model; the first waiting request opens
+a batch, and requests that arrive within `batch_wait_ms` (default 5 ms; no wait when the last batch held
+one request and none is waiting, so a lone client pays nothing) with the same generation settings
+(greedy, or the same n, temperature and top_p; the same max_tokens and logprobs) join it, up to `max_batch`
+(default 16). Inputs are padded (right for encoder-decoders, left for decoder-only models) and decoded in one
+`generate` call. A request with a `seed` runs alone, so its sampling stays repeatable whatever else arrives.
+`nlgkd serve --max-batch 1` answers one request at a time.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import queue
 import threading
 import time
 import uuid
@@ -133,7 +141,8 @@ class ServedModel:
     """A model and its tokenizer, and one function: chat request -> OpenAI chat.completion dict."""
 
     def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256,
-                 max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20):
+                 max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20, max_batch: int = 16,
+                 batch_wait_ms: float = 5.0):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -142,7 +151,13 @@ class ServedModel:
         self.max_tokens_cap = max_tokens_cap  # no request asks for more: one request cannot hold the model
         self.max_body_bytes = max_body_bytes
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.lock = threading.Lock()  # one generate at a time; the global torch seed is set per request
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.waiting: queue.Queue = queue.Queue()  # (request, input ids, future) for the worker thread
+        self.worker: threading.Thread | None = None
+        self.worker_lock = threading.Lock()
+        self.generate_calls = 0  # batches run (what the tests and eval/bench_serve.py read)
+        self.last_batch_size = 2  # > 1: the first request waits batch_wait_ms for others (see `work`)
 
     def input_ids(self, messages: list[ChatMessage]) -> list[int]:
         tok = self.tokenizer
@@ -161,13 +176,76 @@ class ServedModel:
             ids = causal_prompt(ids, tok.eos_token_id)
         return ids
 
-    @torch.inference_mode()
-    def complete(self, req: ChatRequest) -> dict:
-        from .generation import model_cache_kwargs
-
+    # ---------------------------------------------------------------------------------- batching
+    def submit(self, req: ChatRequest) -> concurrent.futures.Future:
+        """Queue a checked request for the worker thread; the future gets its chat.completion dict. A bad
+        input (an empty message) raises ApiError here, before anything is queued."""
         req = req.with_defaults()
         ids = self.input_ids(req.messages)
-        max_new = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.worker_lock:
+            if self.worker is None:
+                self.worker = threading.Thread(target=self.work, name="nlgkd-serve-model", daemon=True)
+                self.worker.start()
+        self.waiting.put((req, ids, future))
+        return future
+
+    def complete(self, req: ChatRequest) -> dict:
+        """The chat.completion dict of one request (waits for its batch)."""
+        return self.submit(req).result()
+
+    @staticmethod
+    def batch_key(req: ChatRequest, max_new: int) -> tuple | None:
+        """Requests with equal keys can share one generate call; None: this one runs alone (a seed)."""
+        if req.seed is not None:
+            return None
+        if req.temperature == 0.0:  # greedy: n equal answers are copies of one
+            return ("greedy", max_new, bool(req.logprobs))
+        return ("sample", req.n, req.temperature, req.top_p, max_new, bool(req.logprobs))
+
+    def max_new_tokens(self, req: ChatRequest) -> int:
+        return req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+
+    def work(self) -> None:
+        """The worker thread: take the first waiting request, gather those that can join it for up to
+        batch_wait_ms, run them as one batch; requests that cannot join wait for the next batch."""
+        held: collections.deque = collections.deque()
+        while True:
+            first = held.popleft() if held else self.waiting.get()
+            batch = [first]
+            key = self.batch_key(first[0], self.max_new_tokens(first[0]))
+            if key is not None and self.max_batch > 1:
+                # wait for company only when there has been some: a lone client would pay the wait every time
+                busy = self.last_batch_size > 1 or not self.waiting.empty() or bool(held)
+                deadline = time.monotonic() + (self.batch_wait_s if busy else 0.0)
+                for other in list(held):  # held earlier by another batch: they are already waiting longest
+                    if len(batch) < self.max_batch and self.batch_key(other[0], self.max_new_tokens(other[0])) == key:
+                        held.remove(other)
+                        batch.append(other)
+                while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        item = self.waiting.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    same = self.batch_key(item[0], self.max_new_tokens(item[0])) == key
+                    (batch if same else held).append(item)
+            self.last_batch_size = len(batch)
+            try:
+                answers = self.answer_batch([(req, ids) for req, ids, _ in batch])
+            except Exception as err:  # noqa: BLE001 - every request of the batch gets the error
+                for _, _, future in batch:
+                    future.set_exception(err)
+                continue
+            for (_, _, future), answer in zip(batch, answers):
+                future.set_result(answer)
+
+    @torch.inference_mode()
+    def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]]) -> list[dict]:
+        """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts."""
+        from .generation import model_cache_kwargs
+
+        req = batch[0][0]
+        max_new = self.max_new_tokens(req)
         greedy = req.temperature == 0.0
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -179,16 +257,33 @@ class ServedModel:
             # top_k=0: OpenAI sampling has no top-k, and transformers' default is 50
             kwargs.update(do_sample=True, num_beams=1, num_return_sequences=req.n, temperature=req.temperature,
                           top_p=req.top_p, top_k=0)
+        width = max(len(ids) for _, ids in batch)
+        # encoder-decoders pad on the right, decoder-only models on the left (their answer follows the prompt)
+        rows = [ids + [pad_id] * (width - len(ids)) if self.encoder_decoder else [pad_id] * (width - len(ids)) + ids
+                for _, ids in batch]
+        mask = [[1] * len(ids) + [0] * (width - len(ids)) if self.encoder_decoder
+                else [0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch]
         device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        with self.lock:
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-                                      **model_cache_kwargs(self.model))
-        start = 1 if self.encoder_decoder else len(ids)  # after the decoder start token / the prompt
-        sequences = out.sequences[:, start:].tolist()
+        if req.seed is not None:  # runs alone (batch_key): the seed fixes its samples
+            torch.manual_seed(req.seed)
+        out = self.model.generate(input_ids=torch.tensor(rows, device=device),
+                                  attention_mask=torch.tensor(mask, device=device), **kwargs,
+                                  **model_cache_kwargs(self.model))
+        self.generate_calls += 1
+        start = 1 if self.encoder_decoder else width  # after the decoder start token / the padded prompt
+        per_request = 1 if greedy else req.n
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1) if req.logprobs else None
+        answers = []
+        for i, (request, ids) in enumerate(batch):
+            span = slice(i * per_request, (i + 1) * per_request)
+            answers.append(self.answer(request, ids, out.sequences[span, start:].tolist(),
+                                       None if logprobs is None else logprobs[span]))
+        return answers
+
+    def answer(self, req: ChatRequest, ids: list[int], sequences: list[list[int]], logprobs) -> dict:
+        """The chat.completion dict of one request from its generated token rows (and their log-probs)."""
+        tok = self.tokenizer
+        greedy = req.temperature == 0.0
         choices, completion_tokens = [], 0
         for row, seq in enumerate(sequences):
             ended = tok.eos_token_id in seq
@@ -288,30 +383,31 @@ def create_app(served: ServedModel) -> FastAPI:
     async def chat_completions(req: ChatRequest):
         req = req.with_defaults()
         check_request(req, served.name, served.max_tokens_cap)
-        return await asyncio.to_thread(served.complete, req)
+        return await asyncio.wrap_future(served.submit(req))
 
     return app
 
 
 def load_served_model(model_dir: str, name: str | None = None, device: str | None = None,
                       max_source_length: int = 512, default_max_tokens: int = 256, max_tokens_cap: int = 1024,
-                      max_body_bytes: int = 1 << 20) -> ServedModel:
+                      max_body_bytes: int = 1 << 20, max_batch: int = 16, batch_wait_ms: float = 5.0) -> ServedModel:
     from .models import load_pretrained
 
     model, tokenizer = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     return ServedModel(model, tokenizer, name or Path(model_dir).resolve().name, max_source_length,
-                       default_max_tokens, max_tokens_cap, max_body_bytes)
+                       default_max_tokens, max_tokens_cap, max_body_bytes, max_batch, batch_wait_ms)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           max_source_length: int = 512, default_max_tokens: int = 256, log_level: str = "info",
-          max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20) -> None:
+          max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20, max_batch: int = 16,
+          batch_wait_ms: float = 5.0) -> None:
     import uvicorn
 
     served = load_served_model(model_dir, name, max_source_length=max_source_length,
                                default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
-                               max_body_bytes=max_body_bytes)
+                               max_body_bytes=max_body_bytes, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     print(f"serving {model_dir} as model {served.name!r} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(create_app(served), host=host, port=port, log_level=log_level)

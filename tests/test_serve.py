@@ -219,3 +219,66 @@ def test_limits_and_every_4xx_speak_the_openai_error_format(served):
         assert status == expected and set(body["error"]) == {"message", "type", "param", "code"}
     assert "takes at most 2,000" in huge[1]["error"]["message"]
     assert unknown[1]["error"]["message"] == "GET /v1/nowhere: Not Found"
+
+
+SOURCES = ["name: Giraffe | area: city centre | family: no", "name: Zizzi | type: pub",
+           "name: The Eagle | food: French | price: high | rating: low | area: riverside | family: yes",
+           "name: Aromi", "name: Loch Fyne | type: coffee shop | food: Indian", "name: Bibimbap House | price: cheap"]
+
+
+def concurrent_answers(served_model, requests) -> list[dict]:
+    """Each request from its own thread at the same moment, as concurrent clients send them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(served_model.complete, requests))
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_concurrent_requests_are_decoded_in_batches_with_the_answers_of_one_at_a_time(served, family):
+    """Dynamic batching pads the inputs (right for encoder-decoders, left for decoder-only models) and decodes
+    them in one generate call: greedy answers and their logprobs equal those of a one-at-a-time server."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nlgkd.serve import ChatRequest, ServedModel
+
+    model, tokenizer = served[0].model, served[0].tokenizer
+    if family == "decoder-only":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                                           n_positions=128, eos_token_id=tokenizer.eos_token_id,
+                                           bos_token_id=tokenizer.bos_token_id)).eval()
+    requests = [ChatRequest(messages=[{"role": "user", "content": s}], temperature=0, max_tokens=10, logprobs=True)
+                for s in SOURCES]
+    alone = ServedModel(model, tokenizer, "m", max_batch=1)
+    expected = [alone.complete(r) for r in requests]
+    batched = ServedModel(model, tokenizer, "m", max_batch=16, batch_wait_ms=500)
+    answers = concurrent_answers(batched, requests)
+    assert alone.generate_calls == len(SOURCES) and batched.generate_calls < len(SOURCES)
+    for got, want in zip(answers, expected):
+        assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+        assert got["usage"] == want["usage"]
+        got_lp = [e["logprob"] for e in got["choices"][0]["logprobs"]["content"]]
+        want_lp = [e["logprob"] for e in want["choices"][0]["logprobs"]["content"]]
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_requests_that_cannot_share_a_batch_are_answered_apart(served):
+    """Different settings (greedy vs sampled, max_tokens) or a seed never share a generate call, and every
+    request still gets its own answer; a seeded request keeps the answer it has alone."""
+    from nlgkd.serve import ChatRequest, ServedModel
+
+    model, tokenizer = served[0].model, served[0].tokenizer
+    messages = [{"role": "user", "content": SOURCE}]
+    requests = [ChatRequest(messages=messages, temperature=0, max_tokens=6),
+                ChatRequest(messages=messages, temperature=0, max_tokens=9),
+                ChatRequest(messages=messages, temperature=0.8, n=2, max_tokens=6),
+                ChatRequest(messages=messages, temperature=0.8, n=2, max_tokens=6, seed=11)]
+    batched = ServedModel(model, tokenizer, "m", max_batch=16, batch_wait_ms=300)
+    answers = concurrent_answers(batched, requests)
+    assert batched.generate_calls == 4
+    assert [a["usage"]["completion_tokens"] <= limit for a, limit in zip(answers, [6, 9, 12, 12])] == [True] * 4
+    assert len(answers[2]["choices"]) == 2 and len(answers[3]["choices"]) == 2
+    seeded_alone = ServedModel(model, tokenizer, "m", max_batch=1).complete(requests[3])
+    assert [c["message"]["content"] for c in answers[3]["choices"]] == \
+        [c["message"]["content"] for c in seeded_alone["choices"]]
