@@ -7,6 +7,7 @@ that are hidden as harmless (nlgkd/quiet.py).
     nlgkd stages [KIND | recipe | data | models]
     nlgkd report RUN_DIR [--teacher NAME] [--metric NAME] [--out DIR]
     nlgkd serve MODEL_DIR [--port P] [--host H] [--name NAME]
+    nlgkd export MODEL_DIR --out DIR [--format ctranslate2] [--quantization int8]
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import argparse
 import os
 import sys
 
-from .config import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError, config_help
+from .config import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError
+from .field_help import config_help
 
 from .recipe import load_recipe
 
@@ -100,6 +102,15 @@ def cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, max_source_length=args.max_source_length,
           default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
           max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    manifest = export_model(args.model_dir, args.out, fmt=args.format, quantization=args.quantization)
+    print(f"exported {args.model_dir} ({manifest['model_type']}, {manifest['params']:,} parameters) as "
+          f"{args.format} {args.quantization}: {manifest['weights_mb']:.1f} MB in {args.out}")
     return 0
 
 
@@ -222,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long the first waiting request waits for others to join its batch (default 5)")
     serve.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser("export", help="convert a model folder for an inference engine (CTranslate2)")
+    export.add_argument("model_dir", help="a model folder, e.g. runs/demo/distill")
+    export.add_argument("--format", default="ctranslate2", choices=["ctranslate2", "onnx"])
+    export.add_argument("--quantization", default="int8",
+                        help="int8 (default), int8_float32, int8_float16, int8_bfloat16, float16, bfloat16, float32")
+    export.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="collect a run directory's evaluations into tables and plots")
     report.add_argument("run_dir", help="a run directory, e.g. runs/study-demo")

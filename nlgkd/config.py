@@ -1,5 +1,5 @@
 """The recipe's schema: typed dataclasses for the data, the models and every stage kind (`STAGE_CONFIGS`),
-each field with its type, default, help and numeric bounds, and the help `nlgkd stages` prints from them.
+each field with its type, default, help and numeric bounds (`nlgkd/field_help.py` prints them).
 
 Loading a YAML file into these classes, `--set` overrides, name resolution and variants are in
 `nlgkd/recipe.py`.
@@ -508,6 +508,20 @@ class AugmentConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """Convert a model for an inference engine (CTranslate2, int8 by default); evaluate and serve run it."""
+
+    produces: ClassVar[str] = "model"
+    model: str = field(metadata=ref("model", "model to export (a stage, e.g. distill)"))
+    format: Literal["ctranslate2", "onnx"] = field(default="ctranslate2", metadata=doc(
+        "ctranslate2: bart, mbart, pegasus, marian, t5, mt5, gpt2, opt, llama (pip install -e \".[export]\"); "
+        "onnx: not available yet"))
+    quantization: Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16",
+                          "float32"] = field(default="int8", metadata=doc(
+        "weights' type: int8 for a CPU; int8_float16 or float16 for a GPU; float32 decodes as PyTorch does"))
+
+
+@dataclass(kw_only=True)
 class CacheLogitsConfig:
     """Run a teacher once over gold and/or pseudo-targets; store its top-k log-probs for teacher-free KD."""
 
@@ -529,6 +543,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "pseudo_targets": PseudoTargetsConfig,
     "augment": AugmentConfig,
     "cache_logits": CacheLogitsConfig,
+    "export": ExportConfig,
 }
 
 
@@ -616,66 +631,6 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _nested_config(tp: Any) -> tuple[Optional[type], str]:
-    """The dataclass a field holds and how it is written under the field's name: ('.', directly or
-    optional) or ('.NAME.', a mapping of name -> dataclass); (None, '') for plain values."""
-    if dataclasses.is_dataclass(tp):
-        return tp, "."
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
-            return members[0], "."
-    if origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
-        return typing.get_args(tp)[1], ".NAME."
-    return None, ""
-
-
-def _default_text(f: dataclasses.Field, defaults: Any = None) -> str:
-    """' = value' of field `f`; `defaults`: the instance whose values are the defaults (a nested config whose
-    parent's default differs from its class's, e.g. joint_teaching.decoding samples)."""
-    if defaults is not None:
-        value = getattr(defaults, f.name)
-        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
-    if f.default is not dataclasses.MISSING:
-        return f" = {f.default!r}"
-    if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        return "" if dataclasses.is_dataclass(value) else f" = {value!r}"
-    return " (required)"
-
-
-def config_help(cls: type, prefix: str = "", skip: set[str] = frozenset(),
-                defaults: Any = None) -> list[tuple[str, str, str]]:
-    """(field, type, help) rows for `nlgkd stages KIND | data | models`: every field of `cls`, and the fields
-    of the configs it nests under dotted names (decoding.strategy, tasks.NAME.prefix)."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if yaml_name(f) in skip:
-            continue
-        name = prefix + yaml_name(f)
-        limits = f.metadata.get("bounds")
-        allowed = f" ({describe_bounds(limits)})" if limits else ""
-        rows.append((name, _type_name(hints[f.name]) + allowed + _default_text(f, defaults),
-                     f.metadata.get("help", "")))
-        nested, joint = _nested_config(hints[f.name])
-        if nested is None:
-            continue
-        # a nested config that shares a base with its parent (data.tasks.NAME: a dataset like data's own) says
-        # so once instead of listing the shared fields again
-        shared_bases = [b for b in nested.__mro__ if dataclasses.is_dataclass(b) and b in cls.__mro__]
-        repeated = {yaml_name(g) for b in shared_bases for g in dataclasses.fields(b)}
-        if repeated:
-            rows.append((name + joint + "*", "", f"each of {', '.join(sorted(repeated))} as above, for this one"))
-        nested_defaults = getattr(defaults, f.name) if defaults is not None else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if not dataclasses.is_dataclass(nested_defaults):
-            nested_defaults = None
-        rows.extend(config_help(nested, name + joint, skip=repeated, defaults=nested_defaults))
-    return rows
 
 
 # The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.

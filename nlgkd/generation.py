@@ -208,9 +208,12 @@ def generate(
     done = done or {}
     batches = length_buckets([len(s) for s in source_ids], decoding.batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    unwrapped = accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
+    # a PyTorch model, or an inference engine's exported folder (nlgkd/export.py: EngineModel)
+    engine = not isinstance(model, torch.nn.Module)
+    unwrapped = model if engine else accelerator.unwrap_model(model)
+    was_training = False if engine else unwrapped.training
+    if not engine:
+        unwrapped.eval()
     mine = [j for j in range(len(batches)) if j % world == rank]
     made: dict[int, list[list[str]]] = {}
     bar = tqdm(total=len(batches), desc=desc, disable=not (accelerator.is_main_process and progress), leave=False)
@@ -218,15 +221,20 @@ def generate(
     for j in mine:
         if j in done:
             continue
-        if decoding.strategy == "sample":
-            torch.manual_seed(seed + j)
-        outputs = generate_batch(unwrapped, tokenizer, [source_ids[i] for i in batches[j]], decoding)
+        batch = [source_ids[i] for i in batches[j]]
+        if engine:
+            outputs = unwrapped.generate_texts(batch, decoding, seed=seed + j)
+        else:
+            if decoding.strategy == "sample":
+                torch.manual_seed(seed + j)
+            outputs = generate_batch(unwrapped, tokenizer, batch, decoding)
         made[j] = outputs
         if on_batch is not None:
             on_batch(j, batches[j], outputs)
         bar.update(world)
     bar.close()
-    unwrapped.train(was_training)
+    if not engine:
+        unwrapped.train(was_training)
     everything = dict(done)
     for part in gather_objects(accelerator, made):
         everything.update(part)

@@ -12,6 +12,9 @@ from .errors import ModelLoadError
 from .quiet import quiet_weight_bars
 from .config import ModelConfig
 
+# An inference engine's export of a model (nlgkd/export.py) holds this file; it is not a PyTorch model folder.
+EXPORT_FILE = "nlgkd_export.json"
+
 # One special-token layout for every fresh tokenizer; T5-style sentinels serve span corruption.
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
 SENTINELS = [f"<extra_id_{i}>" for i in range(20)]
@@ -34,6 +37,9 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     lstm.register()  # nlgkd's own LSTM student (model_type nlgkd_lstm) loads through the Auto classes too
     if looks_like_a_path(name_or_path):
         folder = Path(name_or_path)
+        if (folder / EXPORT_FILE).exists():
+            raise ModelLoadError(f"{name_or_path!r} is a CTranslate2 export: evaluate stages and nlgkd serve run it, "
+                                 "but it cannot be trained or pruned; use the stage it was exported from")
         what = ("does not exist" if not folder.exists() else "is a file, not a model folder" if not folder.is_dir()
                 else "holds no model (no config.json): a run folder holds one folder per stage"
                 if not (folder / "config.json").exists() else None)

@@ -477,13 +477,13 @@ def quality_table(report: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "evaluation", "params", "compression", "weights MB", "latency ms", "spread", "seq/s",
+    header = ["model", "evaluation", "backend", "params", "compression", "weights MB", "latency ms", "spread", "seq/s",
               "peak MB", "MFLOPs/tok", "steps", "epochs", "seed"]
     body = []
     for r in report.rows:
         if r["model"] in BASELINES:
             continue  # nothing runs: no size, speed or training to show
-        body.append([r["model"], r["evaluation"], fmt(r.get("params")),
+        body.append([r["model"], r["evaluation"], r.get("backend", "pytorch"), fmt(r.get("params")),
                      "n/a" if r.get("compression") is None else f"{r['compression']:.2f}x",
                      fmt(r.get("weights_mb"), 1), fmt(r.get("latency_ms"), 1),
                      "n/a" if r.get("latency_spread") is None else f"±{50 * r['latency_spread']:.0f}%",

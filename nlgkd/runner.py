@@ -57,7 +57,7 @@ def package_versions() -> dict[str, str]:
 
 def splits_read(kind: str, config) -> tuple[str, ...]:
     """The data splits a stage of `kind` reads; its fingerprint hashes these files and no others."""
-    if kind == "prune":
+    if kind in ("prune", "export"):
         return ()
     if kind in ("finetune", "distill"):  # train + validation (early stopping, the teacher check)
         found = {"train", "validation"}

@@ -1,4 +1,5 @@
-"""`nlgkd serve MODEL_DIR`: an OpenAI-compatible chat-completions server over a local seq2seq or causal model.
+"""`nlgkd serve MODEL_DIR`: an OpenAI-compatible chat-completions server over a local seq2seq or causal model,
+or over its CTranslate2 export (`nlgkd export`; no logprobs from those: a 400 says so).
 
 It lets you self-host a teacher for a `pseudo_targets` stage with `teacher_api:` (and it is what the tests
 talk to). Endpoints:
@@ -45,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .config import DecodingConfig
 from .data import truncate
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
@@ -143,14 +145,17 @@ class ServedModel:
     def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256,
                  max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20, max_batch: int = 16,
                  batch_wait_ms: float = 5.0):
-        self.model = model.eval()
+        # a PyTorch model, or an inference engine's export (nlgkd/export.py: EngineModel)
+        self.engine = not isinstance(model, torch.nn.Module)
+        self.model = model if self.engine else model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.max_source_length = max_source_length
         self.default_max_tokens = min(default_max_tokens, max_tokens_cap)
         self.max_tokens_cap = max_tokens_cap  # no request asks for more: one request cannot hold the model
         self.max_body_bytes = max_body_bytes
-        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.encoder_decoder = (model.encoder_decoder if self.engine
+                                else bool(getattr(model.config, "is_encoder_decoder", False)))
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
         self.waiting: queue.Queue = queue.Queue()  # (request, input ids, future) for the worker thread
@@ -181,6 +186,10 @@ class ServedModel:
         """Queue a checked request for the worker thread; the future gets its chat.completion dict. A bad
         input (an empty message) raises ApiError here, before anything is queued."""
         req = req.with_defaults()
+        if self.engine and req.logprobs:
+            raise ApiError(400, "logprobs: this server runs a CTranslate2 export, which does not report token "
+                                "log-probabilities; serve the PyTorch stage folder it was exported from for them",
+                           "logprobs")
         ids = self.input_ids(req.messages)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.worker_lock:
@@ -244,6 +253,8 @@ class ServedModel:
         """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts."""
         from .generation import model_cache_kwargs
 
+        if self.engine:
+            return self.answer_batch_with_engine(batch)
         req = batch[0][0]
         max_new = self.max_new_tokens(req)
         greedy = req.temperature == 0.0
@@ -279,6 +290,20 @@ class ServedModel:
             answers.append(self.answer(request, ids, out.sequences[span, start:].tolist(),
                                        None if logprobs is None else logprobs[span]))
         return answers
+
+    def answer_batch_with_engine(self, batch: list[tuple[ChatRequest, list[int]]]) -> list[dict]:
+        """`answer_batch` for an exported model: one engine call for the batch (no logprobs: refused in submit)."""
+        import random
+
+        req = batch[0][0]
+        greedy = req.temperature == 0.0
+        decoding = DecodingConfig(strategy="greedy" if greedy else "sample", num_return_sequences=1 if greedy else req.n,
+                                  temperature=req.temperature if not greedy else 1.0, top_p=req.top_p, top_k=0,
+                                  max_new_tokens=self.max_new_tokens(req))
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        rows = self.model.generate_ids([ids for _, ids in batch], decoding, seed)
+        self.generate_calls += 1
+        return [self.answer(request, ids, sequences, None) for (request, ids), sequences in zip(batch, rows)]
 
     def answer(self, req: ChatRequest, ids: list[int], sequences: list[list[int]], logprobs) -> dict:
         """The chat.completion dict of one request from its generated token rows (and their log-probs)."""
@@ -391,11 +416,16 @@ def create_app(served: ServedModel) -> FastAPI:
 def load_served_model(model_dir: str, name: str | None = None, device: str | None = None,
                       max_source_length: int = 512, default_max_tokens: int = 256, max_tokens_cap: int = 1024,
                       max_body_bytes: int = 1 << 20, max_batch: int = 16, batch_wait_ms: float = 5.0) -> ServedModel:
+    from .export import EngineModel, is_export
     from .models import load_pretrained
 
-    model, tokenizer = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    if is_export(model_dir):  # a CTranslate2 export (`nlgkd export`, an export stage)
+        model = EngineModel(model_dir, device=device)
+        tokenizer = model.tokenizer
+    else:
+        model, tokenizer = load_pretrained(model_dir)
+        model.to(device)
     return ServedModel(model, tokenizer, name or Path(model_dir).resolve().name, max_source_length,
                        default_max_tokens, max_tokens_cap, max_body_bytes, max_batch, batch_wait_ms)
 

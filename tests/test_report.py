@@ -135,7 +135,7 @@ def test_written_report(run_dir, tmp_path):
         "baselines: copying the source 12.00.")
     assert "| kd@plain | eval | 30.00 | 40.00 | 50.00 | 30.00 | 45.00 | teacher | 75.0 |" in md  # quality
     # params, compression, weights MB (not in these metrics), latency, its spread, seq/s, the CPU process peak
-    assert "| kd@plain | eval | 1,000 | 4.00x | n/a | 1000.0 | ±5% | 1.0 | 100 (process) |" in md
+    assert "| kd@plain | eval | pytorch | 1,000 | 4.00x | n/a | 1000.0 | ±5% | 1.0 | 100 (process) |" in md
     assert "| copy_source | eval | 1,000" not in md and "| copy_source | eval | 12.00 | 30.00 |" in md
     assert "## Ablation: kd" in md and "| noisy | kd@noisy | objective=noisy_kd | 34.00 | +4.00 | 85.0 |" in md
     assert "![ablation_kd.png](ablation_kd.png)" in md

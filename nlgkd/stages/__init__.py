@@ -1,6 +1,6 @@
 """Stage kinds: one module each, one explicit dict. The config dataclass of each kind is in
 `nlgkd/config.py:STAGE_CONFIGS` under the same key."""
-from . import augment, cache_logits, distill, evaluate, finetune, prune, pseudo_targets
+from . import augment, cache_logits, distill, evaluate, export, finetune, prune, pseudo_targets
 
 STAGES = {
     "finetune": finetune.run,
@@ -10,6 +10,7 @@ STAGES = {
     "cache_logits": cache_logits.run,
     "pseudo_targets": pseudo_targets.run,
     "augment": augment.run,
+    "export": export.run,
 }
 
 # `nlgkd run --dry-run`: kinds that can say what they would send or spend; the others are only listed

@@ -11,8 +11,25 @@ from ..data import encode
 from ..generation import generate, length_buckets
 from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
 
-TABLE_COLUMNS = ["model", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params", "weights_mb",
+TABLE_COLUMNS = ["model", "backend", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params", "weights_mb",
                  "latency_ms", "latency_spread", "seq_per_s", "peak_mem_mb"]
+
+
+def load_for_decoding(ctx, name: str):
+    """(model, tokenizer, size facts) for a stage or models: entry: a PyTorch model on the stage's device, or an
+    inference engine's export (an `export` stage, nlgkd/export.py) decoded by that engine."""
+    from ..export import EngineModel, is_export
+
+    kind, target = ctx.recipe.resolve(name, ctx.stage.index)
+    if kind == "stage" and is_export(ctx.artifact_dir(name)):
+        engine = EngineModel(ctx.artifact_dir(name), device=ctx.accelerator.device.type)
+        return engine, engine.tokenizer, {"params": engine.manifest["params"],
+                                          "weights_mb": engine.manifest["weights_mb"], "backend": engine.backend}
+    model, tokenizer = ctx.load_model(name)
+    model.to(ctx.accelerator.device).eval()
+    # the model's own bytes (weights and buffers, tied ones once): comparable across models on any device
+    weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
+    return model, tokenizer, {"params": count_parameters(model), "weights_mb": weights / 2**20, "backend": "pytorch"}
 
 
 def timed_pass(model, tokenizer, sources, decoding, acc, seed: int) -> float:
@@ -60,8 +77,7 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
     split = data[cfg.split]
     if cfg.max_examples is not None:
         split = split.select(range(min(cfg.max_examples, len(split))))
-    model, tokenizer = ctx.load_model(name)
-    model.to(acc.device).eval()
+    model, tokenizer, size = load_for_decoding(ctx, name)
     encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
     sources = list(encoded["source_ids"])
     with PeakMemory(acc.device) as memory:  # on CUDA reset per model; on a CPU the process's high-water mark
@@ -77,10 +93,7 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
     references = list(split["target"])
     metrics = text_metrics(predictions, references)
     metrics.update(
-        params=count_parameters(model),
-        # the model's own bytes (weights and buffers, tied ones once): comparable across models on any device
-        weights_mb=sum({t.data_ptr(): t.numel() * t.element_size()
-                        for t in [*model.parameters(), *model.buffers()]}.values()) / 2**20,
+        **size,
         **timing,
         peak_mem_mb=memory.peak_mb,
         peak_mem_kind=memory.kind,  # cuda_max_allocated: this model's; cpu_max_rss: the whole process so far

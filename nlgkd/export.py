@@ -1,0 +1,213 @@
+"""Export a trained model to an inference engine (CTranslate2), and run the exported folder.
+
+    nlgkd export runs/demo/distill --format ctranslate2 --quantization int8 --out student-ct2
+
+`export_model` converts with CTranslate2's own converter (`ctranslate2.converters.TransformersConverter`; an
+optional dependency: `pip install -e ".[export]"`) into a folder that is usable on its own:
+
+    model.bin, config.json, shared_vocabulary.json   CTranslate2's model
+    tokenizer/                                      the model's tokenizer (transformers' files)
+    nlgkd_export.json                               format, quantization, source folder, model type, parameters
+
+Two facts the converter reads differently from the transformers release nlgkd runs on are given to it
+explicitly: the BART-family configs of transformers 5 have no `normalize_before` (mBART and Pegasus are
+pre-layer-norm, BART post-layer-norm), which the converter reads, so it converts a staging copy whose
+config.json carries it; and the converter leaves a fresh mBART's decoder start token unset (it expects
+mBART-25's language codes), so the exported config.json gets the model's own `decoder_start_token_id`.
+
+`EngineModel` decodes an exported folder the way `nlgkd.generation.generate` decodes a PyTorch model
+(greedy, beam, sampling; K outputs per input; de-duplication), so `evaluate` scores it beside PyTorch rows
+and `nlgkd serve` serves it. Families CTranslate2 cannot convert (nlgkd's LSTM student) get an error that
+names the families and formats that work.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .config import DecodingConfig
+from .errors import ModelLoadError
+from .models import EXPORT_FILE
+FORMATS = ("ctranslate2", "onnx")
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
+# model_type -> what the converter must read from config.json that transformers 5's config does not hold
+CT2_FAMILIES = {
+    "bart": {"normalize_before": False},
+    "mbart": {"normalize_before": True},
+    "pegasus": {"normalize_before": True},
+    "marian": {},
+    "t5": {},
+    "mt5": {},
+    "gpt2": {},
+    "opt": {},
+    "llama": {},
+}
+TOKENIZER_DIR = "tokenizer"
+
+
+class ExportError(ModelLoadError):
+    """An export that cannot be made: the message names the model, what works, and what to do."""
+
+
+def is_export(folder: str | Path) -> bool:
+    return (Path(folder) / EXPORT_FILE).exists()
+
+
+def require_ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise ExportError("CTranslate2 is not installed; install the export extra: pip install -e \".[export]\" "
+                          "(or pip install ctranslate2)") from None
+    return ctranslate2
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "ctranslate2",
+                 quantization: str = "int8") -> dict:
+    """Convert the model folder `model_dir` (a stage folder, e.g. runs/demo/distill) into `out_dir`, which
+    appears whole or not at all; returns the manifest written to out_dir/nlgkd_export.json."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        manifest = convert_into(model_dir, partial, fmt, quantization)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return manifest
+
+
+def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", quantization: str = "int8") -> dict:
+    """Write the export of `model_dir` into the existing `folder` (an export stage's folder); the manifest."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise ExportError(f"{model_dir}: no config.json; give a model folder such as runs/demo/distill")
+    config = json.loads(config_file.read_text())
+    family = config.get("model_type")
+    if fmt != "ctranslate2":
+        raise ExportError(f"format {fmt}: not available in this version of nlgkd; format ctranslate2 exports the "
+                          f"families {', '.join(CT2_FAMILIES)}")
+    if family not in CT2_FAMILIES:
+        raise ExportError(f"{model_dir}: a {family!r} model, which CTranslate2 cannot convert; format ctranslate2 "
+                          f"exports {', '.join(CT2_FAMILIES)} models (an LSTM student stays a PyTorch folder: "
+                          "evaluate and serve run it as it is)")
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+    ctranslate2 = require_ctranslate2()
+    from transformers import AutoTokenizer
+
+    from .metrics import count_parameters
+    from .models import load_pretrained
+
+    model, tokenizer = load_pretrained(str(model_dir))
+    with tempfile.TemporaryDirectory() as staging:
+        staged = Path(staging) / "model"
+        shutil.copytree(model_dir, staged, ignore=shutil.ignore_patterns("stage.json", "predictions", "checkpoints"))
+        (staged / "config.json").write_text(json.dumps({**config, **CT2_FAMILIES[family]}, indent=2))
+        try:
+            ctranslate2.converters.TransformersConverter(str(staged)).convert(
+                str(folder), quantization=quantization, force=True)
+        except Exception as err:  # the converter's own errors (an unsupported activation, layout...)
+            raise ExportError(f"{model_dir}: CTranslate2 could not convert this {family} model: {err}") from None
+    encoder_decoder = bool(config.get("is_encoder_decoder"))
+    if encoder_decoder:  # the model's own start token (see the module docstring)
+        ct2_config = json.loads((folder / "config.json").read_text())
+        ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(config["decoder_start_token_id"])
+        (folder / "config.json").write_text(json.dumps(ct2_config, indent=2))
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder / TOKENIZER_DIR))
+    try:
+        engine_version = version("ctranslate2")
+    except PackageNotFoundError:
+        engine_version = getattr(ctranslate2, "__version__", "unknown")
+    manifest = {"format": fmt, "quantization": quantization, "source": str(model_dir), "model_type": family,
+                "is_encoder_decoder": encoder_decoder, "params": count_parameters(model),
+                # BART-family generate forces EOS as the last allowed token; the engine then stops one earlier
+                "forced_eos_token_id": getattr(model.generation_config, "forced_eos_token_id", None),
+                "weights_mb": (folder / "model.bin").stat().st_size / 2**20, "ctranslate2": engine_version}
+    (folder / EXPORT_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class EngineModel:
+    """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
+    `nlgkd.generation.generate` calls for it, batch by batch.
+
+    Sampling is seeded once per process (CTranslate2's `set_random_seed` seeds its generator, which later
+    calls continue), so unlike PyTorch decoding a second sampled pass over the same batch draws new samples;
+    greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
+    inside a padded batch can differ slightly from the same input decoded alone."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None):
+        from transformers import AutoTokenizer
+
+        ctranslate2 = require_ctranslate2()
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / EXPORT_FILE).read_text())
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / TOKENIZER_DIR))
+        self.encoder_decoder = self.manifest["is_encoder_decoder"]
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()  # the count nlgkd chose for this run (nlgkd/threads.py)
+        engine = ctranslate2.Translator if self.encoder_decoder else ctranslate2.Generator
+        self.engine = engine(str(self.folder), device=device, compute_type="default", intra_threads=threads)
+        self._ctranslate2 = ctranslate2
+
+    @property
+    def backend(self) -> str:
+        return f"ctranslate2 {self.manifest['quantization']}"
+
+    def options(self, decoding: DecodingConfig) -> dict:
+        """CTranslate2's decoding options for nlgkd's decoding config."""
+        k = decoding.num_return_sequences
+        # where transformers forces EOS at the last step, that step writes no text: the engine stops before it
+        forced_eos = self.manifest.get("forced_eos_token_id") is not None
+        common = {"max_decoding_length": max(1, decoding.max_new_tokens - forced_eos), "num_hypotheses": k,
+                  "no_repeat_ngram_size": decoding.no_repeat_ngram_size, "return_end_token": True}
+        if decoding.strategy == "greedy":
+            return {**common, "beam_size": 1}
+        if decoding.strategy == "beam":
+            return {**common, "beam_size": max(decoding.num_beams, k), "length_penalty": decoding.length_penalty}
+        if decoding.strategy == "sample":
+            # nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)
+            return {**common, "beam_size": 1, "sampling_topk": decoding.top_k, "sampling_topp": decoding.top_p,
+                    "sampling_temperature": decoding.temperature}
+        raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
+                         "greedy, beam or sample")
+
+    def generate_ids(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[list[int]]]:
+        """K generated token-id rows per source (continuations only, EOS kept where the model wrote it)."""
+        tok = self.tokenizer
+        options = self.options(decoding)
+        if decoding.strategy == "sample":
+            self._ctranslate2.set_random_seed(seed)
+        if self.encoder_decoder:
+            tokens = [tok.convert_ids_to_tokens(ids) for ids in source_ids]
+            # min_decoding_length 0: end-of-sequence may come first, as in transformers (the engine's default is 1)
+            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), min_decoding_length=0,
+                                                  **options)
+        else:
+            from .data import causal_prompt
+
+            prompts = [tok.convert_ids_to_tokens(causal_prompt(ids, tok.eos_token_id)) for ids in source_ids]
+            max_length = options.pop("max_decoding_length")
+            results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
+                                                 include_prompt_in_result=False, **options)
+        return [[tok.convert_tokens_to_ids(tokens) for tokens in result.sequences] if hasattr(result, "sequences")
+                else [tok.convert_tokens_to_ids(tokens) for tokens in result.hypotheses] for result in results]
+
+    def generate_texts(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[str]]:
+        """K texts per source, decoded and cleaned as `nlgkd.generation.generate_batch` does."""
+        grouped = [[self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rows]
+                   for rows in self.generate_ids(source_ids, decoding, seed)]
+        if decoding.dedup:
+            grouped = [list(dict.fromkeys(g)) for g in grouped]
+        return grouped

@@ -1,0 +1,148 @@
+"""Export to CTranslate2: the exported model decodes as the PyTorch one does (exactly in float32, mostly in
+int8), an export stage's model is evaluated beside PyTorch rows and served, and what cannot be exported says
+what can."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("ctranslate2")
+
+from nlgkd.config import DataConfig, DecodingConfig, DemoSizes, ModelConfig  # noqa: E402
+from nlgkd.data import encode, load_splits  # noqa: E402
+from nlgkd.errors import ModelLoadError  # noqa: E402
+from nlgkd.export import EngineModel, ExportError, export_model  # noqa: E402
+from nlgkd.generation import generate  # noqa: E402
+from nlgkd.models import build_fresh, load_pretrained, save_model  # noqa: E402
+
+GREEDY = DecodingConfig(strategy="greedy", batch_size=8, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    data, _ = load_splits(DataConfig(task="demo", demo=DemoSizes(train=64, validation=0, test=24, unlabeled=0)))
+    return data
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def outputs_of(model, tokenizer, data, accelerator, decoding=GREEDY) -> list[list[str]]:
+    encoded, _ = encode(data["test"], tokenizer, 48, 48)
+    return generate(model, tokenizer, list(encoded["source_ids"]), decoding, accelerator, progress=False)
+
+
+def fresh_model(arch: str, data, folder) -> tuple:
+    """A fresh model of `arch` with random weights, saved and loaded back: its outputs are long and arbitrary,
+    so any difference in the decoder, the start token or the length limit changes them everywhere."""
+    texts = list(data["train"]["source"]) + list(data["train"]["target"])
+    torch.manual_seed(0)
+    model, tokenizer = build_fresh(ModelConfig(arch=arch, d_model=32, encoder_layers=2, decoder_layers=2,
+                                               attention_heads=2, ffn_dim=64, vocab_size=300, dropout=0.0),
+                                   texts, seed=0)
+    save_model(model, tokenizer, folder)
+    return load_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("arch", ["mbart", "bart", "t5", "gpt2"])
+def test_a_float32_export_decodes_exactly_as_pytorch(arch, demo_data, accelerator, tmp_path):
+    model, tokenizer = fresh_model(arch, demo_data, tmp_path / "model")
+    manifest = export_model(tmp_path / "model", tmp_path / "ct2", quantization="float32")
+    engine = EngineModel(tmp_path / "ct2")
+    assert manifest["model_type"] == arch and manifest["params"] > 0 and engine.backend == "ctranslate2 float32"
+    expected = outputs_of(model, tokenizer, demo_data, accelerator)
+    assert outputs_of(engine, engine.tokenizer, demo_data, accelerator) == expected
+    if arch in ("mbart", "bart"):  # these write long outputs with random weights (t5 and gpt2 stop at once)
+        assert min(len(o[0]) for o in expected) > 10
+
+
+def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(demo_data, accelerator, tmp_path, capsys):
+    from nlgkd.cli import main
+
+    model, tokenizer = fresh_model("mbart", demo_data, tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "int8")]) == 0  # int8 by default
+    assert "as ctranslate2 int8" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "int8" / "nlgkd_export.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [
+        "config.json", "model.bin", "nlgkd_export.json", "shared_vocabulary.json", "tokenizer"]
+    engine = EngineModel(tmp_path / "int8")
+    expected = outputs_of(model, tokenizer, demo_data, accelerator)
+    got = outputs_of(engine, engine.tokenizer, demo_data, accelerator)
+    assert sum(a == b for a, b in zip(got, expected)) >= 0.75 * len(expected)
+    assert manifest["quantization"] == "int8" and manifest["weights_mb"] < 0.75 * manifest["params"] * 4 / 2**20
+    # beam search and K samples per input also run on the engine
+    beams = outputs_of(engine, engine.tokenizer, demo_data, accelerator,
+                       DecodingConfig(strategy="beam", num_beams=3, num_return_sequences=2, batch_size=8,
+                                      max_new_tokens=24))
+    samples = outputs_of(engine, engine.tokenizer, demo_data, accelerator,
+                         DecodingConfig(strategy="sample", top_p=0.9, num_return_sequences=3, batch_size=8,
+                                        max_new_tokens=24))
+    assert {len(b) for b in beams} == {2} and {len(s) for s in samples} == {3}
+    with pytest.raises(ModelLoadError, match="is a CTranslate2 export: evaluate stages and nlgkd serve run it"):
+        load_pretrained(str(tmp_path / "int8"))
+    with pytest.raises(ValueError, match="'diverse_beam' is not available on a CTranslate2 model"):
+        outputs_of(engine, engine.tokenizer, demo_data, accelerator, DecodingConfig(strategy="diverse_beam"))
+
+
+def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):
+    from nlgkd.cli import main
+
+    texts = list(demo_data["train"]["source"])
+    model, tokenizer = build_fresh(ModelConfig(arch="lstm", d_model=16, encoder_layers=1, decoder_layers=1,
+                                               vocab_size=200), texts, seed=0)
+    save_model(model, tokenizer, tmp_path / "lstm")
+    with pytest.raises(ExportError, match=r"a 'nlgkd_lstm' model, which CTranslate2 cannot convert; format "
+                                          r"ctranslate2 exports bart, mbart, pegasus, marian, t5"):
+        export_model(tmp_path / "lstm", tmp_path / "out")
+    assert main(["export", str(tmp_path / "lstm"), "--format", "onnx", "--out", str(tmp_path / "out")]) == 2
+    assert "format onnx: not available in this version of nlgkd" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
+
+
+def test_an_export_stage_is_evaluated_beside_pytorch_and_served(tiny_recipe, tmp_path):
+    import openai
+
+    from nlgkd.recipe import parse_recipe
+    from nlgkd.runner import Runner
+    from nlgkd.serve import create_app, load_served_model
+    from test_serve import ServerThread
+
+    # random weights (a models: entry, untrained): long outputs, so the comparisons below mean something
+    tiny_recipe["models"] = {"rand": {"init": "fresh", "arch": "mbart", "d_model": 32, "encoder_layers": 2,
+                                      "decoder_layers": 2, "attention_heads": 2, "ffn_dim": 64, "vocab_size": 300}}
+    tiny_recipe["stages"] = [
+        {"name": "rand_int8", "kind": "export", "model": "rand"},
+        {"name": "eval", "kind": "evaluate", "models": ["rand", "rand_int8"], "timing_passes": 1,
+         "decoding": {"strategy": "greedy", "max_new_tokens": 24, "batch_size": 8}}]
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    runner.run()
+    folder = runner.run_dir / "rand_int8"
+    assert json.loads((folder / "stage.json").read_text())["export"]["quantization"] == "int8"
+    metrics = json.loads((runner.run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["rand"]["backend"] == "pytorch" and metrics["rand_int8"]["backend"] == "ctranslate2 int8"
+    assert metrics["rand_int8"]["params"] == metrics["rand"]["params"]
+    assert metrics["rand_int8"]["weights_mb"] < 0.75 * metrics["rand"]["weights_mb"]
+    rows = [json.loads(line) for line in (runner.run_dir / "eval" / "predictions" / "rand_int8.jsonl")
+            .read_text().splitlines()]
+    assert min(len(r["prediction"]) for r in rows) > 10
+
+    served = load_served_model(str(folder), name="student", device="cpu")
+    with ServerThread(create_app(served)) as server:
+        client = openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
+        # one request is one input: compare with the engine decoding that input alone (int8 kernels give
+        # slightly different numbers for an input padded inside a batch)
+        alone = EngineModel(folder)
+        for row in rows[:3]:
+            answer = client.chat.completions.create(model="student", temperature=0, max_tokens=24,
+                                                    messages=[{"role": "user", "content": row["source"]}])
+            ids = alone.tokenizer(row["source"])["input_ids"]
+            assert answer.choices[0].message.content == alone.generate_texts([ids], GREEDY, seed=0)[0][0]
+        with pytest.raises(openai.BadRequestError, match="does not report token log-probabilities"):
+            client.chat.completions.create(model="student", messages=[{"role": "user", "content": rows[0]["source"]}],
+                                           logprobs=True)
