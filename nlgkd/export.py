@@ -9,11 +9,14 @@ optional dependency: `pip install -e ".[export]"`) into a folder that is usable 
     tokenizer/                                      the model's tokenizer (transformers' files)
     nlgkd_export.json                               format, quantization, source folder, model type, parameters
 
-Two facts the converter reads differently from the transformers release nlgkd runs on are given to it
+Facts the converter reads differently from the transformers release nlgkd runs on are given to it
 explicitly: the BART-family configs of transformers 5 have no `normalize_before` (mBART and Pegasus are
-pre-layer-norm, BART post-layer-norm), which the converter reads, so it converts a staging copy whose
-config.json carries it; and the converter leaves a fresh mBART's decoder start token unset (it expects
-mBART-25's language codes), so the exported config.json gets the model's own `decoder_start_token_id`.
+pre-layer-norm, BART post-layer-norm) and Pegasus none saying it has no embedding layer norm, so it converts
+a staging copy whose config.json carries them; the converter leaves a fresh mBART's decoder start token
+unset (it expects mBART-25's language codes), so the exported config.json gets the model's own
+`decoder_start_token_id`; and generation may end at the first step (`min_decoding_length` 0), as in
+transformers. Marian goes through the converter's loader for Marian's own SentencePiece tokenizer, which no
+offline test here has (a Marian model with a BPE tokenizer does not convert).
 
 `EngineModel` decodes an exported folder the way `nlgkd.generation.generate` decodes a PyTorch model
 (greedy, beam, sampling; K outputs per input; de-duplication), so `evaluate` scores it beside PyTorch rows
@@ -37,7 +40,7 @@ QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float
 CT2_FAMILIES = {
     "bart": {"normalize_before": False},
     "mbart": {"normalize_before": True},
-    "pegasus": {"normalize_before": True},
+    "pegasus": {"normalize_before": True, "normalize_embedding": False},  # no layernorm_embedding
     "marian": {},
     "t5": {},
     "mt5": {},

@@ -40,17 +40,27 @@ def outputs_of(model, tokenizer, data, accelerator, decoding=GREEDY) -> list[lis
 
 def fresh_model(arch: str, data, folder) -> tuple:
     """A fresh model of `arch` with random weights, saved and loaded back: its outputs are long and arbitrary,
-    so any difference in the decoder, the start token or the length limit changes them everywhere."""
+    so any difference in the decoder, the start token or the length limit changes them everywhere. Pegasus
+    (which nlgkd prunes but does not build fresh) from its transformers config, with a BART tokenizer."""
     texts = list(data["train"]["source"]) + list(data["train"]["target"])
     torch.manual_seed(0)
-    model, tokenizer = build_fresh(ModelConfig(arch=arch, d_model=32, encoder_layers=2, decoder_layers=2,
-                                               attention_heads=2, ffn_dim=64, vocab_size=300, dropout=0.0),
-                                   texts, seed=0)
+    model, tokenizer = build_fresh(ModelConfig(arch="bart" if arch == "pegasus" else arch, d_model=32,
+                                               encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64,
+                                               vocab_size=300, dropout=0.0), texts, seed=0)
+    if arch == "pegasus":
+        from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+        torch.manual_seed(0)
+        model = PegasusForConditionalGeneration(PegasusConfig(
+            vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+            dropout=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id))
     save_model(model, tokenizer, folder)
     return load_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("arch", ["mbart", "bart", "t5", "gpt2"])
+@pytest.mark.parametrize("arch", ["mbart", "bart", "pegasus", "t5", "gpt2"])
 def test_a_float32_export_decodes_exactly_as_pytorch(arch, demo_data, accelerator, tmp_path):
     model, tokenizer = fresh_model(arch, demo_data, tmp_path / "model")
     manifest = export_model(tmp_path / "model", tmp_path / "ct2", quantization="float32")
@@ -58,7 +68,7 @@ def test_a_float32_export_decodes_exactly_as_pytorch(arch, demo_data, accelerato
     assert manifest["model_type"] == arch and manifest["params"] > 0 and engine.backend == "ctranslate2 float32"
     expected = outputs_of(model, tokenizer, demo_data, accelerator)
     assert outputs_of(engine, engine.tokenizer, demo_data, accelerator) == expected
-    if arch in ("mbart", "bart"):  # these write long outputs with random weights (t5 and gpt2 stop at once)
+    if arch in ("mbart", "bart", "pegasus"):  # long outputs with random weights (t5 and gpt2 stop at once)
         assert min(len(o[0]) for o in expected) > 10
 
 
