@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,29 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from common import demo_with
-
-
-class ServerThread:
-    """uvicorn serving one app in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def ask(port: int, source: str) -> None:
@@ -70,7 +45,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args()
     from nlgkd.models import load_pretrained
-    from nlgkd.serve import ServedModel, create_app
+    from nlgkd.serve import BackgroundServer, ServedModel, create_app
 
     runner = demo_with([], runs_dir=args.runs_dir)  # the demo's teacher (trained here if runs/demo lacks it)
     model, tokenizer = load_pretrained(str(runner.run_dir / "teacher"))
@@ -78,8 +53,8 @@ def main() -> None:
     servers = {"one at a time": ServedModel(model, tokenizer, "teacher", max_batch=1),
                "batched (16, 5 ms)": ServedModel(model, tokenizer, "teacher", max_batch=16, batch_wait_ms=5)}
     results: dict[tuple[str, int], list[float]] = {}
-    with ServerThread(create_app(servers["one at a time"])) as single, \
-            ServerThread(create_app(servers["batched (16, 5 ms)"])) as batched:
+    with BackgroundServer(create_app(servers["one at a time"])) as single, \
+            BackgroundServer(create_app(servers["batched (16, 5 ms)"])) as batched:
         ports = {"one at a time": single.port, "batched (16, 5 ms)": batched.port}
         for name, port in ports.items():  # warm-up: the first generate calls of a model are slow
             throughput(port, sources[:8], 4)

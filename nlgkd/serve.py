@@ -430,6 +430,40 @@ def load_served_model(model_dir: str, name: str | None = None, device: str | Non
                        default_max_tokens, max_tokens_cap, max_body_bytes, max_batch, batch_wait_ms)
 
 
+class BackgroundServer:
+    """`with BackgroundServer(create_app(served)) as server:` serves on 127.0.0.1 at a free port in a thread of
+    this process, until the block ends (tests, benchmarks, notebooks); `server.base_url` is the /v1 root."""
+
+    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 30.0):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            self.port = probe.getsockname()[1]
+        self.host, self.start_timeout_s = host, start_timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + self.start_timeout_s
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.base_url} did not start within {self.start_timeout_s} s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           max_source_length: int = 512, default_max_tokens: int = 256, log_level: str = "info",
           max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20, max_batch: int = 16,

@@ -411,7 +411,7 @@ def test_pts_from_nlgkd_serve_equal_the_models_own_samples(trained):
     from nlgkd.generation import model_cache_kwargs
     from nlgkd.serve import create_app, load_served_model
 
-    from test_serve import ServerThread
+    from nlgkd.serve import BackgroundServer
 
     served = load_served_model(str(trained[1] / "tiny" / "teacher"), name="teacher", device="cpu")
     stage = {"name": "api_pts", "kind": "pseudo_targets", "inputs": ["train"], "max_examples": 4,
@@ -419,7 +419,7 @@ def test_pts_from_nlgkd_serve_equal_the_models_own_samples(trained):
                              "concurrency": 2, "timeout": 30},
              "decoding": {"strategy": "sample", "top_p": 0.9, "temperature": 0.8, "num_return_sequences": 2,
                           "max_new_tokens": 10}}
-    with ServerThread(create_app(served)) as server:
+    with BackgroundServer(create_app(served)) as server:
         stage["teacher_api"]["base_url"] = server.base_url
         runner, recipe = with_stage(trained, stage)
         runner.run(only="api_pts")

@@ -121,7 +121,7 @@ def test_an_export_stage_is_evaluated_beside_pytorch_and_served(tiny_recipe, tmp
     from nlgkd.recipe import parse_recipe
     from nlgkd.runner import Runner
     from nlgkd.serve import create_app, load_served_model
-    from test_serve import ServerThread
+    from nlgkd.serve import BackgroundServer
 
     # random weights (a models: entry, untrained): long outputs, so the comparisons below mean something
     tiny_recipe["models"] = {"rand": {"init": "fresh", "arch": "mbart", "d_model": 32, "encoder_layers": 2,
@@ -143,7 +143,7 @@ def test_an_export_stage_is_evaluated_beside_pytorch_and_served(tiny_recipe, tmp
     assert min(len(r["prediction"]) for r in rows) > 10
 
     served = load_served_model(str(folder), name="student", device="cpu")
-    with ServerThread(create_app(served)) as server:
+    with BackgroundServer(create_app(served)) as server:
         client = openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
         # one request is one input: compare with the engine decoding that input alone (int8 kernels give
         # slightly different numbers for an input padded inside a batch)

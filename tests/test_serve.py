@@ -3,43 +3,14 @@ real `openai` client. Its answers are the model's own generations, its logprobs 
 log-probabilities, and its errors OpenAI-shaped."""
 from __future__ import annotations
 
-import threading
-import time
 
 import openai
 import pytest
 import torch
 
-from conftest import free_port
+from nlgkd.serve import BackgroundServer
 
 SOURCE = "name: Giraffe | area: city centre | family: no"
-
-
-class ServerThread:
-    """A uvicorn server in a background thread (started and stopped by the test)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +18,7 @@ def served(trained):
     from nlgkd.serve import create_app, load_served_model
 
     served = load_served_model(str(trained[1] / "tiny" / "teacher"), name="teacher", device="cpu")
-    with ServerThread(create_app(served)) as server:
+    with BackgroundServer(create_app(served)) as server:
         yield served, openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
 
 
@@ -167,7 +138,7 @@ def test_decoder_only_model_continues_the_last_user_message(served):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=128,
                                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
     causal = ServedModel(model, tokenizer, "gpt")
-    with ServerThread(create_app(causal)) as server:
+    with BackgroundServer(create_app(causal)) as server:
         client = openai.OpenAI(api_key="unused", base_url=server.base_url, max_retries=0, timeout=30)
         answer = client.chat.completions.create(
             model="gpt", messages=[{"role": "user", "content": "an earlier turn"}, {"role": "assistant", "content": "x"},
