@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="ctranslate2", choices=["ctranslate2", "onnx"])
     export.add_argument("--quantization", default="int8",
                         help="int8 (default), int8_float32, int8_float16, int8_bfloat16, float16, bfloat16, float32")
-    export.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    export.add_argument("--out", required=True, help="the folder to write (an earlier export there is replaced)")
     export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="collect a run directory's evaluations into tables and plots")

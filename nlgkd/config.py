@@ -250,7 +250,7 @@ class EvaluateConfig:
     produces: ClassVar[str] = "metrics"
     # a varied stage in `models` becomes one row per variant (the comparison), not one evaluate per variant
     expands_variants: ClassVar[bool] = True
-    models: list[str] = field(metadata=ref("models", "models to evaluate"))
+    models: list[str] = field(metadata=ref("decodables", "models to evaluate: stages, models: entries, exports"))
     split: Literal["test", "validation", "train"] = field(default="test", metadata=doc("the split decoded and scored"))
     decoding: DecodingConfig = field(default_factory=DecodingConfig, metadata=doc("how every model generates"))
     max_examples: Optional[int] = field(default=None, metadata=doc("score the first N examples of the split", ge=1))
@@ -511,7 +511,7 @@ class AugmentConfig:
 class ExportConfig:
     """Convert a model for an inference engine (CTranslate2, int8 by default); evaluate and serve run it."""
 
-    produces: ClassVar[str] = "model"
+    produces: ClassVar[str] = "exported model"
     model: str = field(metadata=ref("model", "model to export (a stage, e.g. distill)"))
     format: Literal["ctranslate2", "onnx"] = field(default="ctranslate2", metadata=doc(
         "ctranslate2: bart, mbart, pegasus, marian, t5, mt5, gpt2, opt, llama (pip install -e \".[export]\"); "
@@ -519,6 +519,11 @@ class ExportConfig:
     quantization: Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16",
                           "float32"] = field(default="int8", metadata=doc(
         "weights' type: int8 for a CPU; int8_float16 or float16 for a GPU; float32 decodes as PyTorch does"))
+
+    def __post_init__(self):
+        if self.format != "ctranslate2":
+            raise RecipeError(f"format: {self.format!r} is not available in this version of nlgkd; use format: "
+                              "ctranslate2 (bart, mbart, pegasus, marian, t5, mt5, gpt2, opt, llama)")
 
 
 @dataclass(kw_only=True)

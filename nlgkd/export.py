@@ -73,6 +73,13 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "ctransl
     """Convert the model folder `model_dir` (a stage folder, e.g. runs/demo/distill) into `out_dir`, which
     appears whole or not at all; returns the manifest written to out_dir/nlgkd_export.json."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / EXPORT_FILE).exists():
+        raise ExportError(f"--out {out_dir}: the folder exists and is not an earlier export (no {EXPORT_FILE}); "
+                          "nlgkd replaces only its own exports: give a new folder")
+    source, target = Path(model_dir).resolve(), out_dir.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise ExportError(f"--out {out_dir}: it holds, or is inside, the model folder {model_dir}; give a folder "
+                          "outside it")
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -123,7 +130,13 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
     encoder_decoder = bool(config.get("is_encoder_decoder"))
     if encoder_decoder:  # the model's own start token (see the module docstring)
         ct2_config = json.loads((folder / "config.json").read_text())
-        ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(config["decoder_start_token_id"])
+        start = config.get("decoder_start_token_id")
+        if start is None:  # transformers 5 keeps it in generation_config.json for some families (T5)
+            start = getattr(model.generation_config, "decoder_start_token_id", None)
+        if start is None:
+            raise ExportError(f"{model_dir}: neither config.json nor generation_config.json says "
+                              "decoder_start_token_id; set it in config.json (the token the decoder starts from)")
+        ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(start)
         (folder / "config.json").write_text(json.dumps(ct2_config, indent=2))
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder / TOKENIZER_DIR))
     try:

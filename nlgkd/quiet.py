@@ -1,14 +1,16 @@
 """A quiet console: the library messages nlgkd knows to be harmless are dropped at their source.
 
-Only these, each matched by its logger and text, so any other warning still shows:
+Log records are matched by their logger and text, so any other warning still shows; progress bars are
+switched off by their library's own switch:
 
     accelerate   "Removed shared tensor {...} while saving": every checkpoint of a model with tied embeddings
                  (all of nlgkd's fresh models). safetensors stores a shared tensor once; loading re-ties it,
                  and a test resumes from such a checkpoint and compares the weights.
     sacrebleu    three lines per scored model when 100 outputs end in " .": on tokenized data (the study's
                  Shakespeare files are) every model and baseline is scored alike, so the comparison holds.
-    datasets     the "Map" and "Generating train split" progress bars of loading and tokenizing a split:
-                 fast, and they interleave with nlgkd's one bar per stage.
+    datasets     all its progress bars: the "Map" and "Generating train split" bars of loading and tokenizing
+                 a split (fast, and they interleave with nlgkd's one bar per stage), and so also the bar of
+                 a hub dataset's download (`-v` shows it).
     transformers the "Loading weights" and "Writing model shards" bars of reading and writing a local model
                  folder (`quiet_weight_bars`; a download from the hub keeps its bar).
 

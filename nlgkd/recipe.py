@@ -297,7 +297,9 @@ def _build_variants(raw: dict, kind: str, name: str, index: int) -> dict[str, An
     return variants
 
 
-SINGULAR = {"models": "model", "datasets": "dataset"}
+SINGULAR = {"models": "model", "datasets": "dataset", "decodables": "decodable"}
+# a reference kind that accepts more than one kind of artifact: evaluate decodes models and their exports
+ACCEPTS = {"decodable": ("model", "exported model")}
 
 
 def references(config: Any) -> list[tuple[str, str, str]]:
@@ -356,8 +358,11 @@ def check_references(recipe: Recipe) -> None:
             got = produces(resolved)
             if kind == "logits" and got == "dataset" and getattr(resolved[1].config, "align_to", None):
                 continue  # pseudo_targets from an API with align_to also writes the cache_logits layout
-            if got != kind:
-                raise RecipeError(f"{path}: {target!r} gives a {got}, but a {kind} is needed here")
+            if got != kind and got not in ACCEPTS.get(kind, ()):
+                hint = ("; an export is evaluated or served, not trained: use the stage it was exported from"
+                        if got == "exported model" else "")
+                article = "an" if got[0] in "aeiou" else "a"
+                raise RecipeError(f"{path}: {target!r} gives {article} {got}, but a {kind} is needed here{hint}")
 
 
 def expand_variants(recipe: Recipe) -> list[Stage]:

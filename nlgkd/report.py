@@ -217,10 +217,26 @@ def own_teacher(model: str, stages: dict[str, dict], names: set[str]) -> str | N
             return teacher if teacher in names else None
         if record.get("kind") == "prune":
             return config.get("from") if config.get("from") in names else None
-        if record.get("kind") != "finetune":
+        if record.get("kind") not in ("finetune", "export"):  # an export is its model, converted
             return None
         model = config.get("model")
     return None
+
+
+def stage_chain(model: str, stages: dict[str, dict]) -> list[str]:
+    """The stages that made `model`, newest first, following finetune / export (model:), prune (from:) and
+    distill (student:) back to the first."""
+    chain = []
+    while model in stages and model not in chain:
+        chain.append(model)
+        config = stages[model].get("config") or {}
+        model = config.get({"prune": "from", "distill": "student"}.get(stages[model].get("kind"), "model"))
+    return chain
+
+
+def is_distilled(model: str, stages: dict[str, dict]) -> bool:
+    """Whether a distill stage is among those that made `model` (a later fine-tune or export keeps it so)."""
+    return any(stages[key].get("kind") == "distill" for key in stage_chain(model, stages))
 
 
 def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = None) -> Report:
@@ -253,7 +269,10 @@ def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = Non
         add_derived(row, rows, stages, run_dir, metric)
     teachers = {r["teacher"] for r in rows}
     for row in rows:
-        row["is_teacher"] = row["model"] in teachers
+        # a teacher, or an export of one (the same model for another engine) is nobody's student
+        exported_from = stages.get(row["model"], {}).get("config", {}).get("model") \
+            if stages.get(row["model"], {}).get("kind") == "export" else None
+        row["is_teacher"] = row["model"] in teachers or (exported_from is not None and exported_from in teachers)
         row["weak"] = bool(weak_teacher_check(stages, row["model"]))  # this model failed its teacher check
         row["teacher_weak"] = bool(weak_teacher_check(stages, row["teacher"]))
     report = Report(run_dir=run_dir, metric=metric, teacher=teacher_name, teacher_rule=rule, rows=rows,
@@ -447,10 +466,10 @@ def summary(report: Report) -> str | None:
         if best.get("seq_per_s") and teacher.get("seq_per_s"):
             words.append(f", {best['seq_per_s'] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
     words.append(f" ({best['evaluation']}, {best.get('split', 'test')} split).")
-    # the cross-entropy baselines: students whose last stage is a fine-tune on gold of a pruned or fresh model
+    # the cross-entropy baselines: students of the same teacher that no distill stage made
     ce = [r for r in same_eval if is_student(r, report) and r is not best and r["teacher"] == best["teacher"]
-          and report.stages[r["model"]].get("kind") == "finetune" and r.get(m) is not None]
-    if report.stages[best["model"]].get("kind") == "finetune":
+          and not is_distilled(r["model"], report.stages) and r.get(m) is not None]
+    if not is_distilled(best["model"], report.stages):
         words.append(" It is trained on gold alone: no distilled student beats cross-entropy here.")
     elif ce:
         base = max(ce, key=lambda r: r[m])

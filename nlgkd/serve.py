@@ -24,8 +24,11 @@ a batch, and requests that arrive within `batch_wait_ms` (default 5 ms; no wait 
 one request and none is waiting, so a lone client pays nothing) with the same generation settings
 (greedy, or the same n, temperature and top_p; the same max_tokens and logprobs) join it, up to `max_batch`
 (default 16). Inputs are padded (right for encoder-decoders, left for decoder-only models) and decoded in one
-`generate` call. A request with a `seed` runs alone, so its sampling stays repeatable whatever else arrives.
-`nlgkd serve --max-batch 1` answers one request at a time.
+`generate` call, which gives a PyTorch model's one-at-a-time answers (a test compares them); a CTranslate2 int8
+export quantizes activations per batch, so its greedy answer to an input can vary slightly with the traffic
+it shares a batch with (`--max-batch 1` pins it). A request with a `seed` runs alone, so its sampling stays
+repeatable whatever else arrives. A request whose client has gone is skipped; a failed batch is retried one
+request at a time. `nlgkd serve --max-batch 1` answers one request at a time.
 """
 from __future__ import annotations
 
@@ -184,7 +187,8 @@ class ServedModel:
     # ---------------------------------------------------------------------------------- batching
     def submit(self, req: ChatRequest) -> concurrent.futures.Future:
         """Queue a checked request for the worker thread; the future gets its chat.completion dict. A bad
-        input (an empty message) raises ApiError here, before anything is queued."""
+        input (an empty message) raises ApiError here, before anything is queued. It tokenizes: call it from a
+        worker thread, not from the event loop (the endpoint does)."""
         req = req.with_defaults()
         if self.engine and req.logprobs:
             raise ApiError(400, "logprobs: this server runs a CTranslate2 export, which does not report token "
@@ -238,15 +242,26 @@ class ServedModel:
                         break
                     same = self.batch_key(item[0], self.max_new_tokens(item[0])) == key
                     (batch if same else held).append(item)
-            self.last_batch_size = len(batch)
-            try:
-                answers = self.answer_batch([(req, ids) for req, ids, _ in batch])
-            except Exception as err:  # noqa: BLE001 - every request of the batch gets the error
-                for _, _, future in batch:
-                    future.set_exception(err)
-                continue
-            for (_, _, future), answer in zip(batch, answers):
-                future.set_result(answer)
+            # a request whose client went away (its future cancelled) is not decoded
+            batch = [item for item in batch if item[2].set_running_or_notify_cancel()]
+            self.last_batch_size = max(1, len(batch))
+            if batch:
+                self.run_batch(batch)
+
+    def run_batch(self, batch: list) -> None:
+        """Answer every request of `batch`; never raises (the worker thread must outlive any request). When the
+        batch fails (e.g. out of memory at 16 rows), each request is tried alone and gets its own outcome."""
+        try:
+            answers = self.answer_batch([(req, ids) for req, ids, _ in batch])
+        except Exception as err:  # noqa: BLE001 - reported to the requests, not to the thread
+            if len(batch) > 1:
+                for item in batch:
+                    self.run_batch([item])
+                return
+            batch[0][2].set_exception(err)
+            return
+        for (_, _, future), answer in zip(batch, answers):
+            future.set_result(answer)
 
     @torch.inference_mode()
     def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]]) -> list[dict]:
@@ -408,7 +423,9 @@ def create_app(served: ServedModel) -> FastAPI:
     async def chat_completions(req: ChatRequest):
         req = req.with_defaults()
         check_request(req, served.name, served.max_tokens_cap)
-        return await asyncio.wrap_future(served.submit(req))
+        # tokenizing a long message takes a while: not on the event loop, which serves every connection
+        future = await asyncio.to_thread(served.submit, req)
+        return await asyncio.wrap_future(future)
 
     return app
 

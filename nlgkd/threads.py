@@ -9,10 +9,14 @@ with one thread to 3.8-5.4 s with two beside another job. So a CPU run takes
 P: the processes of this run on this machine (LOCAL_WORLD_SIZE, set by torchrun and accelerate launch);
 free cores: the cores this process may use (its CPU affinity) minus the tasks other programs have running
 now (/proc/loadavg's runnable count, sampled a few times; Linux only, elsewhere every core counts as free).
+The runnable count is the whole machine's: a container pinned to a few idle cores of a busy host sees the
+host's load and takes fewer threads than it could (set OMP_NUM_THREADS there).
 OMP_NUM_THREADS, when set, wins: torch read it already, and nothing here changes it.
 
-Thread counts change speed, not results: torch's CPU kernels give the same numbers with 1 or 2 threads
-(the demo's scores are identical to the digit), so a run stays reproducible whatever was free.
+The thread count changes speed and can change the last digits of results: a sum split over threads adds
+in another order (4M float32 numbers summed with 1, 2 and 4 threads differ in the 6th significant digit).
+The demo's scores were identical to the digit with 1 and 2 threads, but a run that must repeat bit for bit
+sets OMP_NUM_THREADS; `stage.json` records the count (`cpu_threads`).
 """
 from __future__ import annotations
 

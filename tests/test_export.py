@@ -113,6 +113,14 @@ def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):
     assert main(["export", str(tmp_path / "lstm"), "--format", "onnx", "--out", str(tmp_path / "out")]) == 2
     assert "format onnx: not available in this version of nlgkd" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
+    # --out never deletes what is not an earlier export, nor the model being exported
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="the folder exists and is not an earlier export"):
+        export_model(tmp_path / "lstm", tmp_path / "notes")
+    with pytest.raises(ExportError, match="it holds, or is inside, the model folder"):
+        export_model(tmp_path / "lstm", tmp_path / "lstm" / "int8")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me" and (tmp_path / "lstm" / "config.json").exists()
 
 
 def test_an_export_stage_is_evaluated_beside_pytorch_and_served(tiny_recipe, tmp_path):
@@ -156,3 +164,21 @@ def test_an_export_stage_is_evaluated_beside_pytorch_and_served(tiny_recipe, tmp
         with pytest.raises(openai.BadRequestError, match="does not report token log-probabilities"):
             client.chat.completions.create(model="student", messages=[{"role": "user", "content": rows[0]["source"]}],
                                            logprobs=True)
+
+
+def test_an_export_is_for_evaluate_and_serve_and_a_recipe_says_so_before_running(tiny_recipe):
+    from nlgkd.config import RecipeError
+    from nlgkd.recipe import parse_recipe
+
+    tiny_recipe["stages"] = [tiny_recipe["stages"][0],
+                             {"name": "teacher_int8", "kind": "export", "model": "teacher"},
+                             {"name": "eval", "kind": "evaluate", "models": ["teacher", "teacher_int8"]}]
+    parse_recipe(tiny_recipe)  # evaluate takes models and exports
+    tiny_recipe["stages"].append({"name": "student", "kind": "prune", "from": "teacher_int8"})
+    with pytest.raises(RecipeError, match=r"'teacher_int8' gives an exported model, but a model is needed here; "
+                                          r"an export is evaluated or served, not trained"):
+        parse_recipe(tiny_recipe)
+    tiny_recipe["stages"] = tiny_recipe["stages"][:2]
+    tiny_recipe["stages"][1]["format"] = "onnx"
+    with pytest.raises(RecipeError, match=r"format: 'onnx' is not available in this version of nlgkd"):
+        parse_recipe(tiny_recipe)

@@ -175,3 +175,22 @@ def test_the_summary_says_when_cross_entropy_wins(run_dir):
     text = summary(collect(run_dir))
     assert text.startswith("Best student: ce, BLEU 36.00, 90.0% of its teacher (teacher, 40.00)")
     assert "It is trained on gold alone: no distilled student beats cross-entropy here." in text
+
+
+def test_an_export_of_the_teacher_is_no_student_and_a_finetuned_distilled_student_is_distilled(run_dir):
+    from nlgkd.report import summary
+
+    write_stage(run_dir, "teacher_int8", "export", {"model": "teacher"})
+    write_stage(run_dir, "kd_final", "finetune", {"model": "kd@noisy"}, train={"steps": 10, "epochs": 0.2})
+    metrics_file = run_dir / "eval" / "metrics.json"
+    values = json.loads(metrics_file.read_text())
+    values["teacher_int8"] = metrics(41.0, 4000, backend="ctranslate2 int8")
+    values["kd_final"] = metrics(36.0, 2000)
+    metrics_file.write_text(json.dumps(values))
+    report = collect(run_dir)
+    rows = {r["model"]: r for r in report.rows}
+    assert rows["teacher_int8"]["is_teacher"] and rows["kd_final"]["teacher"] == "teacher"
+    text = summary(report)
+    assert text.startswith("Best student: kd_final, BLEU 36.00")
+    assert "The cross-entropy student ce scores 28.00 (+8.00 for kd_final)" in text
+    assert "trained on gold alone" not in text

@@ -228,7 +228,7 @@ def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, n
                 f"{cfg.student!r} is not; distill pairs of the same kind, or train the student on the teacher's "
                 "pseudo-targets"
             )
-    if cfg.hidden and cfg.hidden.loss != "tinybert" and teachers:
+    if cfg.hidden and cfg.hidden.loss not in HIDDEN_PROJECTED and teachers:
         if width(student) != width(teachers[0]):
             raise ValueError(
                 f"hidden.loss {cfg.hidden.loss!r} compares hidden states of equal width, but the student has "
@@ -320,7 +320,7 @@ def run(ctx) -> None:
             model.set_attn_implementation("eager")  # attention probabilities are only returned by eager
 
     projections = {}
-    if cfg.hidden and cfg.hidden.loss == "tinybert":
+    if cfg.hidden and cfg.hidden.loss in HIDDEN_PROJECTED:
         for side in cfg.hidden.sides:
             for s_layer, t_layer in layer_pairs(cfg.hidden.layer_map, num_layers(student, side),
                                                 num_layers(teachers[0], side)):
