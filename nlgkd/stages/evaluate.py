@@ -20,7 +20,7 @@ def load_for_decoding(ctx, name: str):
     inference engine's export (an `export` stage, nlgkd/export.py) decoded by that engine."""
     from ..export import EngineModel, is_export
 
-    kind, target = ctx.recipe.resolve(name, ctx.stage.index)
+    kind, _ = ctx.recipe.resolve(name, ctx.stage.index)
     if kind == "stage" and is_export(ctx.artifact_dir(name)):
         engine = EngineModel(ctx.artifact_dir(name), device=ctx.accelerator.device.type)
         return engine, engine.tokenizer, {"params": engine.manifest["params"],
