@@ -205,21 +205,18 @@ def pick_teacher(rows: list[dict], stages: dict[str, dict], teacher: str | None)
 
 
 def own_teacher(model: str, stages: dict[str, dict], names: set[str]) -> str | None:
-    """The teacher a model was distilled from or cut from, following its stages back (see the docstring)."""
-    seen = set()
-    while model in stages and model not in seen:
-        seen.add(model)
-        record = stages[model]
-        config = record.get("config") or {}
-        if record.get("kind") == "distill":
+    """The teacher a model was distilled from or cut from, following its stages back (see the docstring):
+    through fine-tunes and exports to the first distill (its teacher) or prune (its `from`)."""
+    for key in stage_chain(model, stages):
+        kind, config = stages[key].get("kind"), stages[key].get("config") or {}
+        if kind == "distill":
             teacher = config.get("teacher")
             teacher = teacher[0] if isinstance(teacher, list) and teacher else teacher
             return teacher if teacher in names else None
-        if record.get("kind") == "prune":
+        if kind == "prune":
             return config.get("from") if config.get("from") in names else None
-        if record.get("kind") not in ("finetune", "export"):  # an export is its model, converted
+        if kind not in ("finetune", "export"):  # an export is its model, converted
             return None
-        model = config.get("model")
     return None
 
 
