@@ -217,8 +217,9 @@ class EngineModel:
             max_length = options.pop("max_decoding_length")
             results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
                                                  include_prompt_in_result=False, **options)
-        return [[tok.convert_tokens_to_ids(tokens) for tokens in result.sequences] if hasattr(result, "sequences")
-                else [tok.convert_tokens_to_ids(tokens) for tokens in result.hypotheses] for result in results]
+        # a Translator's results hold hypotheses, a Generator's sequences
+        outputs = [result.hypotheses if self.encoder_decoder else result.sequences for result in results]
+        return [[tok.convert_tokens_to_ids(tokens) for tokens in rows] for rows in outputs]
 
     def generate_texts(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[str]]:
         """K texts per source, decoded and cleaned as `nlgkd.generation.generate_batch` does."""

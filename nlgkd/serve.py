@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DecodingConfig
-from .data import truncate
+from .data import pad, truncate
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 MAX_N = 64
@@ -283,20 +283,16 @@ class ServedModel:
             # top_k=0: OpenAI sampling has no top-k, and transformers' default is 50
             kwargs.update(do_sample=True, num_beams=1, num_return_sequences=req.n, temperature=req.temperature,
                           top_p=req.top_p, top_k=0)
-        width = max(len(ids) for _, ids in batch)
         # encoder-decoders pad on the right, decoder-only models on the left (their answer follows the prompt)
-        rows = [ids + [pad_id] * (width - len(ids)) if self.encoder_decoder else [pad_id] * (width - len(ids)) + ids
-                for _, ids in batch]
-        mask = [[1] * len(ids) + [0] * (width - len(ids)) if self.encoder_decoder
-                else [0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch]
+        input_ids, attention_mask = pad([ids for _, ids in batch], pad_id, left=not self.encoder_decoder)
         device = next(self.model.parameters()).device
         if req.seed is not None:  # runs alone (batch_key): the seed fixes its samples
             torch.manual_seed(req.seed)
-        out = self.model.generate(input_ids=torch.tensor(rows, device=device),
-                                  attention_mask=torch.tensor(mask, device=device), **kwargs,
-                                  **model_cache_kwargs(self.model))
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  **kwargs, **model_cache_kwargs(self.model))
         self.generate_calls += 1
-        start = 1 if self.encoder_decoder else width  # after the decoder start token / the padded prompt
+        # after the decoder start token / the padded prompt
+        start = 1 if self.encoder_decoder else input_ids.shape[1]
         per_request = 1 if greedy else req.n
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1) if req.logprobs else None
         answers = []
