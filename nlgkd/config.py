@@ -231,6 +231,9 @@ class TrainArgs:
         "also a checkpoint when this many minutes passed since the last one (slow steps lose no more)", gt=0))
     log_every: int = field(default=10, metadata=doc("steps between records of metrics.jsonl (the running loss, also on the progress bar)", ge=1))
     label_smoothing: float = field(default=0.0, metadata=doc("of the gold cross-entropy", ge=0, lt=1))
+    group_by_length: bool = field(default=False, metadata=doc(
+        "batches of examples of similar length (shuffled pools of 50 batches, sorted, cut, the batches shuffled): "
+        "less padding, so faster steps where lengths vary; the batches are less random"))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
 

@@ -144,7 +144,8 @@ def train(
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             continue
-        loader = epoch_loader(epoch_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator)
+        loader = epoch_loader(epoch_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator,
+                              args.group_by_length)
         batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
         while state["step"] < total_steps and not stopped_early:
             window = [b for _, b in zip(range(args.grad_accum), batches)]
@@ -234,19 +235,44 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn, accelerator) -> DataLoader:
-    """This epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn, accelerator,
+                 group_by_length: bool = False) -> DataLoader:
+    """This epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order
+    (with `group_by_length`, one whose batches hold examples of similar length: `length_grouped_order`).
 
     With several processes, a partial last batch is topped up to a whole one with copies marked `ignore`
     (collated with every label -100: no loss, no token counted). Left partial, accelerate would top it up with
     real examples from the epoch's start (`even_batches`), which then count twice, and N processes would no
     longer train like 1."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(train_data), generator=generator).tolist()
+    if group_by_length:
+        lengths = [len(ex["source_ids"]) + len(ex["target_ids"]) for ex in train_data]
+        order = length_grouped_order(lengths, batch_size, generator)
+    else:
+        order = torch.randperm(len(train_data), generator=generator).tolist()
     missing = -len(order) % batch_size if accelerator.num_processes > 1 else 0
     data = ToppedUp(Subset(train_data, order), missing)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     return accelerator.prepare_data_loader(loader)
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator,
+                         pool_batches: int = 50) -> list[int]:
+    """A shuffled order of the examples whose consecutive `batch_size` blocks have similar lengths.
+
+    The examples are shuffled, cut into pools of `pool_batches` batches, each pool is sorted by length and cut
+    into batches, and the whole batches are shuffled (the one partial batch stays last, so the loader's batch
+    boundaries are the blocks made here). Each example still appears once per epoch; padding mostly goes."""
+    shuffled = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * pool_batches
+    batches = []
+    for start in range(0, len(shuffled), pool):
+        by_length = sorted(shuffled[start:start + pool], key=lambda i: lengths[i])
+        batches += [by_length[j:j + batch_size] for j in range(0, len(by_length), batch_size)]
+    partial = [b for b in batches if len(b) < batch_size]
+    whole = [b for b in batches if len(b) == batch_size]
+    return [i for b in torch.randperm(len(whole), generator=generator).tolist() for i in whole[b]] + \
+        [i for b in partial for i in b]
 
 
 class ToppedUp(torch.utils.data.Dataset):

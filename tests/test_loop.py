@@ -97,3 +97,34 @@ def test_epochs_count_the_last_partial_accumulation_window(tmp_path):
     # 8 examples, batch 2: 4 batches an epoch; grad_accum 3: windows of 3 and 1 batches, 2 steps an epoch
     result, _, _ = run(tmp_path, nan_steps=set(), max_steps=None, epochs=2, grad_accum=3, eval_every=None)
     assert result.steps == 4 and result.epochs == 2.0
+
+
+def padding_of(order: list[int], lengths: list[int], batch_size: int) -> int:
+    blocks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in blocks)
+
+
+def test_length_grouped_batches_are_a_permutation_with_less_padding_and_the_partial_one_last():
+    from nlgkd.loop import length_grouped_order
+    lengths = [int(x) for x in torch.randint(2, 60, (1003,), generator=torch.Generator().manual_seed(1))]
+    order = length_grouped_order(lengths, 8, torch.Generator().manual_seed(0), pool_batches=10)
+    assert sorted(order) == list(range(1003))                       # every example once
+    assert order == length_grouped_order(lengths, 8, torch.Generator().manual_seed(0), pool_batches=10)  # resumable
+    random_order = torch.randperm(1003, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding_of(order, lengths, 8) < padding_of(random_order, lengths, 8) / 3
+    # the pools are drawn at random: the batch lengths do not come out in sorted order
+    firsts = [lengths[order[i]] for i in range(0, 1000, 8)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    assert len(order) % 8 == 3 and len(set(order[-3:])) == 3        # 1003 = 125 x 8 + 3: the 3 at the end
+
+
+def test_the_loader_cuts_batches_at_the_grouped_blocks():
+    from nlgkd.loop import epoch_loader
+    data = [{"source_ids": [1] * n, "target_ids": [2] * (n % 7 + 1), "n": n} for n in range(1, 101)]
+    loader = epoch_loader(data, epoch=0, seed=3, batch_size=10, collate_fn=lambda rows: [r["n"] for r in rows],
+                          accelerator=make_accelerator(), group_by_length=True)
+    batches = list(loader)
+    assert sorted(n for b in batches for n in b) == list(range(1, 101))
+    # one pool of 50 batches holds all 100 examples: each batch is 10 neighbours in total length
+    totals = [sorted(n + n % 7 + 1 for n in b) for b in batches]
+    assert all(t[-1] - t[0] <= 16 for t in totals)
