@@ -234,6 +234,11 @@ class TrainArgs:
     group_by_length: bool = field(default=False, metadata=doc(
         "batches of examples of similar length (shuffled pools of 50 batches, sorted, cut, the batches shuffled): "
         "less padding, so faster steps where lengths vary; the batches are less random"))
+    compile: bool = field(default=False, metadata=doc(
+        "torch.compile the training step's forward and loss (dynamic shapes; generation stays eager): faster "
+        "steps on a GPU after the first ones compile; on a CPU it needs a C++ compiler"))
+    fused_adamw: Literal["auto", "yes", "no"] = field(default="auto", metadata=doc(
+        "torch's fused AdamW kernel: one launch for all parameters. auto = yes on a GPU, no on a CPU"))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
 
@@ -329,6 +334,15 @@ class JointTeachingConfig:
     decoding: DecodingConfig = field(
         default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, max_new_tokens=64),
         metadata=doc("how the student samples its prefixes"))
+    steps_per_draw: int = field(default=1, metadata=doc(
+        "student steps served by one sampling call: it samples this many prefixes for each input of its batch, "
+        "and this student step and the next steps_per_draw - 1 train on them (in place of their own batches' "
+        "inputs). Faster where sampling costs per decoding step more than per sequence (CPUs, small students); "
+        "the prefixes are then up to 2 x steps_per_draw - 1 optimizer steps old", ge=1))
+    stop_share: float = field(default=1.0, metadata=doc(
+        "sampling ends once this share of the samples has written EOS; the others are cut there and train as the "
+        "prefixes they are (no EOS counted). 1.0: when every sample has ended or max_new_tokens is reached. "
+        "Below 1 (e.g. 0.9) one rambling sample no longer sets how long a whole batch decodes", gt=0, le=1))
 
 
 @dataclass(kw_only=True)

@@ -95,13 +95,7 @@ def train(
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     eval_every = args.eval_every or steps_per_epoch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    no_decay = [p for p in params if p.ndim < 2]
-    decay = [p for p in params if p.ndim >= 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-    )
+    optimizer = make_optimizer(model, args, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: linear_warmup_decay(step, args.warmup_steps, total_steps)
     )
@@ -109,6 +103,7 @@ def train(
     # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
     accelerator.register_for_checkpointing(scheduler)
     autocast_dtype = resolve_precision(args.mixed_precision, accelerator.device)
+    compute_loss = maybe_compiled(compute_loss, args)
 
     ckpt_root = out_dir / "checkpoints"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": [],
@@ -210,6 +205,25 @@ def train(
     )
 
 
+def make_optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (ndim < 2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2]
+    fused = args.fused_adamw == "yes" or (args.fused_adamw == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, fused=fused or None,
+    )
+
+
+def maybe_compiled(compute_loss: LossFn, args: TrainArgs) -> LossFn:
+    """`compute_loss` under torch.compile when `args.compile`. The loss function, not the module: generation
+    (validation, Joint-Teaching) calls the same module with a cache and one new token at a time, and would
+    recompile for every shape."""
+    return torch.compile(compute_loss, dynamic=True) if args.compile else compute_loss
+
+
 class RunningLogs:
     """Averages of each logged value over the steps since the last write (a value logged only on some
     steps, like Joint-Teaching's student-prefix loss, is averaged over the steps that had it)."""
@@ -292,11 +306,13 @@ class ToppedUp(torch.utils.data.Dataset):
 
 def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra=None) -> dict:
     """One optimizer step over an accumulation window of micro-batches; returns logs averaged over processes."""
-    local_tokens = sum(int((b["labels"] != -100).sum()) for b in window)
-    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum").item()
+    # two host syncs per step: the global token count (the loss's denominator) and, at the end, the logs
+    # (the NaN check needs them before the update); everything in between stays on the device
+    local_tokens = torch.stack([(b["labels"] != -100).sum() for b in window]).sum().float()
+    global_tokens = accelerator.reduce(local_tokens.to(accelerator.device), "sum").item()
     # DDP averages gradients over processes, so each process scales its sum by world / global tokens
     normalizer = max(global_tokens, 1.0) / accelerator.num_processes
-    totals: dict[str, float] = dict(extra or {})
+    totals: dict = dict(extra or {})
     for i, batch in enumerate(window):
         sync = i == len(window) - 1
         context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
@@ -304,14 +320,14 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
             with torch.autocast(accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, logs = compute_loss(model, batch, normalizer)
             accelerator.backward(loss)
-        totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
-        for k, v in logs.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+        for k, v in {"loss": loss, **logs}.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            totals[k] = totals[k] + v if k in totals else v
     # the global gradient norm, clipped to max_grad_norm (0: not clipped, still measured for the NaN check)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-    totals["grad_norm"] = float(grad_norm)  # the same on every process (synchronized gradients): the mean keeps it
-    keys = sorted(totals)
-    values = torch.tensor([totals[k] for k in keys], device=accelerator.device)
+    totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    keys = sorted(totals)  # grad_norm is the same on every process (synchronized gradients): the mean keeps it
+    values = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=accelerator.device).reshape(())
+                          for k in keys])
     mean = accelerator.reduce(values, "sum") / accelerator.num_processes
     logs = dict(zip(keys, mean.tolist()))
     # every process sees the same sums, so all of them skip or all step: a NaN/inf update would poison the weights

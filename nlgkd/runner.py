@@ -9,6 +9,7 @@ config are unchanged is skipped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -132,6 +133,26 @@ class StageContext:
         return self.runner.load_model(name, before=self.stage.index)
 
 
+# Config fields added after stages were recorded, each with the default that is the behaviour from before it
+# existed. At that default a field is left out of the fingerprint, so upgrading nlgkd does not retrain the
+# stages it finished; set to anything else, it is hashed like every other field.
+ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "compile": False, "fused_adamw": "auto",
+                           "joint_teaching.steps_per_draw": 1, "joint_teaching.stop_share": 1.0}
+
+
+def without_added_defaults(config: dict) -> dict:
+    """`config` (to_dict's) without the ADDED_FIELDS_AT_DEFAULT that hold their default."""
+    config = copy.deepcopy(config)
+    for path, default in ADDED_FIELDS_AT_DEFAULT.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return config
+
+
 class Runner:
     def __init__(self, recipe: Recipe, runs_root: str | Path = "runs", accelerator=None):
         self.recipe = recipe
@@ -247,7 +268,7 @@ class Runner:
         it reads and the seed. stage.json keeps them, so a re-run can say what changed (`rerun_reasons`)."""
         return {
             "kind": stage.kind,
-            "config": to_dict(stage.config),
+            "config": without_added_defaults(to_dict(stage.config)),
             "inputs": {where: self.reference_fingerprint(name, stage.index)
                        for where, _, name in references(stage.config)},
             "data": self.data_fingerprint(splits_read(stage.kind, stage.config)),

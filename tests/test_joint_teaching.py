@@ -9,7 +9,7 @@ import torch
 
 from nlgkd.models import load_pretrained
 from nlgkd.config import DecodingConfig, JointTeachingConfig
-from nlgkd.stages.distill import is_student_step, make_joint_teaching, mask_after_eos
+from nlgkd.stages.distill import EndedShare, is_student_step, make_joint_teaching, mask_after_eos
 
 from conftest import distill_stage, with_stage
 
@@ -54,6 +54,71 @@ def test_student_steps_train_on_student_samples_only(trained):
                              do_sample=True, top_p=0.95, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)[:, 1:]
     assert torch.equal(labels, mask_after_eos(again, tokenizer.eos_token_id))
+
+
+def test_one_draw_serves_steps_per_draw_student_steps(trained):
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    cfg = SimpleNamespace(joint_teaching=JointTeachingConfig(
+        student_ratio=1.0, steps_per_draw=2, decoding=DecodingConfig(strategy="sample", max_new_tokens=6)))
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, process_index=0)
+    prepare, steps = make_joint_teaching(cfg, tokenizer, seed=0, acc=accelerator, causal=False)
+    model = SimpleNamespace(student=student)
+
+    def batch_of(ids):
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long),
+                "labels": torch.tensor([[11, 12, 2]] * len(ids))}
+
+    first, second = batch_of([[10, 11, 12, 2], [13, 14, 15, 2]]), batch_of([[16, 17, 18, 2], [19, 20, 21, 2]])
+    served = [prepare(model, [b], step=s)[0][0] for s, b in enumerate([first, first, second])]
+    assert steps == [0, 1, 2]
+    # steps 0 and 1: the two samples of each input of step 0's batch, from one generate call
+    torch.manual_seed(0 * 7919 + 0)
+    drawn = student.generate(input_ids=first["input_ids"], attention_mask=first["attention_mask"], do_sample=True,
+                             top_p=0.95, max_new_tokens=6, num_return_sequences=2,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    drawn = mask_after_eos(drawn, tokenizer.eos_token_id)
+    for j in (0, 1):
+        assert torch.equal(served[j]["input_ids"], first["input_ids"])
+        width = served[j]["labels"].shape[1]
+        assert torch.equal(served[j]["labels"], drawn[j::2, :width])
+        assert (drawn[j::2, width:] == -100).all()  # only all-ignored columns are cut
+    # step 2: a new draw, from its own batch
+    assert torch.equal(served[2]["input_ids"], second["input_ids"])
+
+
+def test_sampling_ends_for_all_once_the_share_has_ended():
+    stop = EndedShare(share=0.5, eos_id=2)
+    start = 2  # the decoder start token is EOS here (mBART): position 0 does not count
+    one_of_four = torch.tensor([[start, 5, 2], [start, 5, 6], [start, 7, 8], [start, 9, 9]])
+    assert stop(one_of_four, None).tolist() == [True, False, False, False]
+    two_of_four = torch.tensor([[start, 5, 2], [start, 2, 0], [start, 7, 8], [start, 9, 9]])
+    assert stop(two_of_four, None).tolist() == [True, True, True, True]
+
+
+def test_a_cut_sample_trains_as_a_prefix_without_eos(trained):
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, process_index=0)
+    batch = {"input_ids": torch.tensor([[10, 11, 12, 2]] * 8), "attention_mask": torch.ones(8, 4, dtype=torch.long),
+             "labels": torch.tensor([[11, 12, 2]] * 8)}
+    served = {}
+    for share in (1.0, 0.125):
+        cfg = SimpleNamespace(joint_teaching=JointTeachingConfig(
+            student_ratio=1.0, stop_share=share, decoding=DecodingConfig(strategy="sample", max_new_tokens=12)))
+        prepare, _ = make_joint_teaching(cfg, tokenizer, seed=0, acc=accelerator, causal=False)
+        served[share] = prepare(SimpleNamespace(student=student), [batch], step=0)[0][0]["labels"]
+    full, cut = served[1.0], served[0.125]
+    # 1 of the 8 samples ending is enough: all stop at the step the first one wrote EOS
+    first_eos = min(int((row == tokenizer.eos_token_id).nonzero()[0]) for row in full)
+    width = cut.shape[1]
+    assert width == first_eos + 1 < full.shape[1]
+    # the same seed draws the same tokens: each cut sample is the start of the full one
+    assert torch.equal(cut[cut != -100], full[:, :width][cut != -100])
+    ended = (cut == tokenizer.eos_token_id).any(1)
+    assert ended.float().mean() >= 0.125
+    # a sample cut before its EOS keeps every token it wrote, and no EOS
+    assert ((cut[~ended] != -100).all(1)).all()
 
 
 def losses(folder):

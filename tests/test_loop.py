@@ -128,3 +128,49 @@ def test_the_loader_cuts_batches_at_the_grouped_blocks():
     # one pool of 50 batches holds all 100 examples: each batch is 10 neighbours in total length
     totals = [sorted(n + n % 7 + 1 for n in b) for b in batches]
     assert all(t[-1] - t[0] <= 16 for t in totals)
+
+
+def tiny_seq2seq_run(tmp_path, **args):
+    """Three steps of a tiny fresh mBART through the loop; returns (logged losses, final weights)."""
+    from transformers import MBartConfig, MBartForConditionalGeneration
+    from nlgkd.stages.training import cross_entropy_step
+    from nlgkd.data import collate as collate_examples
+
+    tmp_path.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = MBartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=2, dropout=0.0)
+    model = MBartForConditionalGeneration(config)
+    rows = [{"source_ids": list(range(3, 3 + n)) + [2], "target_ids": list(range(10, 10 + n % 5 + 1)) + [2]}
+            for n in range(1, 13)]
+    settings = dict(max_steps=3, batch_size=4, lr=1e-3, save_every=None, log_every=1, eval_every=100)
+    settings.update(args)
+    train(model=model, train_data=rows, collate_fn=lambda ex: collate_examples(ex, pad_id=1, causal=False),
+          compute_loss=cross_entropy_step, evaluate=None, args=TrainArgs(**settings),
+          accelerator=make_accelerator(), out_dir=tmp_path, seed=0, log=lambda line: None)
+    import json
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    return logged, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_compile_and_fused_adamw_train_like_the_plain_step(tmp_path, monkeypatch):
+    # torch.compile as the loop calls it, with the aot_eager backend: the same graphs (forward and backward
+    # traced by AOTAutograd) without inductor's C++ build, which takes minutes on a 2-core CPU
+    # (eval/bench_mfu.py --compile runs the real backend)
+    real_compile, calls = torch.compile, []
+
+    def compile_for_test(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_for_test)
+    plain_losses, plain_weights = tiny_seq2seq_run(tmp_path / "plain")
+    assert calls == []
+    fast_losses, fast_weights = tiny_seq2seq_run(tmp_path / "fast", compile=True, fused_adamw="yes")
+    assert calls == [{"dynamic": True}]
+    assert len(plain_losses) == len(fast_losses) == 3
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert torch.allclose(fast_weights, plain_weights, atol=1e-5)
+    assert not torch.equal(plain_weights, tiny_seq2seq_run(tmp_path / "more", max_steps=4)[1])  # it trains

@@ -274,3 +274,35 @@ def test_a_damaged_artifact_is_named_before_a_stage_reads_it(tmp_path, tiny_reci
         Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="eval")
     assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="teacher", force=True)
     assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run(only="eval") == {"eval": "ran"}
+
+
+def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_stages(tmp_path, tiny_recipe):
+    from nlgkd.fingerprints import short_hash
+    from nlgkd.recipe import to_dict
+    from nlgkd.runner import ADDED_FIELDS_AT_DEFAULT
+
+    tiny_recipe["stages"].append({"name": "distill", "kind": "distill", "student": "teacher", "teacher": "teacher",
+                                  "objective": "logits_kd", "joint_teaching": {"student_ratio": 0.5}})
+    runner = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path)
+    teacher, distill = runner.recipe.stages[0], runner.recipe.stages[2]
+    # what an earlier nlgkd hashed: the same config without the added fields
+    before = {name: to_dict(stage.config) for name, stage in (("teacher", teacher), ("distill", distill))}
+    for config in before.values():
+        for key in ("group_by_length", "compile", "fused_adamw"):
+            del config[key]
+    del before["distill"]["joint_teaching"]["steps_per_draw"], before["distill"]["joint_teaching"]["stop_share"]
+    assert runner.fingerprint_parts(teacher)["config"] == before["teacher"]
+    assert runner.fingerprint_parts(distill)["config"] == before["distill"]
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 5
+    # set to anything else, each is hashed like any other field
+    for path in ADDED_FIELDS_AT_DEFAULT:
+        changed = copy.deepcopy(tiny_recipe)
+        *parents, leaf = path.split(".")
+        node = changed["stages"][2]
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = {"group_by_length": True, "compile": True, "fused_adamw": "yes", "steps_per_draw": 2,
+                      "stop_share": 0.9}[leaf]
+        other = Runner(parse_recipe(changed), runs_root=tmp_path)
+        assert short_hash(other.fingerprint_parts(other.recipe.stages[2])) != \
+            short_hash(runner.fingerprint_parts(distill)), path
