@@ -283,7 +283,9 @@ class Runner:
             return []
         now = self.fingerprint_parts(stage)
         reasons = []
-        old_config, new_config = flatten(record.get("config") or {}), flatten(now["config"])
+        # both without the added fields at their earlier behaviour: a record older than a field lacks it
+        old_config = flatten(without_added_defaults(record.get("config") or {}))
+        new_config = flatten(now["config"])
         for key in sorted(set(old_config) | set(new_config)):
             if old_config.get(key) != new_config.get(key):
                 reasons.append(f"{key} {old_config.get(key)!r} -> {new_config.get(key)!r}")

@@ -9,7 +9,7 @@ import torch
 
 from nlgkd.models import load_pretrained
 from nlgkd.config import DecodingConfig, JointTeachingConfig
-from nlgkd.stages.distill import EndedShare, is_student_step, make_joint_teaching, mask_after_eos
+from nlgkd.joint_teaching import EndedShare, is_student_step, make_joint_teaching, mask_after_eos
 
 from conftest import distill_stage, with_stage
 

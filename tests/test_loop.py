@@ -2,6 +2,11 @@
 them stops the stage with what to change, and a NaN validation score is never kept as the best."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,8 +84,6 @@ def test_nan_gradients_are_caught_without_clipping(tmp_path):
 
 
 def test_a_checkpoint_is_also_saved_by_time_and_counts_the_time_spent(tmp_path):
-    import json
-
     from nlgkd.loop import latest_checkpoint
 
     # save_every: null, a checkpoint at most 1e-6 minutes apart, agreed every log_every = 2 steps
@@ -149,28 +152,48 @@ def tiny_seq2seq_run(tmp_path, **args):
     train(model=model, train_data=rows, collate_fn=lambda ex: collate_examples(ex, pad_id=1, causal=False),
           compute_loss=cross_entropy_step, evaluate=None, args=TrainArgs(**settings),
           accelerator=make_accelerator(), out_dir=tmp_path, seed=0, log=lambda line: None)
-    import json
     logged = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     return logged, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_compile_and_fused_adamw_train_like_the_plain_step(tmp_path, monkeypatch):
-    # torch.compile as the loop calls it, with the aot_eager backend: the same graphs (forward and backward
-    # traced by AOTAutograd) without inductor's C++ build, which takes minutes on a 2-core CPU
-    # (eval/bench_mfu.py --compile runs the real backend)
-    real_compile, calls = torch.compile, []
+COMPILE_CHECK = """
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_loop import tiny_seq2seq_run
 
-    def compile_for_test(fn, **kwargs):
-        calls.append(kwargs)
-        return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+# torch.compile as the loop calls it, with the aot_eager backend: the same graphs (forward and backward traced
+# by AOTAutograd) without inductor's C++ build, which takes minutes on a 2-core CPU (eval/bench_mfu.py
+# --compile runs the real backend)
+real_compile, calls = torch.compile, []
 
-    monkeypatch.setattr(torch, "compile", compile_for_test)
-    plain_losses, plain_weights = tiny_seq2seq_run(tmp_path / "plain")
-    assert calls == []
-    fast_losses, fast_weights = tiny_seq2seq_run(tmp_path / "fast", compile=True, fused_adamw="yes")
-    assert calls == [{"dynamic": True}]
-    assert len(plain_losses) == len(fast_losses) == 3
-    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
-    assert torch.allclose(fast_weights, plain_weights, atol=1e-5)
-    assert not torch.equal(plain_weights, tiny_seq2seq_run(tmp_path / "more", max_steps=4)[1])  # it trains
+def compile_for_test(fn, **kwargs):
+    calls.append(kwargs)
+    return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+torch.compile = compile_for_test
+out = Path(sys.argv[1])
+plain_losses, plain_weights = tiny_seq2seq_run(out / "plain")
+calls_plain = list(calls)
+fast_losses, fast_weights = tiny_seq2seq_run(out / "fast", compile=True, fused_adamw="yes")
+more_weights = tiny_seq2seq_run(out / "more", max_steps=4)[1]
+print(json.dumps({"calls_plain": calls_plain, "calls": calls, "plain": plain_losses, "fast": fast_losses,
+                  "weight_diff": float((fast_weights - plain_weights).abs().max()),
+                  "trains": not torch.equal(plain_weights, more_weights)}))
+"""
+
+
+def test_compile_and_fused_adamw_train_like_the_plain_step(tmp_path):
+    # in a process of its own: compilation leaves threads behind, and a pytest worker that later forks
+    # (the multi-process tests) must not inherit them
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["calls_plain"] == [] and result["calls"] == [{"dynamic": True}]
+    assert len(result["plain"]) == len(result["fast"]) == 3
+    assert result["fast"] == pytest.approx(result["plain"], rel=1e-4)
+    assert result["weight_diff"] < 1e-5
+    assert result["trains"]

@@ -62,7 +62,7 @@ def speed(ctx, model, tokenizer, sources: list[list[int]], scored_seconds: float
         "latency_spread": (max(seconds) - min(seconds)) / middle if len(seconds) > 1 and middle else None,
         "seq_per_s": len(timed) / middle,
         "timing": {"passes": len(seconds), "examples": len(timed), "batches": num_batches,
-                   "seconds": [round(s, 4) for s in seconds]},
+                   "seconds": [round(s, 6) for s in seconds]},
     }
 
 

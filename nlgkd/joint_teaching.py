@@ -1,0 +1,103 @@
+"""Joint-Teaching (study stage S8): on some optimizer steps the student trains on prefixes it samples itself.
+
+`make_joint_teaching` builds the training loop's prepare_window hook: which steps are student steps
+(`is_student_step`), the sampling (with `stop_share` and `steps_per_draw`, the two ways to make it cheaper),
+and the labels made from the samples (`mask_after_eos`). The KD loss on those prefixes is the distill stage's.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .generation import generation_kwargs
+
+
+def is_student_step(jt, seed: int, step: int) -> bool:
+    """Whether optimizer step `step` trains on student samples: a pure function of (seed, step), so every
+    process decides the same without talking. `alternate` spreads the steps evenly (r = 0.5: every other)."""
+    r = jt.student_ratio
+    if r <= 0:
+        return False
+    if r >= 1:
+        return True
+    if jt.schedule == "alternate":
+        return math.floor((step + 1) * r) > math.floor(step * r)
+    return random.Random(seed * 1_000_003 + step).random() < r
+
+
+def mask_after_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Labels from sampled tokens [B, T]: everything after the first EOS becomes -100 (the EOS counts)."""
+    is_eos = tokens == eos_id
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return tokens.masked_fill(after, -100)
+
+
+class EndedShare(StoppingCriteria):
+    """Stops a whole `generate` call once `share` of its sequences have written EOS (the decoder start
+    token at position 0 is not counted); below that, each sequence stops at its own EOS as usual."""
+
+    def __init__(self, share: float, eos_id: int):
+        self.share, self.eos_id = share, eos_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        ended = (input_ids[:, 1:] == self.eos_id).any(1)
+        if ended.float().mean().item() >= self.share:
+            return torch.ones_like(ended)
+        return ended
+
+
+def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
+    """The loop's prepare_window hook: on student steps, replace each micro-batch's targets with prefixes
+    the current student samples (no gradient). The teacher is then teacher-forced on those prefixes by
+    compute_loss. The encoder is not shared with the KD forward: generation runs without gradients,
+    and the KD forward needs the encoder's.
+
+    With `steps_per_draw` k > 1, one sampling call draws k prefixes per input and serves this student step
+    and the next k - 1 (a step decodes a batch k times as tall for about the price of one on a CPU). The
+    pending windows live in memory: a resumed stage draws afresh at its first student step."""
+    if causal:
+        raise ValueError("joint_teaching: supported for encoder-decoder students only for now")
+    jt = cfg.joint_teaching
+    kwargs = generation_kwargs(jt.decoding)
+    kwargs["num_return_sequences"] = jt.steps_per_draw
+    if jt.stop_share < 1:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([EndedShare(jt.stop_share, tokenizer.eos_token_id)])
+    student_steps: list[int] = []
+    pending: list[list[dict]] = []  # windows with sampled targets, for the next student steps
+
+    def draw(student, window, step) -> list[list[dict]]:
+        """steps_per_draw windows: window j holds sample j of every input of `window`."""
+        k = jt.steps_per_draw
+        windows = [[] for _ in range(k)]
+        was_training = student.training
+        student.eval()
+        for i, batch in enumerate(window):
+            torch.manual_seed(seed * 7919 + step * 131 + i * 17 + acc.process_index)
+            with torch.no_grad():
+                out = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       **kwargs)
+            samples = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
+            filler = (batch["labels"] == -100).all(1)  # filler rows stay ignored (loop.epoch_loader)
+            for j in range(k):
+                labels = samples[j::k].clone()  # generate returns the k samples of an input next to each other
+                labels[filler] = -100
+                width = int((labels != -100).any(0).nonzero().max()) + 1 if (labels != -100).any() else 1
+                windows[j].append({**batch, "labels": labels[:, :width], "student_prefix": True})
+        student.train(was_training)
+        return windows
+
+    def prepare(model, window, step):
+        if not is_student_step(jt, seed, step):
+            return window, {"student_step": 0.0}
+        student_steps.append(step)
+        if not pending:
+            pending.extend(draw(acc.unwrap_model(model).student, window, step))
+        new_window = pending.pop(0)
+        lengths = [(b["labels"] != -100).sum(1).float().mean().item() for b in new_window]
+        return new_window, {"student_step": 1.0, "student_pt_len": sum(lengths) / len(lengths)}
+
+    return prepare, student_steps
