@@ -337,12 +337,20 @@ class JointTeachingConfig:
     steps_per_draw: int = field(default=1, metadata=doc(
         "student steps served by one sampling call: it samples this many prefixes for each input of its batch, "
         "and this student step and the next steps_per_draw - 1 train on them (in place of their own batches' "
-        "inputs). Faster where sampling costs per decoding step more than per sequence (CPUs, small students); "
-        "the prefixes are then up to 2 x steps_per_draw - 1 optimizer steps old", ge=1))
+        "inputs, so (k - 1) of every k student-step batches go unused). Faster where sampling costs per decoding "
+        "step more than per sequence (CPUs, small students); the prefixes are then on average about "
+        "(k - 1) / student_ratio optimizer steps old, and a resumed stage draws afresh (pending prefixes are not "
+        "checkpointed). Needs decoding.strategy: sample", ge=1))
     stop_share: float = field(default=1.0, metadata=doc(
         "sampling ends once this share of the samples has written EOS; the others are cut there and train as the "
         "prefixes they are (no EOS counted). 1.0: when every sample has ended or max_new_tokens is reached. "
         "Below 1 (e.g. 0.9) one rambling sample no longer sets how long a whole batch decodes", gt=0, le=1))
+
+    def __post_init__(self):
+        if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
+            raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
+                              f"with different samples of the same inputs, so it needs decoding.strategy: sample "
+                              f"(it is {self.decoding.strategy!r}); set steps_per_draw: 1 or sample")
 
 
 @dataclass(kw_only=True)

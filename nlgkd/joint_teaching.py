@@ -56,8 +56,8 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
     and the KD forward needs the encoder's.
 
     With `steps_per_draw` k > 1, one sampling call draws k prefixes per input and serves this student step
-    and the next k - 1 (a step decodes a batch k times as tall for about the price of one on a CPU). The
-    pending windows live in memory: a resumed stage draws afresh at its first student step."""
+    and the next k - 1 (on the demo's CPU a batch 4 times as tall decoded in about 2.3 times the time of one).
+    The pending windows live in memory: a resumed stage draws afresh at its first student step."""
     if causal:
         raise ValueError("joint_teaching: supported for encoder-decoder students only for now")
     jt = cfg.joint_teaching

@@ -136,13 +136,17 @@ class StageContext:
 # Config fields added after stages were recorded, each with the default that is the behaviour from before it
 # existed. At that default a field is left out of the fingerprint, so upgrading nlgkd does not retrain the
 # stages it finished; set to anything else, it is hashed like every other field.
-ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "compile": False, "fused_adamw": "auto",
-                           "joint_teaching.steps_per_draw": 1, "joint_teaching.stop_share": 1.0}
+ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "joint_teaching.steps_per_draw": 1,
+                           "joint_teaching.stop_share": 1.0}
+# Speed settings, never hashed (like the CPU thread count): they change the last digits of results at most, and
+# switching one on or off should not retrain a finished stage
+SPEED_ONLY_FIELDS = ("compile", "fused_adamw")
 
 
 def without_added_defaults(config: dict) -> dict:
-    """`config` (to_dict's) without the ADDED_FIELDS_AT_DEFAULT that hold their default."""
-    config = copy.deepcopy(config)
+    """`config` (to_dict's) without the ADDED_FIELDS_AT_DEFAULT that hold their default and without the
+    SPEED_ONLY_FIELDS."""
+    config = {k: v for k, v in copy.deepcopy(config).items() if k not in SPEED_ONLY_FIELDS}
     for path, default in ADDED_FIELDS_AT_DEFAULT.items():
         *parents, leaf = path.split(".")
         node = config

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from nlgkd.models import load_pretrained
-from nlgkd.config import DecodingConfig, JointTeachingConfig
+from nlgkd.config import DecodingConfig, JointTeachingConfig, RecipeError
 from nlgkd.joint_teaching import EndedShare, is_student_step, make_joint_teaching, mask_after_eos
 
 from conftest import distill_stage, with_stage
@@ -154,3 +155,9 @@ def test_two_processes_agree_on_student_steps(two_processes):
     assert info["world_size"] == 2 and info["joint_teaching"]["processes_agree"]
     jt = JointTeachingConfig(student_ratio=0.4, schedule="random")
     assert info["joint_teaching"]["student_step_list"] == [s for s in range(6) if is_student_step(jt, 0, s)]
+
+
+def test_steps_per_draw_needs_sampling():
+    with pytest.raises(RecipeError, match="joint_teaching.steps_per_draw.*strategy: sample"):
+        JointTeachingConfig(steps_per_draw=2, decoding=DecodingConfig(strategy="greedy"))
+    assert JointTeachingConfig(steps_per_draw=2).steps_per_draw == 2  # the default decoding samples

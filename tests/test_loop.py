@@ -197,3 +197,14 @@ def test_compile_and_fused_adamw_train_like_the_plain_step(tmp_path):
     assert result["fast"] == pytest.approx(result["plain"], rel=1e-4)
     assert result["weight_diff"] < 1e-5
     assert result["trains"]
+
+
+@pytest.mark.parametrize("choice, device, fused", [("auto", "cpu", None), ("auto", "cuda", True), ("yes", "cpu", True),
+                                                   ("no", "cuda", None)])
+def test_fused_adamw_is_chosen_by_the_setting_and_the_device(choice, device, fused):
+    from nlgkd.loop import make_optimizer
+    model = torch.nn.Linear(4, 2)
+    optimizer = make_optimizer(model, TrainArgs(fused_adamw=choice), torch.device(device))
+    assert [group["fused"] for group in optimizer.param_groups] == [fused, fused]
+    # biases and norms get no weight decay
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]

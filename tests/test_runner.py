@@ -295,8 +295,14 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     del before["distill"]["joint_teaching"]["steps_per_draw"], before["distill"]["joint_teaching"]["stop_share"]
     assert runner.fingerprint_parts(teacher)["config"] == before["teacher"]
     assert runner.fingerprint_parts(distill)["config"] == before["distill"]
-    assert len(ADDED_FIELDS_AT_DEFAULT) == 5
-    # set to anything else, each is hashed like any other field
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 3
+    # speed settings are never hashed
+    for key, value in (("compile", True), ("fused_adamw", "no")):
+        changed = copy.deepcopy(tiny_recipe)
+        changed["stages"][2][key] = value
+        other = Runner(parse_recipe(changed), runs_root=tmp_path)
+        assert other.fingerprint(other.recipe.stages[2]) == runner.fingerprint(distill), key
+    # set to anything else, each added field is hashed like any other field
     for path in ADDED_FIELDS_AT_DEFAULT:
         changed = copy.deepcopy(tiny_recipe)
         *parents, leaf = path.split(".")

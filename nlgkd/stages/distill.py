@@ -353,7 +353,9 @@ def run(ctx) -> None:
         compute_loss = make_loss(cfg, teachers, causal)
     prepare, student_steps = None, []
     if cfg.joint_teaching is not None:
-        prepare, student_steps = make_joint_teaching(cfg, tokenizer, ctx.seed, acc, causal)
+        # the stage's seed (a seed variant samples other prefixes), as the loop's batches use
+        seed = cfg.seed if cfg.seed is not None else ctx.seed
+        prepare, student_steps = make_joint_teaching(cfg, tokenizer, seed, acc, causal)
     result = train(
         model=module,
         train_data=data_for_epoch,
