@@ -12,18 +12,14 @@ smaller); with --data, a folder holding train.jsonl with columns original and mo
 import argparse
 import copy
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
+from common import loop_step_seconds
 from nlgkd.config import DataConfig, DemoSizes, ModelConfig, TrainArgs
 from nlgkd.data import encode, load_splits
-from nlgkd.loop import train
 from nlgkd.models import build_fresh
-from nlgkd.stages.training import cross_entropy_step, make_collator
+from nlgkd.stages.training import make_collator
 
 
 def load(data_dir: str | None):
@@ -54,22 +50,15 @@ def main() -> None:
     padding = {False: [], True: []}
     for round_index in range(args.rounds):
         for grouped in (False, True):
-            calls = []
-
-            def timed_loss(model, batch, normalizer):
-                calls.append(time.perf_counter())
+            def count_padding(batch):
                 real = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
                 padding[grouped].append(1 - real / (batch["input_ids"].numel() + batch["labels"].numel()))
-                return cross_entropy_step(model, batch, normalizer)
 
-            with tempfile.TemporaryDirectory() as out:
-                train(model=copy.deepcopy(model), train_data=encoded, collate_fn=collate, compute_loss=timed_loss,
-                      evaluate=None, args=TrainArgs(max_steps=args.steps + 1, batch_size=args.batch_size, lr=1e-3,
-                                                    save_every=None, save_every_minutes=None, log_every=1000,
-                                                    group_by_length=grouped),
-                      accelerator=Accelerator(cpu=True), out_dir=Path(out), seed=round_index,
-                      log=lambda message: None)
-            seconds[grouped] += [b - a for a, b in zip(calls, calls[1:])]
+            seconds[grouped] += loop_step_seconds(
+                copy.deepcopy(model), encoded, collate,
+                TrainArgs(max_steps=args.steps + 1, batch_size=args.batch_size, lr=1e-3, save_every=None,
+                          save_every_minutes=None, log_every=1000, group_by_length=grouped),
+                seed=round_index, on_batch=count_padding)
 
     name = args.data or "the demo task"
     for grouped, label in ((False, "random batches"), (True, "group_by_length")):

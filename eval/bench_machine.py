@@ -10,18 +10,15 @@ It prints absolute figures, not ratios: what it measures is the machine.
 """
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
+from common import loop_step_seconds
 from nlgkd.config import DataConfig, DemoSizes, ModelConfig, TrainArgs
 from nlgkd.data import encode, load_splits
-from nlgkd.loop import train
 from nlgkd.models import build_fresh
-from nlgkd.stages.training import cross_entropy_step, make_collator
+from nlgkd.stages.training import make_collator
 
 
 def main() -> None:
@@ -38,19 +35,8 @@ def main() -> None:
                                                attention_heads=4, ffn_dim=512, vocab_size=800), texts, seed=0)
     encoded, _ = encode(data["train"], tokenizer, 64, 64)
 
-    # one call of compute_loss per optimizer step (grad_accum 1): the time between two calls is one step
-    calls = []
-
-    def timed_loss(model, batch, normalizer):
-        calls.append(time.perf_counter())
-        return cross_entropy_step(model, batch, normalizer)
-
-    with tempfile.TemporaryDirectory() as out:
-        train(model=model, train_data=encoded, collate_fn=make_collator(model, tokenizer), compute_loss=timed_loss,
-              evaluate=None, args=TrainArgs(max_steps=args.steps + 1, batch_size=16, lr=1e-3, save_every=None,
-                                            save_every_minutes=None, log_every=1000),
-              accelerator=Accelerator(cpu=True), out_dir=Path(out), seed=0, log=lambda message: None)
-    step_seconds = [b - a for a, b in zip(calls, calls[1:])]
+    step_seconds = loop_step_seconds(model, encoded, make_collator(model, tokenizer), TrainArgs(
+        max_steps=args.steps + 1, batch_size=16, lr=1e-3, save_every=None, save_every_minutes=None, log_every=1000))
     median, p90 = statistics.median(step_seconds), statistics.quantiles(step_seconds, n=10)[-1]
 
     matrix = torch.randn(512, 512)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -31,3 +33,28 @@ def stage_record(runner: Runner, name: str) -> dict:
 
 def train_seconds(runner: Runner, name: str) -> float:
     return stage_record(runner, name)["train"]["train_seconds"]
+
+
+def loop_step_seconds(model, train_data, collate_fn, args, seed: int = 0, on_batch=None) -> list[float]:
+    """Seconds per optimizer step of `nlgkd.loop.train` (the loop every training stage runs) on `model`,
+    trained in place with cross-entropy for `args.max_steps` steps: the time between two consecutive calls of
+    the loss (grad_accum 1: one call per step), so one value fewer than steps; `seed` orders the batches.
+    `on_batch(batch)` sees each batch before its step."""
+    from accelerate import Accelerator
+
+    from nlgkd.loop import train
+    from nlgkd.stages.training import cross_entropy_step
+
+    calls = []
+
+    def timed_loss(model, batch, normalizer):
+        calls.append(time.perf_counter())
+        if on_batch is not None:
+            on_batch(batch)
+        return cross_entropy_step(model, batch, normalizer)
+
+    with tempfile.TemporaryDirectory() as out:
+        train(model=model, train_data=train_data, collate_fn=collate_fn, compute_loss=timed_loss, evaluate=None,
+              args=args, accelerator=Accelerator(cpu=True), out_dir=Path(out), seed=seed,
+              log=lambda message: None)
+    return [b - a for a, b in zip(calls, calls[1:])]

@@ -85,7 +85,8 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
             for j in range(k):
                 labels = samples[j::k].clone()  # generate returns the k samples of an input next to each other
                 labels[filler] = -100
-                width = int((labels != -100).any(0).nonzero().max()) + 1 if (labels != -100).any() else 1
+                counted = (labels != -100).any(0)  # [T]: columns with a counted token in some row
+                width = int(counted.nonzero().max()) + 1 if counted.any() else 1
                 windows[j].append({**batch, "labels": labels[:, :width], "student_prefix": True})
         student.train(was_training)
         return windows

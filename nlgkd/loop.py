@@ -306,8 +306,8 @@ class ToppedUp(torch.utils.data.Dataset):
 
 def train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra=None) -> dict:
     """One optimizer step over an accumulation window of micro-batches; returns logs averaged over processes."""
-    # two host syncs per step: the global token count (the loss's denominator) and, at the end, the logs
-    # (the NaN check needs them before the update); everything in between stays on the device
+    # the loop's own host syncs, two per step: the global token count (the loss's denominator) and, at the
+    # end, the logs (the NaN check needs them before the update); compute_loss may add its own
     local_tokens = torch.stack([(b["labels"] != -100).sum() for b in window]).sum().float()
     global_tokens = accelerator.reduce(local_tokens.to(accelerator.device), "sum").item()
     # DDP averages gradients over processes, so each process scales its sum by world / global tokens
