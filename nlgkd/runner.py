@@ -290,9 +290,13 @@ class Runner:
         # both without the added fields at their earlier behaviour: a record older than a field lacks it
         old_config = flatten(without_added_defaults(record.get("config") or {}))
         new_config = flatten(now["config"])
+
+        def value(config: dict, key: str):  # an added field left out at its default shows that default
+            return config[key] if key in config else ADDED_FIELDS_AT_DEFAULT.get(key)
+
         for key in sorted(set(old_config) | set(new_config)):
-            if old_config.get(key) != new_config.get(key):
-                reasons.append(f"{key} {old_config.get(key)!r} -> {new_config.get(key)!r}")
+            if value(old_config, key) != value(new_config, key):
+                reasons.append(f"{key} {value(old_config, key)!r} -> {value(new_config, key)!r}")
         for where in sorted(set(record.get("inputs") or {}) | set(now["inputs"])):
             if (record.get("inputs") or {}).get(where) != now["inputs"].get(where):
                 reasons.append(f"its input {where} changed")

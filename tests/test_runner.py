@@ -314,3 +314,12 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
         other = Runner(parse_recipe(changed), runs_root=tmp_path)
         assert short_hash(other.fingerprint_parts(other.recipe.stages[2])) != \
             short_hash(runner.fingerprint_parts(distill)), path
+
+
+def test_setting_an_added_field_back_to_its_default_names_the_default_as_the_reason(tmp_path, tiny_recipe):
+    tiny_recipe["stages"] = [{**tiny_recipe["stages"][0], "max_steps": 1, "eval_samples": 0, "save_every": None,
+                              "group_by_length": True}]
+    Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path).run()
+    tiny_recipe["stages"][0]["group_by_length"] = False  # back to the default, which fingerprints leave out
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    assert runner.rerun_reasons(runner.recipe.stages[0]) == ["group_by_length True -> False"]
