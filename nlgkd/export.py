@@ -191,6 +191,9 @@ class EngineModel:
         if decoding.strategy == "greedy":
             return {**common, "beam_size": 1}
         if decoding.strategy == "beam":
+            if not decoding.early_stopping:  # CTranslate2 ends a beam search once beam_size outputs have ended
+                raise ValueError("decoding.early_stopping: false has no CTranslate2 equivalent (its beam search "
+                                 "ends once num_beams outputs have ended); set it to true for an exported model")
             return {**common, "beam_size": max(decoding.num_beams, k), "length_penalty": decoding.length_penalty}
         if decoding.strategy == "sample":
             # nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)

@@ -34,14 +34,14 @@ def generation_kwargs(decoding: DecodingConfig) -> dict:
         kwargs.update(do_sample=False, num_beams=1)
     elif decoding.strategy == "beam":
         kwargs.update(do_sample=False, num_beams=max(decoding.num_beams, decoding.num_return_sequences),
-                      length_penalty=decoding.length_penalty, early_stopping=True)
+                      length_penalty=decoding.length_penalty, early_stopping=decoding.early_stopping)
     elif decoding.strategy == "diverse_beam":
         # transformers 5 moved group beam search to a hub download; nlgkd runs the groups itself, one beam
         # search each (see diverse_beam_search); these are the arguments of one group's search
         per_group = beams_per_group(decoding)
         kwargs.update(do_sample=False, num_beams=per_group, num_return_sequences=per_group)
         if per_group > 1:
-            kwargs.update(length_penalty=decoding.length_penalty, early_stopping=True)
+            kwargs.update(length_penalty=decoding.length_penalty, early_stopping=decoding.early_stopping)
     elif decoding.strategy == "sample":
         kwargs.update(do_sample=True, num_beams=1, temperature=decoding.temperature,
                       top_k=decoding.top_k or None, top_p=decoding.top_p)

@@ -137,7 +137,8 @@ class StageContext:
 # existed. At that default a field is left out of the fingerprint, so upgrading nlgkd does not retrain the
 # stages it finished; set to anything else, it is hashed like every other field.
 ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "joint_teaching.steps_per_draw": 1,
-                           "joint_teaching.stop_share": 1.0}
+                           "joint_teaching.stop_share": 1.0, "decoding.early_stopping": True,
+                           "joint_teaching.decoding.early_stopping": True}
 # Speed settings, never hashed (like the CPU thread count): they change the last digits of results at most, and
 # switching one on or off should not retrain a finished stage
 SPEED_ONLY_FIELDS = ("compile", "fused_adamw")

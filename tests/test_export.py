@@ -98,6 +98,9 @@ def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(demo_data, acce
         load_pretrained(str(tmp_path / "int8"))
     with pytest.raises(ValueError, match="'diverse_beam' is not available on a CTranslate2 model"):
         outputs_of(engine, engine.tokenizer, demo_data, accelerator, DecodingConfig(strategy="diverse_beam"))
+    with pytest.raises(ValueError, match="decoding.early_stopping: false has no CTranslate2 equivalent"):
+        outputs_of(engine, engine.tokenizer, demo_data, accelerator,
+                   DecodingConfig(strategy="beam", early_stopping=False))
 
 
 def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):

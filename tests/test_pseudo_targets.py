@@ -266,3 +266,24 @@ def test_t5_with_fewer_encoder_than_decoder_layers_generates():
         k = 1 if strategy == "greedy" else 2
         decoding = DecodingConfig(strategy=strategy, num_beams=2, num_return_sequences=k, max_new_tokens=4)
         assert [len(o) for o in generate_batch(model, tokenizer, sources, decoding)] == [k, k]
+
+
+def test_beam_early_stopping_is_transformers_early_stopping(trained):
+    from nlgkd.data import encode, pad
+    from nlgkd.generation import generate_batch
+    from nlgkd.models import load_pretrained
+
+    recipe, root = trained
+    model, tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
+    runner = Runner(parse_recipe(recipe), runs_root=root)
+    encoded, _ = encode(runner.data()["train"].select(range(12)), tokenizer, 48, 48)
+    sources = list(encoded["source_ids"])
+    input_ids, attention_mask = pad(sources, tokenizer.pad_token_id, left=False)
+    for early_stopping in (True, False):
+        ours = generate_batch(model, tokenizer, sources, DecodingConfig(
+            strategy="beam", num_beams=4, max_new_tokens=16, early_stopping=early_stopping))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=4, do_sample=False,
+                             max_new_tokens=16, early_stopping=early_stopping, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        assert ours == [[t.strip()] for t in tokenizer.batch_decode(out, skip_special_tokens=True)], early_stopping
+    assert DecodingConfig().early_stopping  # the behaviour before the field existed

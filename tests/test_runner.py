@@ -286,16 +286,20 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     tiny_recipe["stages"].append({"name": "distill", "kind": "distill", "student": "teacher", "teacher": "teacher",
                                   "objective": "logits_kd", "joint_teaching": {"student_ratio": 0.5}})
     runner = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path)
-    teacher, distill = runner.recipe.stages[0], runner.recipe.stages[2]
+    teacher, evaluate, distill = runner.recipe.stages
     # what an earlier nlgkd hashed: the same config without the added fields
     before = {name: to_dict(stage.config) for name, stage in (("teacher", teacher), ("distill", distill))}
     for config in before.values():
         for key in ("group_by_length", "compile", "fused_adamw"):
             del config[key]
-    del before["distill"]["joint_teaching"]["steps_per_draw"], before["distill"]["joint_teaching"]["stop_share"]
+    jt = before["distill"]["joint_teaching"]
+    del jt["steps_per_draw"], jt["stop_share"], jt["decoding"]["early_stopping"]
+    before["evaluate"] = to_dict(evaluate.config)
+    del before["evaluate"]["decoding"]["early_stopping"]
     assert runner.fingerprint_parts(teacher)["config"] == before["teacher"]
     assert runner.fingerprint_parts(distill)["config"] == before["distill"]
-    assert len(ADDED_FIELDS_AT_DEFAULT) == 3
+    assert runner.fingerprint_parts(evaluate)["config"] == before["evaluate"]
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 5
     # speed settings are never hashed
     for key, value in (("compile", True), ("fused_adamw", "no")):
         changed = copy.deepcopy(tiny_recipe)
@@ -306,14 +310,14 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     for path in ADDED_FIELDS_AT_DEFAULT:
         changed = copy.deepcopy(tiny_recipe)
         *parents, leaf = path.split(".")
-        node = changed["stages"][2]
+        index = 1 if path.startswith("decoding.") else 2  # the evaluate stage's decoding, else the distill stage
+        node = changed["stages"][index]
         for parent in parents:
-            node = node[parent]
-        node[leaf] = {"group_by_length": True, "compile": True, "fused_adamw": "yes", "steps_per_draw": 2,
-                      "stop_share": 0.9}[leaf]
+            node = node.setdefault(parent, {})
+        node[leaf] = {"group_by_length": True, "steps_per_draw": 2, "stop_share": 0.9, "early_stopping": False}[leaf]
         other = Runner(parse_recipe(changed), runs_root=tmp_path)
-        assert short_hash(other.fingerprint_parts(other.recipe.stages[2])) != \
-            short_hash(runner.fingerprint_parts(distill)), path
+        assert short_hash(other.fingerprint_parts(other.recipe.stages[index])) != \
+            short_hash(runner.fingerprint_parts(runner.recipe.stages[index])), path
 
 
 def test_setting_an_added_field_back_to_its_default_names_the_default_as_the_reason(tmp_path, tiny_recipe):
