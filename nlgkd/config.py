@@ -195,8 +195,8 @@ class DecodingConfig:
     diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty", ge=0))
     length_penalty: float = field(default=1.0, metadata=doc("beam: > 1 favours longer outputs, < 1 shorter"))
     early_stopping: bool = field(default=True, metadata=doc(
-        "beam: end once num_beams outputs have ended (true); false searches on while a better one can still come "
-        "(transformers' default: longer outputs, often a higher BLEU for small models, a little slower)"))
+        "beam: end once num_beams outputs have ended (true); false: transformers' default heuristic, which goes on "
+        "while a better output is still likely (longer outputs, often a higher BLEU for small models, a little slower)"))
     temperature: float = field(default=1.0, metadata=doc("sample: softmax temperature", gt=0))
     top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: all)", ge=0))
     top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))

@@ -292,8 +292,13 @@ class Runner:
         old_config = flatten(without_added_defaults(record.get("config") or {}))
         new_config = flatten(now["config"])
 
-        def value(config: dict, key: str):  # an added field left out at its default shows that default
-            return config[key] if key in config else ADDED_FIELDS_AT_DEFAULT.get(key)
+        def value(config: dict, key: str):
+            """An added field left out at its default shows that default, where its block is there at all."""
+            if key in config:
+                return config[key]
+            block = key.rpartition(".")[0]
+            has_block = not block or any(k.startswith(block + ".") for k in config)
+            return ADDED_FIELDS_AT_DEFAULT.get(key) if has_block else None
 
         for key in sorted(set(old_config) | set(new_config)):
             if value(old_config, key) != value(new_config, key):

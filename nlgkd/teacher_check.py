@@ -75,6 +75,6 @@ def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: 
             f"{check['examples']} validation examples (greedy decoding), and {beaten} ({BASELINES[worst]} is the "
             f"bar to beat); {consequence}. Try more steps (max_steps / epochs) with early stopping on bleu, a "
             f"higher lr or more warmup, {architecture}, or check data.source / data.target; to see whether beam "
-            f"search beats the bar, score it with an evaluate stage (decoding: {{strategy: beam, num_beams: 4}}, "
-            f"baselines: true). Set "
+            f"search beats the bar, score it on the same examples with an evaluate stage (split: validation, "
+            f"max_examples: {check['examples']}, decoding: {{strategy: beam, num_beams: 4}}, baselines: true). Set "
             f"on_weak_teacher: {'warn to go on anyway' if policy == 'stop' else 'stop to stop here instead'}.")

@@ -270,7 +270,7 @@ def test_t5_with_fewer_encoder_than_decoder_layers_generates():
 
 def test_beam_early_stopping_is_transformers_early_stopping(trained):
     from nlgkd.data import encode, pad
-    from nlgkd.generation import generate_batch
+    from nlgkd.generation import generate_batch, generation_kwargs
     from nlgkd.models import load_pretrained
 
     recipe, root = trained
@@ -287,3 +287,7 @@ def test_beam_early_stopping_is_transformers_early_stopping(trained):
                              eos_token_id=tokenizer.eos_token_id)
         assert ours == [[t.strip()] for t in tokenizer.batch_decode(out, skip_special_tokens=True)], early_stopping
     assert DecodingConfig().early_stopping  # the behaviour before the field existed
+    for strategy in ("beam", "diverse_beam"):
+        for early_stopping in (True, False):
+            kwargs = generation_kwargs(DecodingConfig(strategy=strategy, num_beams=4, early_stopping=early_stopping))
+            assert kwargs["early_stopping"] is early_stopping, strategy
