@@ -216,16 +216,22 @@ def pairwise_dissimilarity(groups: list[list[str]]) -> float:
     return sum(values) / len(values)
 
 
-def test_diverse_beam_outputs_differ_more_than_beam(trained):
+def teacher_and_sources(trained, n: int = 12):
+    """The trained tiny teacher, its tokenizer and the token ids of the first `n` train sources."""
     from nlgkd.data import encode
-    from nlgkd.generation import generate_batch
     from nlgkd.models import load_pretrained
 
     recipe, root = trained
     model, tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
     runner = Runner(parse_recipe(recipe), runs_root=root)
-    encoded, _ = encode(runner.data()["train"].select(range(12)), tokenizer, 48, 48)
-    sources = list(encoded["source_ids"])
+    encoded, _ = encode(runner.data()["train"].select(range(n)), tokenizer, 48, 48)
+    return model, tokenizer, list(encoded["source_ids"])
+
+
+def test_diverse_beam_outputs_differ_more_than_beam(trained):
+    from nlgkd.generation import generate_batch
+
+    model, tokenizer, sources = teacher_and_sources(trained)
     common = {"num_beams": 4, "num_return_sequences": 4, "max_new_tokens": 16}
     beam = generate_batch(model, tokenizer, sources, DecodingConfig(strategy="beam", **common))
     diverse = generate_batch(model, tokenizer, sources, DecodingConfig(
@@ -269,15 +275,10 @@ def test_t5_with_fewer_encoder_than_decoder_layers_generates():
 
 
 def test_beam_early_stopping_is_transformers_early_stopping(trained):
-    from nlgkd.data import encode, pad
+    from nlgkd.data import pad
     from nlgkd.generation import generate_batch, generation_kwargs
-    from nlgkd.models import load_pretrained
 
-    recipe, root = trained
-    model, tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
-    runner = Runner(parse_recipe(recipe), runs_root=root)
-    encoded, _ = encode(runner.data()["train"].select(range(12)), tokenizer, 48, 48)
-    sources = list(encoded["source_ids"])
+    model, tokenizer, sources = teacher_and_sources(trained)
     input_ids, attention_mask = pad(sources, tokenizer.pad_token_id, left=False)
     for early_stopping in (True, False):
         ours = generate_batch(model, tokenizer, sources, DecodingConfig(
