@@ -301,13 +301,21 @@ def weak_teachers_note(report: Report) -> str | None:
             "change its architecture before comparing students.")
 
 
+def decoded_alike(a: dict, b: dict) -> bool:
+    """Whether two evaluation rows were decoded the same way: all their decoding settings where both recorded
+    them (evaluations since nlgkd recorded `decoding_settings`), else their strategy."""
+    if "decoding_settings" in a and "decoding_settings" in b:
+        return a["decoding_settings"] == b["decoding_settings"]
+    return a.get("decoding") == b.get("decoding")
+
+
 def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
     teacher = row["teacher"]
     reference = None
     if teacher is not None:
         same_stage = [r for r in rows if r["model"] == teacher and r["evaluation"] == row["evaluation"]]
         alike = [r for r in rows if r["model"] == teacher and r.get("split") == row.get("split")
-                 and r.get("decoding") == row.get("decoding")]
+                 and decoded_alike(r, row)]
         reference = (same_stage or alike or [None])[0]
     score, params = row.get(metric), row.get("params")
     if reference and reference.get(metric) and score is not None:

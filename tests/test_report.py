@@ -194,3 +194,21 @@ def test_an_export_of_the_teacher_is_no_student_and_a_finetuned_distilled_studen
     assert text.startswith("Best student: kd_final, BLEU 36.00")
     assert "The cross-entropy student ce scores 28.00 (+8.00 for kd_final)" in text
     assert "trained on gold alone" not in text
+
+
+def test_a_teacher_row_decoded_otherwise_is_not_the_reference_of_another_evaluation(tmp_path):
+    """'% teacher' takes the teacher's row from another evaluate stage only when it was decoded alike: with the
+    same recorded settings (here 4 beams), not merely the same strategy (8 beams)."""
+    run = tmp_path / "study"
+    write_stage(run, "teacher", "finetune", {"model": "teacher"})
+    write_stage(run, "kd", "distill", {"student": "student", "teacher": "teacher", "objective": "logits_kd"})
+    write_stage(run, "kd8", "distill", {"student": "student", "teacher": "teacher", "objective": "noisy_kd"})
+    beam = {"strategy": "beam", "num_beams": 4, "early_stopping": True}
+    for key, rows in (("eval_teacher", {"teacher": metrics(40.0, 4000, decoding_settings=beam)}),
+                      ("eval_kd", {"kd": metrics(30.0, 1000, decoding_settings=beam)}),
+                      ("eval_kd8", {"kd8": metrics(36.0, 1000, decoding_settings={**beam, "num_beams": 8})})):
+        folder = write_stage(run, key, "evaluate", {"models": list(rows)})
+        (folder / "metrics.json").write_text(json.dumps({m: {**r, "decoding": "beam"} for m, r in rows.items()}))
+    rows = {r["model"]: r for r in collect(run).rows}
+    assert rows["kd"]["pct_teacher"] == pytest.approx(75.0)
+    assert rows["kd8"].get("pct_teacher") is None

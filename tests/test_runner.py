@@ -38,6 +38,8 @@ def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
 
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics["teacher"]) >= {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "params", "seq_per_s", "latency_ms"}
+    settings = metrics["teacher"]["decoding_settings"]  # what the report matches teacher rows by
+    assert settings["strategy"] == "greedy" and settings["max_new_tokens"] == 24 and "batch_size" not in settings
     # speed: the median of 3 timed passes over the same 2 batches (16 inputs, batch_size 8) after the scored one
     timing, row = metrics["teacher"]["timing"], metrics["teacher"]
     assert timing["passes"] == 3 and len(timing["seconds"]) == 3 and timing["batches"] == 2

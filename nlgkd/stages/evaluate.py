@@ -10,6 +10,7 @@ import torch
 from ..data import encode
 from ..generation import generate, length_buckets
 from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
+from ..recipe import to_dict
 
 TABLE_COLUMNS = ["model", "backend", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params", "weights_mb",
                  "latency_ms", "latency_spread", "seq_per_s", "peak_mem_mb"]
@@ -100,6 +101,9 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
         examples=len(sources),
         split=cfg.split,
         decoding=cfg.decoding.strategy,
+        # every setting that changes the outputs (not batch_size): the report takes a teacher row from another
+        # evaluate stage as the "% teacher" reference only when these match
+        decoding_settings={k: v for k, v in to_dict(cfg.decoding).items() if k != "batch_size"},
         # mean token counts, for the report's FLOPs-per-generated-token estimate
         source_tokens=sum(map(len, sources)) / max(1, len(sources)),
         output_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in predictions)
