@@ -3,6 +3,8 @@ of an evaluate stage's predictions (Koehn, 2004).
 
     python eval/paired_test.py runs/study-shakespeare-cpu/eval_seeds ce_seeds kd_seeds_final
     python eval/paired_test.py runs/study-shakespeare-cpu/eval_seeds copy_source teacher
+    python eval/paired_test.py runs/study-shakespeare-cpu/eval_pts s3_objective@logits_kd \
+        s5_s7_pseudo_targets@beam_train --baseline-from runs/study-shakespeare-cpu/eval
 
 BASELINE and SYSTEM are rows of the evaluate stage (its `predictions/ROW.jsonl`). A stage with seed variants
 (`ce_seeds@seed0`, `@seed1`, ...) is compared seed by seed (the same variant name on both sides; a plain row
@@ -81,10 +83,12 @@ def paired_bleu(baseline: list[list[str]], system: list[list[str]], references: 
             "p_value": float((gains <= 0).mean())}
 
 
-def compare(eval_dir: Path, baseline: str, system: str, samples: int = 1000) -> list[tuple[str, dict]]:
+def compare(eval_dir: Path, baseline: str, system: str, samples: int = 1000,
+            baseline_dir: Path | None = None) -> list[tuple[str, dict]]:
     """(variant or 'pooled', paired_bleu result) for every pair of rows, then the seeds pooled when there are
-    several; the variants left without a partner are named on stderr."""
-    pairs, unpaired = pair_rows(rows_of(eval_dir, baseline), rows_of(eval_dir, system))
+    several; the variants left without a partner are named on stderr. `baseline_dir`: another evaluate stage
+    of the same split holding the baseline's rows (default: `eval_dir`)."""
+    pairs, unpaired = pair_rows(rows_of(baseline_dir or eval_dir, baseline), rows_of(eval_dir, system))
     if unpaired:
         print(f"left out, no partner on the other side: {', '.join(unpaired)}", file=sys.stderr)
     if not pairs:
@@ -109,10 +113,12 @@ def main() -> None:
     parser.add_argument("baseline", help="the row to beat, e.g. ce_seeds (its variants are paired by name)")
     parser.add_argument("system", help="the row that claims the gain, e.g. kd_seeds_final")
     parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--baseline-from", type=Path, metavar="EVAL_DIR",
+                        help="the baseline's rows are in this evaluate stage (the same split), not in eval_dir")
     args = parser.parse_args()
     logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # its note on tokenized periods: the data's own format
     print(f"{'variant':10} {args.baseline:>16} {args.system:>16} {'gain':>6}  {'95% interval':>15}  p (not better)")
-    for variant, r in compare(args.eval_dir, args.baseline, args.system, args.samples):
+    for variant, r in compare(args.eval_dir, args.baseline, args.system, args.samples, args.baseline_from):
         print(f"{variant:10} {r['baseline']:16.2f} {r['system']:16.2f} {r['gain']:+6.2f}  "
               f"[{r['gain_low']:+5.2f}, {r['gain_high']:+5.2f}]  {r['p_value']:.3f}")
 

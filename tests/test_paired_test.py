@@ -56,5 +56,8 @@ def test_variants_pair_by_name_a_plain_row_pairs_with_each_and_seeds_pool(tmp_pa
     assert results["pooled"]["system"] == pytest.approx(sacrebleu.corpus_bleu(REFERENCES + WORSE,
                                                                               [REFERENCES * 2]).score)
     assert list(dict(paired_test.compare(tmp_path, "copy", "kd", samples=50))) == ["seed0", "seed1", "pooled"]
+    other = tmp_path / "other"  # a baseline scored by another evaluate stage of the same split
+    write_rows(other / "predictions", {"ce@seed0": REFERENCES})
+    assert paired_test.compare(tmp_path, "ce", "kd", samples=50, baseline_dir=other)[0][1]["gain"] == 0
     with pytest.raises(SystemExit, match="no predictions of 'kd_final'; its rows: ce@seed0, ce@seed1, ce@seed2"):
         paired_test.compare(tmp_path, "ce", "kd_final")
