@@ -74,7 +74,10 @@ def paired_bleu(baseline: list[list[str]], system: list[list[str]], references: 
     list). Returns both BLEUs, the gain, its 95% interval over the resamples and the one-sided p-value."""
     bleu = BLEU()
     base_stats, system_stats = record_statistics(baseline, references), record_statistics(system, references)
-    score = lambda stats: bleu._compute_score_from_stats(list(stats)).score  # noqa: E731
+
+    def score(stats: np.ndarray) -> float:
+        return bleu._compute_score_from_stats(list(stats)).score
+
     indices = np.random.default_rng(seed).integers(0, len(references), size=(samples, len(references)))
     gains = np.array([score(system_stats[i].sum(0)) - score(base_stats[i].sum(0)) for i in indices])
     base, sys_ = score(base_stats.sum(0)), score(system_stats.sum(0))
@@ -93,7 +96,7 @@ def compare(eval_dir: Path, baseline: str, system: str, samples: int = 1000,
         print(f"left out, no partner on the other side: {', '.join(unpaired)}", file=sys.stderr)
     if not pairs:
         raise SystemExit(f"{baseline} and {system} share no variant name to pair")
-    results, pooled, references = [], ([], []), None
+    results, pooled_base, pooled_system, references = [], [], [], None
     for variant, base_path, system_path in pairs:
         base, base_references = read_predictions(base_path)
         out, system_references = read_predictions(system_path)
@@ -101,9 +104,10 @@ def compare(eval_dir: Path, baseline: str, system: str, samples: int = 1000,
             raise SystemExit(f"{base_path} and {system_path} score different references: not the same test split")
         references = base_references
         results.append((variant or "-", paired_bleu([base], [out], references, samples)))
-        pooled[0].append(base), pooled[1].append(out)
+        pooled_base.append(base)
+        pooled_system.append(out)
     if len(pairs) > 1:
-        results.append(("pooled", paired_bleu(*pooled, references, samples)))
+        results.append(("pooled", paired_bleu(pooled_base, pooled_system, references, samples)))
     return results
 
 
