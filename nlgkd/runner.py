@@ -301,8 +301,9 @@ class Runner:
             return ADDED_FIELDS_AT_DEFAULT.get(key) if has_block else None
 
         for key in sorted(set(old_config) | set(new_config)):
-            if value(old_config, key) != value(new_config, key):
-                reasons.append(f"{key} {value(old_config, key)!r} -> {value(new_config, key)!r}")
+            old, new = value(old_config, key), value(new_config, key)
+            if old != new:
+                reasons.append(f"{key} {old!r} -> {new!r}")
         for where in sorted(set(record.get("inputs") or {}) | set(now["inputs"])):
             if (record.get("inputs") or {}).get(where) != now["inputs"].get(where):
                 reasons.append(f"its input {where} changed")

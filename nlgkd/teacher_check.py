@@ -53,8 +53,7 @@ def judge(teacher_scores: dict[str, float], sources: list[str], references: list
     teacher = {m: round(teacher_scores[m], 2) for m in METRICS if m in teacher_scores}
     beaten_by = [name for name, scores in baselines.items() if scores[metric] >= teacher[metric]]
     return {"metric": metric, "examples": len(references), "split": "validation", "decoding": "greedy",
-            "teacher": teacher,
-            "baselines": baselines, "beaten_by": beaten_by, "weak": bool(beaten_by)}
+            "teacher": teacher, "baselines": baselines, "beaten_by": beaten_by, "weak": bool(beaten_by)}
 
 
 def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: str,
