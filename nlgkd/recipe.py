@@ -370,7 +370,8 @@ def expand_variants(recipe: Recipe) -> list[Stage]:
 
     - a stage with `variants:` runs once per variant, as `name@variant` (its own folder);
     - a stage that reads a varied stage, directly or through a stage that does, runs once per variant too
-      and reads the same variant: `final_ft` after `objective` runs as `final_ft@logits_kd`, ...;
+      and reads the same variant: `final_ft` after `objective` runs as `final_ft@logits_kd`, ...; where the
+      variant sets `seed` and the stage sets none, the copy takes the variant's seed;
     - an evaluate stage (`expands_variants`) runs once, with a row per variant of each varied stage it lists;
     - `name@variant` in a recipe pins one variant; a stage that only pins does not vary.
     References in the copies are rewritten to the `name@variant` they read, so fingerprints, folders and
@@ -419,10 +420,24 @@ def expand_variants(recipe: Recipe) -> list[Stage]:
                                                  variants={}))
             continue
         for variant in axis[1]:
-            config = stage.variants[variant] if stage.variants else stage.config
+            config = stage.variants[variant] if stage.variants else _variant_seed(recipe, stage, axis[0], variant)
             instances.append(dataclasses.replace(stage, config=_pin(recipe, stage, config, variant, axes),
                                                  variants={}, variant=variant, varied=axis[0]))
     return instances
+
+
+def _variant_seed(recipe: Recipe, stage: Stage, varied: str, variant: str) -> Any:
+    """The config of `stage`'s copy for `variant` of the varied stage `varied`: the stage's own, with the seed
+    the variant sets when the stage sets none. A seed sweep (`variants: {seed1: {seed: 1}, ...}`) then varies
+    every stage that follows it (a final fine-tune's batch order too), not only the varied one."""
+    config = stage.config
+    if getattr(config, "seed", 0) is not None:  # a seed of its own, or a kind without one
+        return config
+    source = next(s for s in recipe.stages if s.name == varied)
+    seed = getattr(source.variants[variant], "seed", None)
+    if seed is None or seed == getattr(source.config, "seed", None):  # the variant does not change the seed
+        return config
+    return dataclasses.replace(config, seed=seed)
 
 
 def _pin(recipe: Recipe, stage: Stage, config: Any, variant: Optional[str], axes: dict) -> Any:

@@ -119,6 +119,32 @@ def test_one_variant_at_a_time(tmp_path, tiny_recipe):
     assert [a for s, a in runner.plan(only="ft@dec")] == ["leave", "leave", "leave", "skip", "leave", "leave"]
 
 
+def test_seed_variants_carry_their_seed_downstream(tiny_recipe):
+    """A seed sweep varies the stages after it too: a final fine-tune of `kd@seed1` trains with seed 1 (its
+    batch order), unless it sets a seed of its own; variants that leave the seed alone change nothing."""
+    raw = varied_recipe(tiny_recipe)
+    raw["stages"][2]["variants"] = {"seed0": None, "seed1": {"seed": 1}, "seed2": {"seed": 2}}
+    raw["stages"][1] = {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [0]}
+    raw["stages"].insert(3, {"name": "final", "kind": "finetune", "model": "ft", "max_steps": 1})
+    raw["stages"].insert(4, {"name": "again", "kind": "finetune", "model": "final", "max_steps": 1})
+    raw["stages"].insert(5, {"name": "own", "kind": "finetune", "model": "ft", "max_steps": 1, "seed": 7})
+    seeds = {s.key: s.config.seed for s in parse_recipe(raw).instances if s.variant}
+    assert seeds == {"ft@seed0": None, "ft@seed1": 1, "ft@seed2": 2,
+                     "final@seed0": None, "final@seed1": 1, "final@seed2": 2,
+                     "again@seed0": None, "again@seed1": 1, "again@seed2": 2,
+                     "own@seed0": 7, "own@seed1": 7, "own@seed2": 7}
+
+    # the stage's own seed is what every variant starts from; a variant that keeps it passes nothing on
+    raw["stages"][2]["seed"] = 3
+    raw["stages"][2]["variants"] = {"same": None, "other": {"seed": 4}}
+    seeds = {s.key: s.config.seed for s in parse_recipe(raw).instances if s.name == "final"}
+    assert seeds == {"final@same": None, "final@other": 4}
+
+    # variants that do not touch the seed leave the stages after them as written
+    plain = parse_recipe(varied_recipe(tiny_recipe))
+    assert {s.key: s.config.seed for s in plain.instances if s.name == "ft"} == {"ft@dec": None, "ft@enc": None}
+
+
 def test_variant_errors_name_the_field(tiny_recipe):
     bad = varied_recipe(tiny_recipe)
     bad["stages"][1]["variants"]["enc"] = {"encoder_layer": [0]}
