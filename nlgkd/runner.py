@@ -80,6 +80,19 @@ def splits_read(kind: str, config) -> tuple[str, ...]:
     return SPLITS  # a kind this list does not know reads everything
 
 
+def input_name(config: dict, where: str) -> str:
+    """The name a recorded config reads at a reference path from `references`: `models[2]`, `teacher`,
+    `teachers_by_task.qa[0]`; the path itself where the record has no such field (an older layout)."""
+    value: object = config
+    for part in where.replace("[", ".[").split("."):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else where
+
+
 def is_teacher_field(where: str) -> bool:
     """Whether a reference's field path (`teacher`, `teacher[1]`, `teachers_by_task.qg[0]`) names a teacher."""
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
@@ -304,9 +317,16 @@ class Runner:
             old, new = value(old_config, key), value(new_config, key)
             if old != new:
                 reasons.append(f"{key} {old!r} -> {new!r}")
-        for where in sorted(set(record.get("inputs") or {}) | set(now["inputs"])):
-            if (record.get("inputs") or {}).get(where) != now["inputs"].get(where):
-                reasons.append(f"its input {where} changed")
+        # inputs by the name they read, not their place in a list: adding a model to an evaluate stage's
+        # `models` is a config change (above), not a change of every input after it
+        old_inputs = {input_name(record.get("config") or {}, where): fp
+                      for where, fp in (record.get("inputs") or {}).items()}
+        new_names = {where: name for where, _, name in references(stage.config)}
+        for where, fp in now["inputs"].items():
+            name = new_names[where]
+            old = old_inputs.get(name, old_inputs.get(where))
+            if old is not None and old != fp:
+                reasons.append(f"its input {name!r} ({where}) changed")
         if record.get("data_fingerprint") not in (None, now["data"]):
             reasons.append(f"the data it reads changed ({', '.join(splits_read(stage.kind, stage.config))} or the "
                            "data settings)")

@@ -17,7 +17,7 @@ from nlgkd.loop import latest_checkpoint
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
-from conftest import kill_once, with_two_process_stages
+from conftest import kill_once, with_stage, with_two_process_stages
 
 def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
     runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
@@ -240,9 +240,22 @@ def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, t
     capsys.readouterr()
     assert Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run()["teacher"] == "ran"
     # (its input too: the fresh model's tokenizer is trained on the train split)
-    assert "[teacher] finished before, runs again and replaces it: its input model changed; the data it reads " \
-           "changed (train, validation" \
-           in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[teacher] finished before, runs again and replaces it: its input 'teacher' (model) changed; the data " \
+           "it reads changed (train, validation" in out
+    assert "[eval] finished before, runs again and replaces it: its input 'teacher' (models[0]) changed" in out
+
+
+def test_rerun_reasons_follow_inputs_by_name(trained):
+    """A model added at the front of an evaluate stage's list is a config change; the models already there
+    are the same inputs, not 'changed' because their place in the list moved."""
+
+    stage = {"name": "eval_by_name", "kind": "evaluate", "models": ["student"], "max_examples": 2,
+             "timing_passes": 0, "decoding": {"strategy": "greedy", "max_new_tokens": 4, "batch_size": 2}}
+    runner, _ = with_stage(trained, stage)
+    assert runner.run(only="eval_by_name")["eval_by_name"] == "ran"
+    runner, _ = with_stage(trained, {**stage, "models": ["teacher", "student"]})
+    assert runner.rerun_reasons(runner.recipe.instances[-1]) == ["models ['student'] -> ['teacher', 'student']"]
 
 
 def test_no_model_outlives_its_stage(tmp_path, tiny_recipe):
