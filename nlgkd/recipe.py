@@ -420,24 +420,24 @@ def expand_variants(recipe: Recipe) -> list[Stage]:
                                                  variants={}))
             continue
         for variant in axis[1]:
-            config = stage.variants[variant] if stage.variants else _variant_seed(recipe, stage, axis[0], variant)
+            config = stage.variants[variant] if stage.variants else _with_variant_seed(recipe, stage, axis[0], variant)
             instances.append(dataclasses.replace(stage, config=_pin(recipe, stage, config, variant, axes),
                                                  variants={}, variant=variant, varied=axis[0]))
     return instances
 
 
-def _variant_seed(recipe: Recipe, stage: Stage, varied: str, variant: str) -> Any:
-    """The config of `stage`'s copy for `variant` of the varied stage `varied`: the stage's own, with the seed
-    the variant sets when the stage sets none. A seed sweep (`variants: {seed1: {seed: 1}, ...}`) then varies
-    every stage that follows it (a final fine-tune's batch order too), not only the varied one."""
+def _with_variant_seed(recipe: Recipe, stage: Stage, varied: str, variant: str) -> Any:
+    """The config of `stage`'s copy for `variant` of the varied stage `varied`. In a seed sweep (the variants of
+    `varied` train with different seeds) a training stage that sets no seed of its own takes its variant's, so
+    the sweep varies every stage that follows it (a final fine-tune's batch order too), not only `varied`."""
     config = stage.config
-    if getattr(config, "seed", 0) is not None:  # a seed of its own, or a kind without one
+    if not hasattr(config, "seed") or config.seed is not None:  # a kind without a seed, or a seed of its own
         return config
     source = next(s for s in recipe.stages if s.name == varied)
-    seed = getattr(source.variants[variant], "seed", None)
-    if seed is None or seed == getattr(source.config, "seed", None):  # the variant does not change the seed
+    seeds = {name: getattr(c, "seed", None) for name, c in source.variants.items()}
+    if len(set(seeds.values())) < 2:  # not a seed sweep: every variant trains with the same seed
         return config
-    return dataclasses.replace(config, seed=seed)
+    return dataclasses.replace(config, seed=seeds[variant])
 
 
 def _pin(recipe: Recipe, stage: Stage, config: Any, variant: Optional[str], axes: dict) -> Any:

@@ -80,9 +80,10 @@ def splits_read(kind: str, config) -> tuple[str, ...]:
     return SPLITS  # a kind this list does not know reads everything
 
 
-def input_name(config: dict, where: str) -> str:
+def input_name(config: dict, where: str) -> str | None:
     """The name a recorded config reads at a reference path from `references`: `models[2]`, `teacher`,
-    `teachers_by_task.qa[0]`; the path itself where the record has no such field (an older layout)."""
+    `teachers_by_task.qa[0]`; None where the record has no such field (an older layout; a task name with a
+    dot in it)."""
     value: object = config
     for part in where.replace("[", ".[").split("."):
         if part.startswith("["):
@@ -90,7 +91,7 @@ def input_name(config: dict, where: str) -> str:
             value = value[index] if isinstance(value, list) and index < len(value) else None
         else:
             value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, str) else where
+    return value if isinstance(value, str) else None
 
 
 def is_teacher_field(where: str) -> bool:
@@ -319,14 +320,20 @@ class Runner:
                 reasons.append(f"{key} {old!r} -> {new!r}")
         # inputs by the name they read, not their place in a list: adding a model to an evaluate stage's
         # `models` is a config change (above), not a change of every input after it
-        old_inputs = {input_name(record.get("config") or {}, where): fp
-                      for where, fp in (record.get("inputs") or {}).items()}
-        new_names = {where: name for where, _, name in references(stage.config)}
-        for where, fp in now["inputs"].items():
-            name = new_names[where]
-            old = old_inputs.get(name, old_inputs.get(where))
-            if old is not None and old != fp:
+        # (by place only where the record does not say which name a place read)
+        old_by_name, old_by_place = {}, {}
+        for where, fp in (record.get("inputs") or {}).items():
+            name = input_name(record.get("config") or {}, where)
+            if name is None:
+                old_by_place[where] = fp
+            else:
+                old_by_name[name] = fp
+        reported = set()
+        for where, _, name in references(stage.config):
+            old = old_by_name.get(name) if name in old_by_name else old_by_place.get(where)
+            if old is not None and old != now["inputs"][where] and name not in reported:
                 reasons.append(f"its input {name!r} ({where}) changed")
+                reported.add(name)
         if record.get("data_fingerprint") not in (None, now["data"]):
             reasons.append(f"the data it reads changed ({', '.join(splits_read(stage.kind, stage.config))} or the "
                            "data settings)")

@@ -257,6 +257,15 @@ def test_rerun_reasons_follow_inputs_by_name(trained):
     runner, _ = with_stage(trained, {**stage, "models": ["teacher", "student"]})
     assert runner.rerun_reasons(runner.recipe.instances[-1]) == ["models ['student'] -> ['teacher', 'student']"]
 
+    # a record that does not say which name a place read (an older layout) is compared place by place
+    path = runner.finished_dir(runner.recipe.instances[-1]) / "stage.json"
+    record = json.loads(path.read_text())
+    runner, _ = with_stage(trained, {**stage, "models": ["teacher"]})
+    record["config"].pop("models")
+    path.write_text(json.dumps(record))
+    assert runner.rerun_reasons(runner.recipe.instances[-1]) == ["models None -> ['teacher']",
+                                                                 "its input 'teacher' (models[0]) changed"]
+
 
 def test_no_model_outlives_its_stage(tmp_path, tiny_recipe):
     import gc

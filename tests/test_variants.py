@@ -134,11 +134,15 @@ def test_seed_variants_carry_their_seed_downstream(tiny_recipe):
                      "again@seed0": None, "again@seed1": 1, "again@seed2": 2,
                      "own@seed0": 7, "own@seed1": 7, "own@seed2": 7}
 
-    # the stage's own seed is what every variant starts from; a variant that keeps it passes nothing on
+    # the stage's own seed is what every variant starts from: a variant that keeps it passes it on too
     raw["stages"][2]["seed"] = 3
     raw["stages"][2]["variants"] = {"same": None, "other": {"seed": 4}}
     seeds = {s.key: s.config.seed for s in parse_recipe(raw).instances if s.name == "final"}
-    assert seeds == {"final@same": None, "final@other": 4}
+    assert seeds == {"final@same": 3, "final@other": 4}
+
+    # a reader that pins one variant is not a copy of the sweep: it keeps the recipe seed
+    raw["stages"][3]["model"] = "ft@other"
+    assert [s.config.seed for s in parse_recipe(raw).instances if s.name == "final"] == [None]
 
     # variants that do not touch the seed leave the stages after them as written
     plain = parse_recipe(varied_recipe(tiny_recipe))
