@@ -331,7 +331,8 @@ def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric
         train = record.get("train") or {}
         row["steps"] = train.get("steps", 0)
         row["epochs"] = train.get("epochs", 0)
-        row["seed"] = (record.get("config") or {}).get("seed") or record.get("seed")
+        own_seed = (record.get("config") or {}).get("seed")  # a stage's own seed, else the recipe's
+        row["seed"] = record.get("seed") if own_seed is None else own_seed
         row.setdefault("variant", record.get("variant"))
         row.setdefault("variant_of", record.get("variant_of"))
 

@@ -50,13 +50,14 @@ def run_dir(tmp_path) -> Path:
     for i, (variant, objective) in enumerate([("plain", "logits_kd"), ("noisy", "noisy_kd")]):
         write_stage(run, f"kd@{variant}", "distill", {"student": "student", "teacher": "teacher",
                                                         "objective": objective, "lr": 0.001},
-                    train={"steps": 100, "epochs": 1.5 + i}, variant=variant, variant_of="kd")
+                    train={"steps": 100, "epochs": 1.5 + i}, variant=variant, variant_of="kd", seed=5)
     # a second pair: `big`, cut into `pruned` and fine-tuned: its teacher is big, not the run's teacher
     write_stage(run, "big", "finetune", {"model": "big"}, train={"steps": 10, "epochs": 1.0})
     write_stage(run, "pruned", "prune", {"from": "big", "decoder_layers": [0]})
     write_stage(run, "pruned_ft", "finetune", {"model": "pruned"}, train={"steps": 10, "epochs": 1.0})
     # the cross-entropy baseline of the kd students: the same student fine-tuned on gold
-    write_stage(run, "ce", "finetune", {"model": "student"}, train={"steps": 100, "epochs": 1.5})
+    # (with a seed of its own, 0, where the recipe's is 5)
+    write_stage(run, "ce", "finetune", {"model": "student", "seed": 0}, train={"steps": 100, "epochs": 1.5}, seed=5)
     eval_dir = write_stage(run, "eval", "evaluate", {"models": ["teacher", "kd@plain", "kd@noisy", "big",
                                                                "pruned_ft", "ce"], "baselines": True})
     (eval_dir / "metrics.json").write_text(json.dumps({
@@ -84,7 +85,8 @@ def test_rows_and_derived_numbers(run_dir):
     assert rows["pruned_ft"]["teacher"] == "big" and rows["kd@plain"]["teacher"] == "teacher"
     assert rows["pruned_ft"]["pct_teacher"] == pytest.approx(50.0) and rows["pruned_ft"]["compression"] == 4.0
     assert rows["big"]["teacher"] == "teacher" and rows["big"]["is_teacher"] and not rows["kd@plain"]["is_teacher"]
-    assert rows["teacher"]["steps"] == 500 and rows["kd@noisy"]["epochs"] == 2.5 and rows["kd@noisy"]["seed"] == 0
+    assert rows["teacher"]["steps"] == 500 and rows["kd@noisy"]["epochs"] == 2.5
+    assert rows["ce"]["seed"] == 0 and rows["kd@noisy"]["seed"] == 5  # a stage's own seed, else the recipe's
     # the stage folder has no weights: FLOPs are not computable; the teacher's are (see the next test)
     assert rows["kd@plain"]["mflops_per_token"] is None
     assert rows["teacher"]["mflops_per_token"] == pytest.approx(208 / 1e6)
