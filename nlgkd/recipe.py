@@ -321,6 +321,20 @@ def references(config: Any) -> list[tuple[str, str, str]]:
     return found
 
 
+def input_name(config: dict, where: str) -> str | None:
+    """The name a recorded config reads at a reference path from `references`: `models[2]`, `teacher`,
+    `teachers_by_task.qa[0]`; None where the record has no such field (an older layout; a task name with a
+    dot in it)."""
+    value: object = config
+    for part in where.replace("[", ".[").split("."):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def produces(target: tuple[str, Any]) -> str:
     kind, obj = target
     return "model" if kind == "model" else STAGE_CONFIGS[obj.kind].produces

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .fingerprints import data_fingerprint, file_checksums, short_hash
 from .config import SPLITS, ModelConfig, Recipe, RecipeError, Stage
-from .recipe import flatten, references, to_dict
+from .recipe import flatten, input_name, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
 
@@ -78,20 +78,6 @@ def splits_read(kind: str, config) -> tuple[str, ...]:
     if kind == "cache_logits":
         return ("train",)
     return SPLITS  # a kind this list does not know reads everything
-
-
-def input_name(config: dict, where: str) -> str | None:
-    """The name a recorded config reads at a reference path from `references`: `models[2]`, `teacher`,
-    `teachers_by_task.qa[0]`; None where the record has no such field (an older layout; a task name with a
-    dot in it)."""
-    value: object = config
-    for part in where.replace("[", ".[").split("."):
-        if part.startswith("["):
-            index = int(part[1:-1])
-            value = value[index] if isinstance(value, list) and index < len(value) else None
-        else:
-            value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def is_teacher_field(where: str) -> bool:
