@@ -231,9 +231,25 @@ def stage_chain(model: str, stages: dict[str, dict]) -> list[str]:
     return chain
 
 
+def learns_from_a_teacher(record: dict) -> bool:
+    """Whether a stage trains on a teacher's signal: a distill stage with a KD objective, feature losses,
+    pseudo-targets, cached logits or Joint-Teaching (objective finetune alone is cross-entropy on gold)."""
+    config = record.get("config") or {}
+    return record.get("kind") == "distill" and (
+        config.get("objective", "finetune") != "finetune" or any(config.get(key) for key in (
+            "hidden", "attention", "pseudo_targets", "cached_teacher", "joint_teaching")))
+
+
 def is_distilled(model: str, stages: dict[str, dict]) -> bool:
-    """Whether a distill stage is among those that made `model` (a later fine-tune or export keeps it so)."""
-    return any(stages[key].get("kind") == "distill" for key in stage_chain(model, stages))
+    """Whether a teacher taught `model`: a stage among those that made it learns from one (a later fine-tune or
+    export keeps it so). The chain stops at a prune: how its teacher was trained does not make the cut copy
+    distilled."""
+    for key in stage_chain(model, stages):
+        if learns_from_a_teacher(stages[key]):
+            return True
+        if stages[key].get("kind") == "prune":
+            return False
+    return False
 
 
 def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = None) -> Report:
@@ -314,8 +330,7 @@ def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric
     reference = None
     if teacher is not None:
         same_stage = [r for r in rows if r["model"] == teacher and r["evaluation"] == row["evaluation"]]
-        alike = [r for r in rows if r["model"] == teacher and r.get("split") == row.get("split")
-                 and decoded_alike(r, row)]
+        alike = [r for r in rows if r["model"] == teacher and scored_alike(r, row)]
         reference = (same_stage or alike or [None])[0]
     score, params = row.get(metric), row.get("params")
     if reference and reference.get(metric) and score is not None:
@@ -454,37 +469,82 @@ def is_student(row: dict, report: Report) -> bool:
         and row.get("teacher") is not None
 
 
+def scored_alike(a: dict, b: dict) -> bool:
+    """Whether two rows can be compared: the same split and number of examples, and for two models the same
+    decoding (a trivial baseline decodes nothing)."""
+    if a.get("split") != b.get("split") or a.get("examples") != b.get("examples"):
+        return False
+    return a["model"] in BASELINES or b["model"] in BASELINES or decoded_alike(a, b)
+
+
+def seed_runs(row: dict, report: Report) -> list[dict]:
+    """The rows of `row`'s seed sweep in its evaluation: the same stage under every variant of a varied stage
+    whose variants change nothing but the seed (`kd@seed0`, `kd@seed1`, ...; `final@seed1` after it). Else
+    [row]."""
+    varied, stage = row.get("variant_of"), row["model"].split("@")[0]
+    changes = list(report.changes.get(varied, {}).values())
+    is_sweep = any(c != "baseline" for c in changes) and \
+        all(c == "baseline" or re.fullmatch(r"seed=-?\d+", c) for c in changes)
+    if not varied or not changes or not is_sweep:
+        return [row]
+    return [r for r in report.rows if r["evaluation"] == row["evaluation"] and r.get("variant_of") == varied
+            and r["model"].split("@")[0] == stage]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def described(rows: list[dict], metric: str) -> tuple[str, float, str]:
+    """(name, score, score as text) of one model, or of a seed sweep as its mean and sd over the seeds."""
+    mean, sd = mean_sd([r[metric] for r in rows])
+    if len(rows) == 1:
+        return rows[0]["model"], mean, f"{mean:.2f}"
+    return f"{rows[0]['model'].split('@')[0]} ({len(rows)} seeds)", mean, f"{mean:.2f} ± {sd:.2f}"
+
+
 def summary(report: Report) -> str | None:
     """The paragraph a person reads first: the best student against its teacher, the cross-entropy baseline
-    (a student trained on gold alone) and the trivial baselines, from one evaluate stage."""
+    (a student trained on gold alone) and the trivial baselines, all scored alike (the same examples and
+    decoding: the same evaluate stage, or another one like it). A seed sweep counts as one student: the mean
+    and sd over its seeds, not its luckiest seed."""
     m = report.metric
-    students = [r for r in report.rows if is_student(r, report) and r.get(m) is not None]
-    if not students:
+    units: dict[tuple, list[dict]] = {}  # one per student or seed sweep, per evaluation
+    for r in report.rows:
+        if is_student(r, report) and r.get(m) is not None:
+            runs = [x for x in seed_runs(r, report) if x.get(m) is not None]
+            units.setdefault(tuple(x["model"] + "|" + x["evaluation"] for x in runs), runs)
+    if not units:
         return None
-    best = max(students, key=lambda r: r[m])
-    same_eval = [r for r in report.rows if r["evaluation"] == best["evaluation"]]
-    teacher = next((r for r in same_eval if r["model"] == best["teacher"]), None)
-    words = [f"Best student: {best['model']}, {m.upper()} {best[m]:.2f}"]
-    if teacher is not None and best.get("pct_teacher") is not None:
-        words.append(f", {best['pct_teacher']:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
-        if best.get("compression"):
-            words.append(f", {best['compression']:.1f}x fewer parameters")
-        if best.get("seq_per_s") and teacher.get("seq_per_s"):
-            words.append(f", {best['seq_per_s'] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
-    words.append(f" ({best['evaluation']}, {best.get('split', 'test')} split).")
+    best = max(units.values(), key=lambda runs: mean_sd([r[m] for r in runs])[0])
+    first = best[0]
+    name, score, score_text = described(best, m)
+    alike = [r for r in report.rows if scored_alike(r, first)]
+    teachers = [r for r in report.rows if r["model"] == first["teacher"] and r["evaluation"] == first["evaluation"]]
+    teacher = (teachers or [r for r in alike if r["model"] == first["teacher"]] or [None])[0]
+    words = [f"Best student: {name}, {m.upper()} {score_text}"]
+    if teacher is not None and teacher.get(m):
+        words.append(f", {100 * score / teacher[m]:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
+        if first.get("compression"):
+            words.append(f", {first['compression']:.1f}x fewer parameters")
+        if first.get("seq_per_s") and teacher.get("seq_per_s"):
+            words.append(f", {first['seq_per_s'] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
+    words.append(f" ({first['evaluation']}, {first.get('split', 'test')} split).")
     # the cross-entropy baselines: students of the same teacher that no distill stage made
-    ce = [r for r in same_eval if is_student(r, report) and r is not best and r["teacher"] == best["teacher"]
-          and not is_distilled(r["model"], report.stages) and r.get(m) is not None]
-    if not is_distilled(best["model"], report.stages):
+    ce = [runs for runs in units.values() if runs is not best and scored_alike(runs[0], first)
+          and runs[0]["teacher"] == first["teacher"] and not is_distilled(runs[0]["model"], report.stages)]
+    if not is_distilled(first["model"], report.stages):
         words.append(" It is trained on gold alone: no distilled student beats cross-entropy here.")
     elif ce:
-        base = max(ce, key=lambda r: r[m])
-        words.append(f" The cross-entropy student {base['model']} scores {base[m]:.2f} "
-                     f"({best[m] - base[m]:+.2f} for {best['model']}).")
-    trivial = [f"{BASELINES[r['model']]} {r[m]:.2f}" for r in same_eval if r["model"] in BASELINES]
+        base_name, base_score, base_text = described(max(ce, key=lambda runs: mean_sd([r[m] for r in runs])[0]), m)
+        words.append(f" The cross-entropy student {base_name} scores {base_text} ({score - base_score:+.2f} "
+                     f"for {name.split(' (')[0]}).")
+    trivial = {r["model"]: f"{BASELINES[r['model']]} {r[m]:.2f}" for r in alike if r["model"] in BASELINES}
     if trivial:
-        words.append(" Trivial baselines: " + ", ".join(trivial) + ".")
-    if best["teacher_weak"]:
+        words.append(" Trivial baselines: " + ", ".join(trivial.values()) + ".")
+    if first["teacher_weak"]:
         words.append(" Its teacher is weak (below).")
     return "".join(words)
 

@@ -214,3 +214,40 @@ def test_a_teacher_row_decoded_otherwise_is_not_the_reference_of_another_evaluat
     rows = {r["model"]: r for r in collect(run).rows}
     assert rows["kd"]["pct_teacher"] == pytest.approx(75.0)
     assert rows["kd8"].get("pct_teacher") is None
+
+
+def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_evaluations_alike(tmp_path):
+    """The best student of a seed sweep is its mean ± sd, not its luckiest seed; the teacher, the cross-entropy
+    students and the trivial baselines come from another evaluate stage that scored the same examples alike, and
+    not from one that decoded otherwise. The teacher was itself trained by a distill stage (objective finetune):
+    that neither makes its pruned copy's fine-tune "distilled" nor the cross-entropy distill stage a KD one."""
+    from nlgkd.report import summary
+
+    run = tmp_path / "seeds"
+    write_stage(run, "teacher", "distill", {"student": "fresh", "objective": "finetune"})
+    write_stage(run, "student", "prune", {"from": "teacher", "decoder_layers": [0]})
+    for i in range(3):
+        write_stage(run, f"kd@seed{i}", "distill", {"student": "student", "teacher": "teacher",
+                                                     "objective": "logits_kd", "seed": i or None},
+                    variant=f"seed{i}", variant_of="kd")
+    write_stage(run, "ce", "finetune", {"model": "student"})
+    write_stage(run, "ce_distill_kind", "distill", {"student": "student", "teacher": "teacher",
+                                                     "objective": "finetune"})
+    beam = {"split": "test", "examples": 100, "decoding": "beam", "decoding_settings": {"num_beams": 4}}
+    baselines = write_stage(run, "eval_base", "evaluate", {"models": ["teacher", "ce", "ce_distill_kind"]})
+    (baselines / "metrics.json").write_text(json.dumps({
+        "teacher": metrics(40.0, 4000, **beam), "ce": metrics(30.0, 2000, **beam),
+        "ce_distill_kind": metrics(31.0, 2000, **beam),
+        "copy_source": {"bleu": 12.0, "chrf": 30.0, "split": "test", "examples": 100, "decoding": "greedy"}}))
+    greedy = write_stage(run, "eval_greedy", "evaluate", {"models": ["teacher"]})
+    (greedy / "metrics.json").write_text(json.dumps({"teacher": metrics(20.0, 4000, split="test", examples=100)}))
+    sweep = write_stage(run, "eval_kd", "evaluate", {"models": ["kd"]})
+    (sweep / "metrics.json").write_text(json.dumps({
+        f"kd@seed{i}": metrics(bleu, 2000, variant=f"seed{i}", variant_of="kd", **beam)
+        for i, bleu in enumerate([33.0, 35.0, 34.0])}))
+
+    text = summary(collect(run))
+    assert text.startswith("Best student: kd (3 seeds), BLEU 34.00 ± 1.00, 85.0% of its teacher (teacher, 40.00), "
+                           "2.0x fewer parameters")
+    assert "The cross-entropy student ce_distill_kind scores 31.00 (+3.00 for kd)." in text
+    assert text.endswith("Trivial baselines: copying the source 12.00.")
