@@ -11,7 +11,7 @@ Columns:
     quality      the evaluate metrics (BLEU, chrF, ROUGE-1/2/L); `metric` (default BLEU) is the one the
                  plots, "% teacher" and the ablation tables use
     % teacher    100 * score / the score of the model's teacher (column "teacher"), from that teacher's row in
-                 the same evaluate stage (else in one with the same split and decoding)
+                 the same evaluate stage (else in one with the same split, number of examples and decoding)
     compression  teacher parameters / model parameters
     latency      evaluate's milliseconds per generation batch, the median of its timed passes, with their spread
                  (shown as bars in the plot); seq/s its throughput; weights MB each model's own; peak memory as
@@ -236,18 +236,19 @@ def learns_from_a_teacher(record: dict) -> bool:
     pseudo-targets, cached logits or Joint-Teaching (objective finetune alone is cross-entropy on gold)."""
     config = record.get("config") or {}
     return record.get("kind") == "distill" and (
-        config.get("objective", "finetune") != "finetune" or any(config.get(key) for key in (
+        config.get("objective", "logits_kd") != "finetune" or any(config.get(key) for key in (
             "hidden", "attention", "pseudo_targets", "cached_teacher", "joint_teaching")))
 
 
-def is_distilled(model: str, stages: dict[str, dict]) -> bool:
+def is_distilled(model: str, stages: dict[str, dict], teacher: str | None = None) -> bool:
     """Whether a teacher taught `model`: a stage among those that made it learns from one (a later fine-tune or
-    export keeps it so). The chain stops at a prune: how its teacher was trained does not make the cut copy
-    distilled."""
+    export keeps it so). The chain stops at the prune that cut it from `teacher`: how that teacher was trained
+    does not make its cut copy distilled."""
     for key in stage_chain(model, stages):
         if learns_from_a_teacher(stages[key]):
             return True
-        if stages[key].get("kind") == "prune":
+        config = stages[key].get("config") or {}
+        if stages[key].get("kind") == "prune" and config.get("from") == teacher:
             return False
     return False
 
@@ -323,6 +324,16 @@ def decoded_alike(a: dict, b: dict) -> bool:
     if "decoding_settings" in a and "decoding_settings" in b:
         return a["decoding_settings"] == b["decoding_settings"]
     return a.get("decoding") == b.get("decoding")
+
+
+def scored_alike(a: dict, b: dict) -> bool:
+    """Whether two rows can be compared: the same split and number of examples (where both record it), and for
+    two models the same decoding (a trivial baseline decodes nothing)."""
+    if a.get("split") != b.get("split"):
+        return False
+    if a.get("examples") is not None and b.get("examples") is not None and a["examples"] != b["examples"]:
+        return False
+    return a["model"] in BASELINES or b["model"] in BASELINES or decoded_alike(a, b)
 
 
 def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
@@ -469,40 +480,35 @@ def is_student(row: dict, report: Report) -> bool:
         and row.get("teacher") is not None
 
 
-def scored_alike(a: dict, b: dict) -> bool:
-    """Whether two rows can be compared: the same split and number of examples, and for two models the same
-    decoding (a trivial baseline decodes nothing)."""
-    if a.get("split") != b.get("split") or a.get("examples") != b.get("examples"):
-        return False
-    return a["model"] in BASELINES or b["model"] in BASELINES or decoded_alike(a, b)
-
-
 def seed_runs(row: dict, report: Report) -> list[dict]:
     """The rows of `row`'s seed sweep in its evaluation: the same stage under every variant of a varied stage
     whose variants change nothing but the seed (`kd@seed0`, `kd@seed1`, ...; `final@seed1` after it). Else
     [row]."""
     varied, stage = row.get("variant_of"), row["model"].split("@")[0]
-    changes = list(report.changes.get(varied, {}).values())
+    changes = list(report.changes.get(varied, {}).values()) if varied else []
     is_sweep = any(c != "baseline" for c in changes) and \
         all(c == "baseline" or re.fullmatch(r"seed=-?\d+", c) for c in changes)
-    if not varied or not changes or not is_sweep:
+    if not is_sweep:
         return [row]
     return [r for r in report.rows if r["evaluation"] == row["evaluation"] and r.get("variant_of") == varied
             and r["model"].split("@")[0] == stage]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, sd
 
 
-def described(rows: list[dict], metric: str) -> tuple[str, float, str]:
-    """(name, score, score as text) of one model, or of a seed sweep as its mean and sd over the seeds."""
+def described(rows: list[dict], metric: str) -> tuple[str, str, str]:
+    """(name, name with its seed count, score as text) of one model, or of a seed sweep: its stage name, and its
+    mean and sd over the seeds."""
     mean, sd = mean_sd([r[metric] for r in rows])
     if len(rows) == 1:
-        return rows[0]["model"], mean, f"{mean:.2f}"
-    return f"{rows[0]['model'].split('@')[0]} ({len(rows)} seeds)", mean, f"{mean:.2f} ± {sd:.2f}"
+        return rows[0]["model"], rows[0]["model"], f"{mean:.2f}"
+    name = rows[0]["model"].split("@")[0]
+    return name, f"{name} ({len(rows)} seeds)", f"{mean:.2f} ± {sd:.2f}"
 
 
 def summary(report: Report) -> str | None:
@@ -511,36 +517,45 @@ def summary(report: Report) -> str | None:
     decoding: the same evaluate stage, or another one like it). A seed sweep counts as one student: the mean
     and sd over its seeds, not its luckiest seed."""
     m = report.metric
+
+    def score(runs: list[dict]) -> float:
+        return mean_sd([r[m] for r in runs])[0]
+
     units: dict[tuple, list[dict]] = {}  # one per student or seed sweep, per evaluation
     for r in report.rows:
         if is_student(r, report) and r.get(m) is not None:
             runs = [x for x in seed_runs(r, report) if x.get(m) is not None]
-            units.setdefault(tuple(x["model"] + "|" + x["evaluation"] for x in runs), runs)
+            units.setdefault(tuple((x["model"], x["evaluation"]) for x in runs), runs)
     if not units:
         return None
-    best = max(units.values(), key=lambda runs: mean_sd([r[m] for r in runs])[0])
+    best = max(units.values(), key=score)
     first = best[0]
-    name, score, score_text = described(best, m)
+    name, long_name, score_text = described(best, m)
     alike = [r for r in report.rows if scored_alike(r, first)]
-    teachers = [r for r in report.rows if r["model"] == first["teacher"] and r["evaluation"] == first["evaluation"]]
-    teacher = (teachers or [r for r in alike if r["model"] == first["teacher"]] or [None])[0]
-    words = [f"Best student: {name}, {m.upper()} {score_text}"]
+    same_eval = [r for r in report.rows if r["model"] == first["teacher"] and r["evaluation"] == first["evaluation"]]
+    teacher = (same_eval or [r for r in alike if r["model"] == first["teacher"]] or [None])[0]
+    words = [f"Best student: {long_name}, {m.upper()} {score_text}"]
     if teacher is not None and teacher.get(m):
-        words.append(f", {100 * score / teacher[m]:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
+        words.append(f", {100 * score(best) / teacher[m]:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
         if first.get("compression"):
             words.append(f", {first['compression']:.1f}x fewer parameters")
-        if first.get("seq_per_s") and teacher.get("seq_per_s"):
-            words.append(f", {first['seq_per_s'] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
+        speeds = [r["seq_per_s"] for r in best if r.get("seq_per_s")]
+        # only timings of one evaluate stage: another ran at another time, under another load
+        if same_eval and speeds and teacher.get("seq_per_s"):
+            words.append(f", {mean_sd(speeds)[0] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
     words.append(f" ({first['evaluation']}, {first.get('split', 'test')} split).")
-    # the cross-entropy baselines: students of the same teacher that no distill stage made
+    # the cross-entropy baselines: students of the same teacher that no stage taught, the same size if any is
     ce = [runs for runs in units.values() if runs is not best and scored_alike(runs[0], first)
-          and runs[0]["teacher"] == first["teacher"] and not is_distilled(runs[0]["model"], report.stages)]
-    if not is_distilled(first["model"], report.stages):
+          and runs[0]["teacher"] == first["teacher"]
+          and not is_distilled(runs[0]["model"], report.stages, runs[0]["teacher"])]
+    ce = [runs for runs in ce if runs[0].get("params") == first.get("params")] or ce
+    if not is_distilled(first["model"], report.stages, first["teacher"]):
         words.append(" It is trained on gold alone: no distilled student beats cross-entropy here.")
     elif ce:
-        base_name, base_score, base_text = described(max(ce, key=lambda runs: mean_sd([r[m] for r in runs])[0]), m)
-        words.append(f" The cross-entropy student {base_name} scores {base_text} ({score - base_score:+.2f} "
-                     f"for {name.split(' (')[0]}).")
+        base = max(ce, key=score)
+        _, base_name, base_text = described(base, m)
+        words.append(f" The cross-entropy student {base_name} scores {base_text} ({score(best) - score(base):+.2f} "
+                     f"for {name}).")
     trivial = {r["model"]: f"{BASELINES[r['model']]} {r[m]:.2f}" for r in alike if r["model"] in BASELINES}
     if trivial:
         words.append(" Trivial baselines: " + ", ".join(trivial.values()) + ".")

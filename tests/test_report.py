@@ -219,12 +219,13 @@ def test_a_teacher_row_decoded_otherwise_is_not_the_reference_of_another_evaluat
 def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_evaluations_alike(tmp_path):
     """The best student of a seed sweep is its mean ± sd, not its luckiest seed; the teacher, the cross-entropy
     students and the trivial baselines come from another evaluate stage that scored the same examples alike, and
-    not from one that decoded otherwise. The teacher was itself trained by a distill stage (objective finetune):
-    that neither makes its pruned copy's fine-tune "distilled" nor the cross-entropy distill stage a KD one."""
+    not from one that decoded otherwise or scored other examples. The teacher was itself distilled from a bigger
+    model: that does not make its pruned copy's fine-tune "distilled", nor a distill stage with objective finetune
+    a KD one. Speeds are compared only within one evaluate stage."""
     from nlgkd.report import summary
 
     run = tmp_path / "seeds"
-    write_stage(run, "teacher", "distill", {"student": "fresh", "objective": "finetune"})
+    write_stage(run, "teacher", "distill", {"student": "fresh", "teacher": "big", "objective": "logits_kd"})
     write_stage(run, "student", "prune", {"from": "teacher", "decoder_layers": [0]})
     for i in range(3):
         write_stage(run, f"kd@seed{i}", "distill", {"student": "student", "teacher": "teacher",
@@ -241,6 +242,10 @@ def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_ev
         "copy_source": {"bleu": 12.0, "chrf": 30.0, "split": "test", "examples": 100, "decoding": "greedy"}}))
     greedy = write_stage(run, "eval_greedy", "evaluate", {"models": ["teacher"]})
     (greedy / "metrics.json").write_text(json.dumps({"teacher": metrics(20.0, 4000, split="test", examples=100)}))
+    fewer = write_stage(run, "eval_fewer", "evaluate", {"models": ["teacher"], "max_examples": 10})
+    (fewer / "metrics.json").write_text(json.dumps({
+        "teacher": metrics(50.0, 4000, **{**beam, "examples": 10}),
+        "most_frequent_target": {"bleu": 1.0, "split": "test", "examples": 10, "decoding": "greedy"}}))
     sweep = write_stage(run, "eval_kd", "evaluate", {"models": ["kd"]})
     (sweep / "metrics.json").write_text(json.dumps({
         f"kd@seed{i}": metrics(bleu, 2000, variant=f"seed{i}", variant_of="kd", **beam)
@@ -248,6 +253,6 @@ def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_ev
 
     text = summary(collect(run))
     assert text.startswith("Best student: kd (3 seeds), BLEU 34.00 ± 1.00, 85.0% of its teacher (teacher, 40.00), "
-                           "2.0x fewer parameters")
+                           "2.0x fewer parameters (eval_kd, test split).")
     assert "The cross-entropy student ce_distill_kind scores 31.00 (+3.00 for kd)." in text
     assert text.endswith("Trivial baselines: copying the source 12.00.")
