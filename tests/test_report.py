@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from nlgkd.cli import main as cli_main
-from nlgkd.report import ReportError, collect, flops_per_token
+from nlgkd.flops import flops_per_token
+from nlgkd.report import ReportError, collect
 
 
 def write_stage(run_dir: Path, key: str, kind: str, config: dict, **facts) -> Path:
