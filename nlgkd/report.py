@@ -430,7 +430,9 @@ def summary(report: Report) -> str | None:
             units.setdefault(tuple((x["model"], x["evaluation"]) for x in runs), runs)
     if not units:
         return None
-    best = max(units.values(), key=score)
+    # scores of different splits do not compare: the test split's, where there are any
+    on_test = [runs for runs in units.values() if runs[0].get("split", "test") == "test"]
+    best = max(on_test or units.values(), key=score)
     first = best[0]
     name, long_name, score_text = described(best, m)
     alike = [r for r in report.rows if scored_alike(r, first)]

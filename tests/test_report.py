@@ -252,6 +252,10 @@ def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_ev
         f"kd@seed{i}": metrics(bleu, 2000, variant=f"seed{i}", variant_of="kd", **beam)
         for i, bleu in enumerate([33.0, 35.0, 34.0])}))
 
+    # a higher score on the validation split is no better student: scores of different splits do not compare
+    select = write_stage(run, "eval_select", "evaluate", {"models": ["ce"], "split": "validation"})
+    (select / "metrics.json").write_text(json.dumps({"ce": metrics(60.0, 2000, **{**beam, "split": "validation"})}))
+
     text = summary(collect(run))
     assert text.startswith("Best student: kd (3 seeds), BLEU 34.00 ± 1.00, 85.0% of its teacher (teacher, 40.00), "
                            "2.0x fewer parameters (eval_kd, test split).")
