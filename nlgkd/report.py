@@ -38,6 +38,7 @@ import html
 import json
 import math
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,9 +399,7 @@ def seed_runs(row: dict, report: Report) -> list[dict]:
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def described(rows: list[dict], metric: str) -> tuple[str, str, str]:
