@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 import statistics
 from collections import Counter
