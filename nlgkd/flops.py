@@ -74,10 +74,7 @@ def flops_per_token(model_dir: Path, source_tokens: float | None, output_tokens:
         if match:
             layers[side].add(match.group(1))
         if not EMBEDDING.search(name):
-            numel = 1
-            for n in shape:
-                numel *= n
-            params[side] += numel
+            params[side] += math.prod(shape)
     d = config.get("d_model") or config.get("hidden_size") or config.get("n_embd")
     vocab = config.get("vocab_size")
     heads, d_kv = config.get("num_heads"), config.get("d_kv")

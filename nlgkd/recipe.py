@@ -447,8 +447,7 @@ def _with_variant_seed(recipe: Recipe, stage: Stage, varied: str, variant: str) 
     config = stage.config
     if not hasattr(config, "seed") or config.seed is not None:  # a kind without a seed, or a seed of its own
         return config
-    source = next(s for s in recipe.stages if s.name == varied)
-    seeds = {name: getattr(c, "seed", None) for name, c in source.variants.items()}
+    seeds = {name: getattr(c, "seed", None) for name, c in recipe.stage(varied).variants.items()}
     if len(set(seeds.values())) < 2:  # not a seed sweep: every variant trains with the same seed
         return config
     return dataclasses.replace(config, seed=seeds[variant])

@@ -238,13 +238,17 @@ def scored_alike(a: dict, b: dict) -> bool:
     return a["model"] in BASELINES or b["model"] in BASELINES or decoded_alike(a, b)
 
 
-def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
+def teacher_row(row: dict, rows: list[dict]) -> dict | None:
+    """The row of `row`'s teacher it is compared with: in the same evaluate stage, else in one that scored
+    alike; None without one."""
     teacher = row["teacher"]
-    reference = None
-    if teacher is not None:
-        same_stage = [r for r in rows if r["model"] == teacher and r["evaluation"] == row["evaluation"]]
-        alike = [r for r in rows if r["model"] == teacher and scored_alike(r, row)]
-        reference = (same_stage or alike or [None])[0]
+    same_stage = [r for r in rows if r["model"] == teacher and r["evaluation"] == row["evaluation"]]
+    alike = [r for r in rows if r["model"] == teacher and scored_alike(r, row)]
+    return (same_stage or alike or [None])[0]
+
+
+def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric: str) -> None:
+    reference = teacher_row(row, rows)
     score, params = row.get(metric), row.get("params")
     if reference and reference.get(metric) and score is not None:
         row["pct_teacher"] = 100.0 * score / reference[metric]
@@ -434,8 +438,7 @@ def summary(report: Report) -> str | None:
     first = best[0]
     name, long_name, score_text = described(best, m)
     alike = [r for r in report.rows if scored_alike(r, first)]
-    same_eval = [r for r in report.rows if r["model"] == first["teacher"] and r["evaluation"] == first["evaluation"]]
-    teacher = (same_eval or [r for r in alike if r["model"] == first["teacher"]] or [None])[0]
+    teacher = teacher_row(first, report.rows)
     words = [f"Best student: {long_name}, {m.upper()} {score_text}"]
     if teacher is not None and teacher.get(m):
         words.append(f", {100 * score(best) / teacher[m]:.1f}% of its teacher ({teacher['model']}, {teacher[m]:.2f})")
@@ -443,7 +446,7 @@ def summary(report: Report) -> str | None:
             words.append(f", {first['compression']:.1f}x fewer parameters")
         speeds = [r["seq_per_s"] for r in best if r.get("seq_per_s")]
         # only timings of one evaluate stage: another ran at another time, under another load
-        if same_eval and speeds and teacher.get("seq_per_s"):
+        if teacher["evaluation"] == first["evaluation"] and speeds and teacher.get("seq_per_s"):
             words.append(f", {mean_sd(speeds)[0] / teacher['seq_per_s']:.1f}x the teacher's sequences/s")
     words.append(f" ({first['evaluation']}, {first.get('split', 'test')} split).")
     # the cross-entropy baselines: students of the same teacher that no stage taught, the same size if any is
