@@ -258,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = [a for a in argv if a not in ("-v", "--verbose")]
     if args.verbose:
         os.environ["NLGKD_VERBOSE"] = "1"  # and the stage processes of --jobs
+    from .progress import use_process_private_progress_lock
     from .quiet import quiet_known_noise
 
     quiet_known_noise()
+    use_process_private_progress_lock()
     from .runner import StageError
 
     from .errors import ModelLoadError

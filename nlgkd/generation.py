@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import causal_prompt, pad
 from .hf_compat import CACHE_KWARG
 from .models import is_causal
+from .progress import progress_bar
 from .config import DecodingConfig
 
 EMPTY_INPUT_ERROR = "generation: input {i} is empty after tokenization; drop empty sources from the data"
@@ -216,7 +216,7 @@ def generate(
         unwrapped.eval()
     mine = [j for j in range(len(batches)) if j % world == rank]
     made: dict[int, list[list[str]]] = {}
-    bar = tqdm(total=len(batches), desc=desc, disable=not (accelerator.is_main_process and progress), leave=False)
+    bar = progress_bar(total=len(batches), desc=desc, disable=not (accelerator.is_main_process and progress), leave=False)
     bar.update(len(done))
     for j in mine:
         if j in done:

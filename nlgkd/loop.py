@@ -26,9 +26,9 @@ from typing import Callable
 import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from .config import TrainArgs
+from .progress import progress_bar
 
 LossFn = Callable[[torch.nn.Module, dict, float], "tuple[torch.Tensor, dict[str, float]]"]
 # (model, micro-batches, step) -> (micro-batches, logs): lets a stage replace targets before tokens are counted
@@ -121,7 +121,7 @@ def train(
         # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
         accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
     # leave=False: when the stage ends its "finished" line replaces the bar
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process,
+    bar = progress_bar(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process,
                leave=False)
     started, cpu_started = time.time(), time.process_time()
     earlier = dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0}))

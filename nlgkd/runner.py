@@ -114,9 +114,9 @@ class StageContext:
     def log(self, message: str) -> None:
         """A line on the main process, above any progress bar (tqdm.write), never glued to one."""
         if self.accelerator.is_main_process:
-            from tqdm.auto import tqdm
+            from .progress import write_above_bars
 
-            tqdm.write(f"[{self.stage.key}] {message}")
+            write_above_bars(f"[{self.stage.key}] {message}")
 
     def data(self):
         return self.runner.data()

@@ -17,6 +17,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# bars lock within this process only: a forked child SIGKILLed mid-bar (kill_once) would otherwise leave tqdm's
+# multiprocessing lock taken, and this worker's next bar would wait for it forever (nlgkd/progress.py)
+from nlgkd.progress import use_process_private_progress_lock  # noqa: E402
+
+use_process_private_progress_lock()
+
 TINY_RECIPE = {
     "name": "tiny",
     "seed": 0,

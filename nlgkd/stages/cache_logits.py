@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data import collate, encode
+from ..progress import progress_bar
 from ..pseudo_target_data import encode_pseudo_targets
 from ..models import forward_on_targets, is_causal
 from ..fingerprints import data_fingerprint, tokenizer_hash
@@ -62,7 +62,7 @@ def run(ctx) -> None:
     pad_id = tokenizer.pad_token_id
     batches = [list(range(i, min(i + cfg.batch_size, len(examples)))) for i in range(0, len(examples), cfg.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % acc.num_processes == acc.process_index]
-    for rows in tqdm(mine, desc="cache teacher", disable=not acc.is_main_process):
+    for rows in progress_bar(iterable=mine, desc="cache teacher", disable=not acc.is_main_process):
         batch = collate([examples[i] for i in rows], pad_id=pad_id, causal=is_causal(teacher),
                         sep_id=tokenizer.eos_token_id)
         batch = {key: value.to(acc.device) for key, value in batch.items()}

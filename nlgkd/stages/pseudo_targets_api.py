@@ -102,7 +102,7 @@ def run(ctx) -> None:
 
 
 def _run_main(ctx) -> None:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar, write_above_bars
 
     cfg = ctx.config
     api = cfg.teacher_api
@@ -126,14 +126,14 @@ def _run_main(ctx) -> None:
         started = time.perf_counter()
         if todo:
             budget = Budget(api.max_cost, api.max_total_tokens, api.input_price, api.output_price)
-            bar = tqdm(total=len(todo), desc=f"api {ctx.stage.name}", leave=False)
+            bar = progress_bar(total=len(todo), desc=f"api {ctx.stage.name}", leave=False)
 
             def done() -> None:
                 bar.update(1)
                 bar.set_postfix(retries=stats.retries, failed=stats.failures, cost=f"{stats.cost:.4f}")
 
             sender = Sender(api, cache, stats, budget, ctx.stage.name, api_key, on_done=done,
-                            warn=lambda m: tqdm.write(f"[{ctx.stage.name}] {m}"))
+                            warn=lambda m: write_above_bars(f"[{ctx.stage.name}] {m}"))
             answers.update(asyncio.run(sender.run(todo)))
             bar.close()
             stats.seconds = round(time.perf_counter() - started, 2)
