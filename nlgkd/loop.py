@@ -25,6 +25,7 @@ from typing import Callable
 
 import safetensors.torch
 import torch
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 
 from .config import TrainArgs
@@ -109,6 +110,9 @@ def train(
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": [],
              "elapsed": {"wall": 0.0, "cpu": 0.0}}  # spent by this stage up to the checkpoint, across resumes
     resumed_from = None
+    # dropout, noisy-KD teachers and sampled rollouts draw from the global generators: seed them here, not
+    # wherever the process happens to be after loading models and data (a resumed run restores their state)
+    set_seed(seed, device_specific=True)
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         accelerator.load_state(str(latest))

@@ -160,6 +160,28 @@ def test_a_recipe_killed_in_its_2nd_or_3rd_training_stage_resumes_to_the_same_we
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage
 
 
+def test_a_stage_from_an_earlier_stages_model_trains_the_same_twice(tmp_path, tiny_recipe):
+    # dropout draws from the global generator; a stage that loads an earlier model (no fresh init seeds it)
+    # used to start from wherever loading left that generator, so two runs logged different losses
+    tiny_recipe["models"]["teacher"]["dropout"] = 0.3
+    tiny_recipe["stages"] = [
+        {**tiny_recipe["stages"][0], "max_steps": 4, "save_every": None},
+        {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [0]},
+        {"name": "student_ft", "kind": "finetune", "model": "student", "max_steps": 6, "batch_size": 16,
+         "log_every": 1, "eval_every": 1000, "eval_samples": 0, "save_every": None},
+    ]
+    runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
+    runner.run()
+    metrics = tmp_path / "tiny" / "student_ft" / "metrics.jsonl"
+    first = [json.loads(line) for line in metrics.read_text().splitlines()]
+    torch.rand(7)  # the generator elsewhere than after the first run's loading: a second run must not care
+    runner.run(only="student_ft", force=True)
+    again = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [row["loss"] for row in first if "loss" in row]
+    assert len(losses) == 6 and losses == [row["loss"] for row in again if "loss" in row]
+    assert first == again
+
+
 def test_two_processes_give_the_same_results_as_one(trained, two_processes):
     # a fresh model (its tokenizer trained, checkpoints saved) fine-tuned on 2 processes, then evaluated
     two = two_processes
