@@ -72,11 +72,14 @@ def test_a_float32_export_decodes_exactly_as_pytorch(arch, demo_data, accelerato
         assert min(len(o[0]) for o in expected) > 10
 
 
-def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(demo_data, accelerator, tmp_path, capsys):
+def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(trained, demo_data, accelerator, tmp_path, capsys):
     from nlgkd.cli import main
 
-    model, tokenizer = fresh_model("mbart", demo_data, tmp_path / "model")
-    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "int8")]) == 0  # int8 by default
+    # a trained model: a random one's logits are near ties everywhere, and which of them int8 rounding flips
+    # depends on the CPU's int8 kernels (16 of 24 outputs agreed on one machine, all on another)
+    folder = trained[1] / "tiny" / "teacher"
+    model, tokenizer = load_pretrained(str(folder))
+    assert main(["export", str(folder), "--out", str(tmp_path / "int8")]) == 0  # int8 by default
     assert "as ctranslate2 int8" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "int8" / "nlgkd_export.json").read_text())
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == [
