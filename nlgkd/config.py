@@ -165,7 +165,8 @@ class ModelConfig:
         default="bpe", metadata=doc("algorithm of the tokenizer trained for a fresh model")
     )
     tokenizer_from: Optional[str] = field(
-        default=None, metadata=ref("model", "share this model's tokenizer instead of training one")
+        default=None, metadata=ref("model", "use this model's tokenizer: fresh, instead of training one; "
+                                            "pretrained, for a folder saved without its tokenizer files")
     )
     vocab_size: int = field(default=2000, metadata=doc("vocabulary of a trained tokenizer", ge=1))
     init_std: Optional[float] = field(default=None, metadata=doc(
@@ -185,7 +186,8 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------- stages
 @dataclass(kw_only=True)
 class DecodingConfig:
-    """How text is generated (evaluation, pseudo-targets)."""
+    """How text is generated on every path; `nlgkd.generation.generation_config` makes it one explicit
+    GenerationConfig (the checkpoint's own contributes its token ids and what `from_checkpoint` names)."""
 
     strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = field(default="greedy", metadata=doc(
         "greedy; beam (num_beams); diverse_beam (num_beams in num_beam_groups); sample (temperature, top_k, "
@@ -196,13 +198,25 @@ class DecodingConfig:
     length_penalty: float = field(default=1.0, metadata=doc("beam: > 1 favours longer outputs, < 1 shorter"))
     early_stopping: bool = field(default=True, metadata=doc(
         "beam: end once num_beams outputs have ended (true); false: transformers' default heuristic, which goes on "
-        "while a better output is still likely (longer outputs, often a higher BLEU for small models, a little slower)"))
+        "while a better output is still likely"))
     temperature: float = field(default=1.0, metadata=doc("sample: softmax temperature", gt=0))
-    top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: all)", ge=0))
+    top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: off, the whole vocabulary)", ge=0))
     top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))
     num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
-    max_new_tokens: int = field(default=64, metadata=doc("longest output in tokens", ge=1))
+    max_new_tokens: Optional[int] = field(default=None, metadata=doc(
+        "longest output in tokens (default: data.max_target_length); never more than the model's positions", ge=1))
+    min_new_tokens: int = field(default=0, metadata=doc("shortest output in tokens before EOS may come (0: off)", ge=0))
     no_repeat_ngram_size: int = field(default=0, metadata=doc("forbid repeating any n-gram of this size (0: off)", ge=0))
+    repetition_penalty: float = field(default=1.0, metadata=doc(
+        "divide the score of tokens already in the output by this (1.0: off; CTRL's penalty)", gt=0))
+    forced_bos_token: Optional[str] = field(default=None, metadata=doc(
+        "a token every output starts with, e.g. an mBART-50 language code (de_DE); default: the checkpoint's "
+        "forced_bos_token_id, if it has one"))
+    from_checkpoint: list[Literal["min_length", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
+                                  "num_beams", "forced_eos_token_id"]] = field(default_factory=list, metadata=doc(
+        "search settings taken from the model folder's own generation_config.json, in transformers' meaning, "
+        "instead of this block's (e.g. [min_length, no_repeat_ngram_size, length_penalty] for a summarization "
+        "checkpoint); by default the checkpoint's are ignored"))
     batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1))
     dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
 
@@ -243,6 +257,10 @@ class TrainArgs:
     fused_adamw: Literal["auto", "yes", "no"] = field(default="auto", metadata=doc(
         "torch's fused AdamW kernel: one launch for all parameters. auto = yes on a GPU, no on a CPU"))
     seed: Optional[int] = field(default=None, metadata=doc("default: the recipe seed"))
+    validation_decoding: Optional[DecodingConfig] = field(default=None, metadata=doc(
+        "how validation decodes for BLEU/chrF (early stopping, the kept weights) and the teacher check; default: "
+        "as the recipe's first evaluate stage decodes (greedy when it has none), so they judge the outputs the "
+        "table reports. Only a block written here is part of the stage's fingerprint"))
     report_to: list[str] = field(default_factory=list, metadata=doc("accelerate trackers, e.g. [tensorboard]"))
 
 
@@ -335,21 +353,23 @@ class JointTeachingConfig:
     schedule: Literal["alternate", "random"] = field(
         default="alternate", metadata=doc("alternate: evenly spread; random: seeded coin per step"))
     decoding: DecodingConfig = field(
-        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95, max_new_tokens=64),
-        metadata=doc("how the student samples its prefixes"))
+        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95),
+        metadata=doc("how the student writes its prefixes, one per input of the training micro-batch "
+                     "(num_return_sequences 1, batch_size unused; steps_per_draw draws more at once)"))
     steps_per_draw: int = field(default=1, metadata=doc(
-        "student steps served by one sampling call: it samples this many prefixes for each input of its batch, "
-        "and this student step and the next steps_per_draw - 1 train on them (in place of their own batches' "
-        "inputs, so (k - 1) of every k student-step batches go unused). Faster where sampling costs per decoding "
-        "step more than per sequence (CPUs, small students); the prefixes are then on average about "
-        "(k - 1) / student_ratio optimizer steps old, and a resumed stage draws afresh (pending prefixes are not "
-        "checkpointed). Needs decoding.strategy: sample", ge=1))
+        "student steps served by one sampling call of k prefixes per input (the next k - 1 student steps train on "
+        "them instead of their own batches); prefixes are then about (k - 1) / student_ratio steps old, and a "
+        "resumed stage draws afresh. Needs decoding.strategy: sample", ge=1))
     stop_share: float = field(default=1.0, metadata=doc(
         "sampling ends once this share of the samples has written EOS; the others are cut there and train as the "
         "prefixes they are (no EOS counted). 1.0: when every sample has ended or max_new_tokens is reached. "
         "Below 1 (e.g. 0.9) one rambling sample no longer sets how long a whole batch decodes", gt=0, le=1))
 
     def __post_init__(self):
+        if self.decoding.num_return_sequences != 1:
+            raise RecipeError(f"joint_teaching.decoding.num_return_sequences: the student writes one prefix per input "
+                              f"for each student step (it is {self.decoding.num_return_sequences}); set it to 1, and "
+                              "steps_per_draw to draw several at once")
         if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
             raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
                               f"with different samples of the same inputs, so it needs decoding.strategy: sample "

@@ -114,6 +114,7 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
     ctranslate2 = require_ctranslate2()
     from transformers import AutoTokenizer
 
+    from .generation import position_limit
     from .metrics import count_parameters
     from .models import load_pretrained
 
@@ -145,8 +146,9 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
         engine_version = getattr(ctranslate2, "__version__", "unknown")
     manifest = {"format": fmt, "quantization": quantization, "source": str(model_dir), "model_type": family,
                 "is_encoder_decoder": encoder_decoder, "params": count_parameters(model),
-                # BART-family generate forces EOS as the last allowed token; the engine then stops one earlier
-                "forced_eos_token_id": getattr(model.generation_config, "forced_eos_token_id", None),
+                # the checkpoint's forced BOS (mBART-50's language code, BART's <s>), which nlgkd's decoding keeps
+                "forced_bos_token_id": getattr(model.generation_config, "forced_bos_token_id", None),
+                "position_limit": position_limit(model),
                 "weights_mb": (folder / "model.bin").stat().st_size / 2**20, "ctranslate2": engine_version}
     (folder / EXPORT_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -182,12 +184,28 @@ class EngineModel:
         return f"ctranslate2 {self.manifest['quantization']}"
 
     def options(self, decoding: DecodingConfig) -> dict:
-        """CTranslate2's decoding options for nlgkd's decoding config."""
+        """CTranslate2's decoding options for nlgkd's decoding config, field by field what
+        `nlgkd.generation.generation_config` gives transformers; what the engine cannot do is refused."""
+        if decoding.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
+                             "greedy, beam or sample")
+        if decoding.from_checkpoint:
+            raise ValueError(f"decoding.from_checkpoint: {decoding.from_checkpoint} is not available on a CTranslate2 "
+                             "export (it keeps no generation_config); write those settings into the decoding block")
+        if decoding.max_new_tokens is None:
+            raise ValueError("decoding.max_new_tokens: not resolved; recipes fill it from data.max_target_length")
+        if decoding.repetition_penalty != 1.0:  # measured: the float32 engine then ended outputs earlier
+            raise ValueError("decoding.repetition_penalty: transformers also penalizes the decoder's start token or "
+                             "the prompt, CTranslate2 only generated tokens, so an export would decode otherwise; "
+                             "set it to 1.0 for an exported model, or evaluate the PyTorch folder")
         k = decoding.num_return_sequences
-        # where transformers forces EOS at the last step, that step writes no text: the engine stops before it
-        forced_eos = self.manifest.get("forced_eos_token_id") is not None
-        common = {"max_decoding_length": max(1, decoding.max_new_tokens - forced_eos), "num_hypotheses": k,
-                  "no_repeat_ngram_size": decoding.no_repeat_ngram_size, "return_end_token": True}
+        max_new = decoding.max_new_tokens
+        limit = self.manifest.get("position_limit")
+        if limit is not None and self.encoder_decoder:  # the decoder start token takes the first position
+            max_new = min(max_new, limit - 1)
+        common = {"max_decoding_length": max_new, "min_decoding_length": decoding.min_new_tokens,
+                  "num_hypotheses": k, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+                  "return_end_token": True}
         if decoding.strategy == "greedy":
             return {**common, "beam_size": 1}
         if decoding.strategy == "beam":
@@ -195,12 +213,19 @@ class EngineModel:
                 raise ValueError("decoding.early_stopping: false has no CTranslate2 equivalent (its beam search "
                                  "ends once num_beams outputs have ended); set it to true for an exported model")
             return {**common, "beam_size": max(decoding.num_beams, k), "length_penalty": decoding.length_penalty}
-        if decoding.strategy == "sample":
-            # nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)
-            return {**common, "beam_size": 1, "sampling_topk": decoding.top_k, "sampling_topp": decoding.top_p,
-                    "sampling_temperature": decoding.temperature}
-        raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
-                         "greedy, beam or sample")
+        # sample; nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)
+        return {**common, "beam_size": 1, "sampling_topk": decoding.top_k, "sampling_topp": decoding.top_p,
+                "sampling_temperature": decoding.temperature}
+
+    def forced_bos(self, decoding: DecodingConfig) -> str | None:
+        """The token every output starts with, as a token string (CTranslate2's target prefix), or None."""
+        if decoding.forced_bos_token is not None:
+            if self.tokenizer.convert_tokens_to_ids(decoding.forced_bos_token) in (None, self.tokenizer.unk_token_id):
+                raise ValueError(f"decoding.forced_bos_token: {decoding.forced_bos_token!r} is not a token of the "
+                                 "model's tokenizer; give one of its special tokens, e.g. a language code")
+            return decoding.forced_bos_token
+        forced = self.manifest.get("forced_bos_token_id")
+        return None if forced is None else self.tokenizer.convert_ids_to_tokens(forced)
 
     def generate_ids(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[list[int]]]:
         """K generated token-id rows per source (continuations only, EOS kept where the model wrote it)."""
@@ -210,15 +235,22 @@ class EngineModel:
             self._ctranslate2.set_random_seed(seed)
         if self.encoder_decoder:
             tokens = [tok.convert_ids_to_tokens(ids) for ids in source_ids]
-            # min_decoding_length 0: end-of-sequence may come first, as in transformers (the engine's default is 1)
-            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), min_decoding_length=0,
-                                                  **options)
+            forced = self.forced_bos(decoding)
+            prefix = {"target_prefix": [[forced]] * len(tokens)} if forced is not None else {}
+            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
         else:
             from .data import causal_prompt
 
             prompts = [tok.convert_ids_to_tokens(causal_prompt(ids, tok.eos_token_id)) for ids in source_ids]
             max_length = options.pop("max_decoding_length")
+            limit = self.manifest.get("position_limit")
+            if limit is not None:  # the positions left after the longest prompt, as generation_config cuts
+                max_length = min(max_length, limit - max(len(p) for p in prompts))
+                if max_length < 1:
+                    raise ValueError(f"decoding: a prompt of {max(len(p) for p in prompts)} tokens leaves none of "
+                                     f"the model's {limit} positions to generate; lower data.max_source_length")
             results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
+                                                 min_length=options.pop("min_decoding_length"),
                                                  include_prompt_in_result=False, **options)
         # a Translator's results hold hypotheses, a Generator's sequences
         outputs = [result.hypotheses if self.encoder_decoder else result.sequences for result in results]

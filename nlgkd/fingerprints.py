@@ -4,9 +4,12 @@
     file_checksums     size and sha256 of every file a stage wrote (checked before a later stage reads them)
     tokenizer_hash     a tokenizer's vocabulary (a logit cache or soft targets fit only the same one)
     short_hash         any JSON-able value (configs, reference lists)
+    BEHAVIOUR          each stage kind's behaviour version (a finished stage of an older one runs again)
+    without_added_defaults   a config as fingerprints hash it (fields added since, at their old behaviour, left out)
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +18,51 @@ from typing import Any
 from .config import SPLITS, DataConfig
 
 from .recipe import to_dict
+
+# stage kind -> (behaviour version, what changed in it). Raised when nlgkd changes what a stage of that kind makes
+# from the same config and inputs, so a stage finished by the old code runs again and the re-run says why.
+# Version 1 (every kind before versions existed) is left out of fingerprints: unchanged kinds keep theirs.
+DECODING_AND_SEEDING = ("every decode follows its decoding block (top_k 0 is off, the checkpoint's generation "
+                        "settings only where from_checkpoint names them, max_new_tokens defaults to "
+                        "data.max_target_length) and training seeds its random generators when it starts")
+BEHAVIOUR = {
+    "finetune": (2, DECODING_AND_SEEDING),
+    "distill": (2, DECODING_AND_SEEDING),
+    "pseudo_targets": (2, DECODING_AND_SEEDING),
+    "evaluate": (2, DECODING_AND_SEEDING),
+}
+
+
+def behaviour_version(kind: str) -> int:
+    return BEHAVIOUR.get(kind, (1, ""))[0]
+
+
+# Config fields added after stages were recorded, each with the default that is the behaviour from before it
+# existed. At that default a field is left out of the fingerprint, so upgrading nlgkd does not retrain the
+# stages it finished; set to anything else, it is hashed like every other field.
+ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "validation_decoding": None, "joint_teaching.steps_per_draw": 1,
+                           "joint_teaching.stop_share": 1.0, "decoding.early_stopping": True,
+                           "joint_teaching.decoding.early_stopping": True,
+                           **{f"{block}.{name}": default for block in ("decoding", "joint_teaching.decoding")
+                              for name, default in (("min_new_tokens", 0), ("repetition_penalty", 1.0),
+                                                    ("forced_bos_token", None), ("from_checkpoint", []))}}
+# Speed settings, never hashed (like the CPU thread count): they change the last digits of results at most, and
+# switching one on or off should not retrain a finished stage
+SPEED_ONLY_FIELDS = ("compile", "fused_adamw")
+
+
+def without_added_defaults(config: dict) -> dict:
+    """`config` (to_dict's) without the ADDED_FIELDS_AT_DEFAULT that hold their default and without the
+    SPEED_ONLY_FIELDS."""
+    config = {k: v for k, v in copy.deepcopy(config).items() if k not in SPEED_ONLY_FIELDS}
+    for path, default in ADDED_FIELDS_AT_DEFAULT.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return config
 
 
 def file_checksums(folder: Path, only=None) -> dict[str, dict]:

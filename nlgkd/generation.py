@@ -6,10 +6,11 @@ back in input order, so the output depends on the seed and the batches, not on t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .data import causal_prompt, pad
 from .hf_compat import CACHE_KWARG
@@ -20,32 +21,111 @@ from .config import DecodingConfig
 EMPTY_INPUT_ERROR = "generation: input {i} is empty after tokenization; drop empty sources from the data"
 
 
-def generation_kwargs(decoding: DecodingConfig) -> dict:
-    """transformers `generate` arguments for a decoding config."""
-    kwargs = {
-        "max_new_tokens": decoding.max_new_tokens,
-        "num_return_sequences": decoding.num_return_sequences,
-        "no_repeat_ngram_size": decoding.no_repeat_ngram_size or None,
-    }
+# what decoding.from_checkpoint may take from a model folder's generation_config.json
+CHECKPOINT_FIELDS = ("min_length", "no_repeat_ngram_size", "length_penalty", "repetition_penalty", "num_beams",
+                     "forced_eos_token_id")
+
+
+def position_limit(model) -> int | None:
+    """The most positions the model's decoder has (learned or sinusoidal position tables), or None where
+    positions are relative (T5) or the model has no such limit."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def generation_config(decoding: DecodingConfig, model, tokenizer, *, beams: int | None = None,
+                      returns: int | None = None, prompt_length: int = 0) -> GenerationConfig:
+    """The one place a `decoding:` block becomes transformers settings: an explicit GenerationConfig with every
+    search field set (0 means off), used by every decode nlgkd makes (`generate_with`).
+
+    From the checkpoint (`model.generation_config`) come only its token ids, decoder start and forced BOS (the
+    format the model was trained to write; `decoding.forced_bos_token` names another), and the search fields
+    listed in `decoding.from_checkpoint`. max_new_tokens is cut to the positions the model has (after a
+    decoder-only model's `prompt_length` tokens, or the decoder start token). Ids beyond the tokenizer (a
+    vocabulary padded to a multiple of 8 or 128) are never generated. `beams`/`returns` override the search
+    width (one group of diverse beam search)."""
+    own = getattr(model, "generation_config", None) or GenerationConfig()
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    max_new = decoding.max_new_tokens
+    if max_new is None:
+        raise ValueError("decoding.max_new_tokens: not resolved; recipes fill it from data.max_target_length")
+    limit = position_limit(model)
+    if limit is not None:
+        max_new = min(max_new, limit - (1 if encoder_decoder else prompt_length))
+        if max_new < 1:
+            raise ValueError(f"decoding: the prompt has {prompt_length} tokens and the model {limit} positions, so "
+                             "no room is left to generate; lower data.max_source_length")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fields = dict(
+        max_new_tokens=max_new, min_new_tokens=decoding.min_new_tokens or None,  # None: off
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size, repetition_penalty=decoding.repetition_penalty,
+        length_penalty=1.0, early_stopping=False, num_beams=1, do_sample=False,
+        num_return_sequences=returns or decoding.num_return_sequences,
+        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=own.bos_token_id,
+        decoder_start_token_id=(own.decoder_start_token_id if own.decoder_start_token_id is not None
+                                else getattr(model.config, "decoder_start_token_id", None)),
+        forced_bos_token_id=own.forced_bos_token_id, forced_eos_token_id=None,
+    )
+    if decoding.forced_bos_token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(decoding.forced_bos_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"decoding.forced_bos_token: {decoding.forced_bos_token!r} is not a token of the "
+                             "model's tokenizer; give one of its special tokens, e.g. a language code")
+        fields["forced_bos_token_id"] = token_id
     if decoding.strategy == "greedy":
         if decoding.num_return_sequences > 1:
             raise ValueError("decoding.num_return_sequences: greedy decoding gives one output per input; set "
                              "strategy: sample, beam or diverse_beam for more")
-        kwargs.update(do_sample=False, num_beams=1)
-    elif decoding.strategy == "beam":
-        kwargs.update(do_sample=False, num_beams=max(decoding.num_beams, decoding.num_return_sequences),
-                      length_penalty=decoding.length_penalty, early_stopping=decoding.early_stopping)
-    elif decoding.strategy == "diverse_beam":
-        # transformers 5 moved group beam search to a hub download; nlgkd runs the groups itself, one beam
-        # search each (see diverse_beam_search); these are the arguments of one group's search
-        per_group = beams_per_group(decoding)
-        kwargs.update(do_sample=False, num_beams=per_group, num_return_sequences=per_group)
-        if per_group > 1:
-            kwargs.update(length_penalty=decoding.length_penalty, early_stopping=decoding.early_stopping)
+    elif decoding.strategy in ("beam", "diverse_beam"):
+        width = beams or max(decoding.num_beams, decoding.num_return_sequences)
+        fields.update(num_beams=width)
+        if width > 1:
+            fields.update(length_penalty=decoding.length_penalty, early_stopping=decoding.early_stopping)
     elif decoding.strategy == "sample":
-        kwargs.update(do_sample=True, num_beams=1, temperature=decoding.temperature,
-                      top_k=decoding.top_k or None, top_p=decoding.top_p)
-    return {k: v for k, v in kwargs.items() if v is not None}
+        fields.update(do_sample=True, temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
+    for name in decoding.from_checkpoint:
+        fields[name] = getattr(own, name, None)
+    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+    if vocab > len(tokenizer):  # rows of a padded embedding no token maps to
+        fields["suppress_tokens"] = list(range(len(tokenizer), vocab))
+    return GenerationConfig(**fields)
+
+
+@contextlib.contextmanager
+def only_these_settings(model, config: GenerationConfig):
+    """`generate` fills every field left None in the config it is given from `model.generation_config` (the
+    checkpoint's); with the model's own set to `config` for the call, nothing else takes part."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def generate_with(model, config: GenerationConfig, **inputs):
+    """`model.generate` with exactly `config` (`only_these_settings`)."""
+    with only_these_settings(model, config):
+        return model.generate(**inputs, generation_config=config, **model_cache_kwargs(model))
+
+
+def effective_settings(decoding: DecodingConfig, model, tokenizer) -> dict:
+    """The settings a decode of `model` runs with, as stage.json records them (GenerationConfig's non-default
+    fields; a CTranslate2 export records its engine options)."""
+    if not isinstance(model, torch.nn.Module):
+        return {"engine": model.backend, **model.options(decoding)}
+    settings = generation_config(decoding, model, tokenizer).to_diff_dict()
+    settings.pop("transformers_version", None)
+    if decoding.strategy == "diverse_beam":
+        settings.update(num_beam_groups=decoding.num_beam_groups, diversity_penalty=decoding.diversity_penalty)
+    if settings.get("suppress_tokens"):
+        tokens = settings.pop("suppress_tokens")
+        settings["suppressed_padding_ids"] = f"{tokens[0]}..{tokens[-1]}"
+    return settings
 
 
 def beams_per_group(decoding: DecodingConfig) -> int:
@@ -104,7 +184,7 @@ def ended_as_minus_one(sequences: torch.Tensor, start: int, eos_id: int | None) 
     return marked
 
 
-def diverse_beam_search(model, input_ids, attention_mask, decoding: DecodingConfig, **generate_kwargs) -> torch.Tensor:
+def diverse_beam_search(model, tokenizer, input_ids, attention_mask, decoding: DecodingConfig) -> torch.Tensor:
     """K outputs per input from a *sequential* variant of diverse beam search (Vijayakumar et al., 2018).
 
     The original runs G beam-search groups in lock step and, at every time step, lowers the scores of the
@@ -119,12 +199,13 @@ def diverse_beam_search(model, input_ids, attention_mask, decoding: DecodingConf
     """
     groups = decoding.num_beam_groups
     beams = beams_per_group(decoding)
-    kwargs = {**generation_kwargs(decoding), **generate_kwargs}
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    config = generation_config(decoding, model, tokenizer, beams=beams, returns=beams,
+                               prompt_length=0 if encoder_decoder else input_ids.shape[1])
     batch = input_ids.shape[0]
     # generated text starts after the prompt (decoder-only) or after the decoder start token
-    start = 1 if getattr(model.config, "is_encoder_decoder", False) else input_ids.shape[1]
-    eos_id = generate_kwargs.get("eos_token_id")
-    pad_id = generate_kwargs.get("pad_token_id", 0)
+    start = 1 if encoder_decoder else input_ids.shape[1]
+    eos_id, pad_id = config.eos_token_id, config.pad_token_id
     outputs = []  # per group: [batch, beams, length]
     for _ in range(groups):
         processors = LogitsProcessorList()
@@ -132,8 +213,8 @@ def diverse_beam_search(model, input_ids, attention_mask, decoding: DecodingConf
             previous = torch.cat([ended_as_minus_one(o.flatten(0, 1), start, eos_id).view(batch, beams, -1)
                                   for o in pad_to_same_length(outputs, -1)], dim=1)
             processors.append(PreviousGroupsPenalty(previous, decoding.diversity_penalty, beams))
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
-                             **kwargs, **model_cache_kwargs(model))
+        out = generate_with(model, config, input_ids=input_ids, attention_mask=attention_mask,
+                            logits_processor=processors)
         outputs.append(out.view(batch, beams, -1))
     outputs = pad_to_same_length(outputs, pad_id)
     order = [(g, r) for r in range(beams) for g in range(groups)][: decoding.num_return_sequences]
@@ -153,6 +234,18 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def generate_ids(model, tokenizer, input_ids, attention_mask, decoding: DecodingConfig, **extra) -> torch.Tensor:
+    """K outputs per row of a padded batch, [batch * K, length] token ids as `generate` returns them (after
+    the decoder start token or the prompt); `extra`: more `generate` arguments (stopping criteria)."""
+    if decoding.strategy == "diverse_beam":
+        if extra:
+            raise ValueError("decoding.strategy: diverse_beam takes no stopping criteria (joint_teaching.stop_share)")
+        return diverse_beam_search(model, tokenizer, input_ids, attention_mask, decoding)
+    causal = not getattr(model.config, "is_encoder_decoder", False)
+    config = generation_config(decoding, model, tokenizer, prompt_length=input_ids.shape[1] if causal else 0)
+    return generate_with(model, config, input_ids=input_ids, attention_mask=attention_mask, **extra)
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, source_ids: list[list[int]], decoding: DecodingConfig) -> list[list[str]]:
     """Generate for one batch of tokenized sources; returns K texts per source (continuations only)."""
@@ -165,15 +258,7 @@ def generate_batch(model, tokenizer, source_ids: list[list[int]], decoding: Deco
         input_ids, attention_mask = pad(prompts, pad_id, left=True)
     else:
         input_ids, attention_mask = pad(source_ids, pad_id, left=False)
-    if decoding.strategy == "diverse_beam":
-        out = diverse_beam_search(model, input_ids.to(device), attention_mask.to(device), decoding,
-                                  pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-    else:
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **generation_kwargs(decoding),
-            **model_cache_kwargs(model),
-        )
+    out = generate_ids(model, tokenizer, input_ids.to(device), attention_mask.to(device), decoding)
     if causal:
         out = out[:, input_ids.shape[1] :]
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)

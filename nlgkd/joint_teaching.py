@@ -6,13 +6,14 @@ and the labels made from the samples (`mask_after_eos`). The KD loss on those pr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .generation import generation_kwargs
+from .generation import generate_ids
 
 
 def is_student_step(jt, seed: int, step: int) -> bool:
@@ -61,10 +62,12 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
     if causal:
         raise ValueError("joint_teaching: supported for encoder-decoder students only for now")
     jt = cfg.joint_teaching
-    kwargs = generation_kwargs(jt.decoding)
-    kwargs["num_return_sequences"] = jt.steps_per_draw
+    # the recipe's decoding block, through the same settings function as every other decode; k prefixes per
+    # input when one draw serves k student steps
+    decoding = dataclasses.replace(jt.decoding, num_return_sequences=jt.steps_per_draw)
+    extra = {}
     if jt.stop_share < 1:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([EndedShare(jt.stop_share, tokenizer.eos_token_id)])
+        extra["stopping_criteria"] = StoppingCriteriaList([EndedShare(jt.stop_share, tokenizer.eos_token_id)])
     student_steps: list[int] = []
     pending: list[list[dict]] = []  # windows with sampled targets, for the next student steps
 
@@ -77,9 +80,7 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         for i, batch in enumerate(window):
             torch.manual_seed(seed * 7919 + step * 131 + i * 17 + acc.process_index)
             with torch.no_grad():
-                out = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       **kwargs)
+                out = generate_ids(student, tokenizer, batch["input_ids"], batch["attention_mask"], decoding, **extra)
             samples = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
             filler = (batch["labels"] == -100).all(1)  # filler rows stay ignored (loop.epoch_loader)
             for j in range(k):

@@ -28,8 +28,15 @@ def is_causal(model) -> bool:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
-    """(model, tokenizer) from a hub name or a local `save_pretrained` folder, safetensors weights only."""
+# files a saved tokenizer leaves in a model folder, one of them at least (fast, BPE, SentencePiece, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "source.spm", "tokenizer.model", "vocab.txt")
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                    with_tokenizer: bool = True):
+    """(model, tokenizer) from a hub name or a local `save_pretrained` folder, safetensors weights only;
+    (model, None) with `with_tokenizer=False` (a recipe's `tokenizer_from:` gives it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from . import lstm
@@ -46,6 +53,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
         if what:
             raise ModelLoadError(f"{name_or_path!r} {what}; give a model folder (one with config.json, such as "
                                  "runs/demo/teacher) or a hub name such as facebook/bart-base")
+        if with_tokenizer and not any((folder / name).exists() for name in TOKENIZER_FILES):
+            # transformers would build an empty default tokenizer from config.json alone, and every output be ""
+            raise ModelLoadError(f"{name_or_path!r} has a model but no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}"
+                                 ", ...); copy them from the checkpoint it came from, or give its models: entry "
+                                 "tokenizer_from: a model with the same tokenizer")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:  # ValueError: a config.json without a model_type transformers knows
@@ -62,6 +74,8 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
             f"could not load safetensors weights of {name_or_path!r} ({err}); nlgkd loads only safetensors: "
             "convert the checkpoint with `model.save_pretrained(dir, safe_serialization=True)` first"
         ) from None
+    if not with_tokenizer:
+        return model, None
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers have no pad token
         tokenizer.pad_token = tokenizer.eos_token

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config import (STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, DataSource, ModelConfig, Recipe,
+from .config import (STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
                      RecipeError, Stage, _type_name, check_bounds, yaml_name)
 
 
@@ -227,12 +227,31 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         stages = [_build_stage(s, i) for i, s in enumerate(raw_stages)]
         recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw,
                         on_weak_teacher=on_weak_teacher)
+        resolve_decoding_defaults(recipe)
         check_references(recipe)
         recipe.instances = expand_variants(recipe)
         check_data(recipe)
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     return recipe
+
+
+def resolve_decoding_defaults(recipe: Recipe) -> None:
+    """Fill max_new_tokens, where a decoding block leaves it out, with data.max_target_length, so stage.json
+    and fingerprints hold the length used."""
+
+    def fill(config: Any) -> None:
+        if isinstance(config, DecodingConfig):
+            if config.max_new_tokens is None:
+                config.max_new_tokens = recipe.data.max_target_length
+            return
+        if dataclasses.is_dataclass(config):
+            for f in dataclasses.fields(config):
+                fill(getattr(config, f.name))
+
+    for stage in recipe.stages:
+        for config in [stage.config, *stage.variants.values()]:
+            fill(config)
 
 
 def _build_stage(raw: Any, index: int) -> Stage:

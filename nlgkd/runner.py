@@ -9,7 +9,6 @@ config are unchanged is skipped.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import json
 import os
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .fingerprints import data_fingerprint, file_checksums, short_hash
+from .fingerprints import (ADDED_FIELDS_AT_DEFAULT, BEHAVIOUR, behaviour_version, data_fingerprint, file_checksums,
+                           short_hash, without_added_defaults)
 from .config import SPLITS, ModelConfig, Recipe, RecipeError, Stage
 from .recipe import flatten, input_name, references, to_dict
 
@@ -131,31 +131,6 @@ class StageContext:
     def load_model(self, name: str):
         """(model, tokenizer) for a models: entry or an earlier stage's model, on the CPU."""
         return self.runner.load_model(name, before=self.stage.index)
-
-
-# Config fields added after stages were recorded, each with the default that is the behaviour from before it
-# existed. At that default a field is left out of the fingerprint, so upgrading nlgkd does not retrain the
-# stages it finished; set to anything else, it is hashed like every other field.
-ADDED_FIELDS_AT_DEFAULT = {"group_by_length": False, "joint_teaching.steps_per_draw": 1,
-                           "joint_teaching.stop_share": 1.0, "decoding.early_stopping": True,
-                           "joint_teaching.decoding.early_stopping": True}
-# Speed settings, never hashed (like the CPU thread count): they change the last digits of results at most, and
-# switching one on or off should not retrain a finished stage
-SPEED_ONLY_FIELDS = ("compile", "fused_adamw")
-
-
-def without_added_defaults(config: dict) -> dict:
-    """`config` (to_dict's) without the ADDED_FIELDS_AT_DEFAULT that hold their default and without the
-    SPEED_ONLY_FIELDS."""
-    config = {k: v for k, v in copy.deepcopy(config).items() if k not in SPEED_ONLY_FIELDS}
-    for path, default in ADDED_FIELDS_AT_DEFAULT.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == default:
-            del node[leaf]
-    return config
 
 
 class Runner:
@@ -271,8 +246,10 @@ class Runner:
     def fingerprint_parts(self, stage: Stage) -> dict:
         """What a stage's fingerprint hashes: its kind, resolved config, inputs' fingerprints, the data splits
         it reads and the seed. stage.json keeps them, so a re-run can say what changed (`rerun_reasons`)."""
+        version = behaviour_version(stage.kind)
         return {
             "kind": stage.kind,
+            **({"behaviour": version} if version > 1 else {}),
             "config": without_added_defaults(to_dict(stage.config)),
             "inputs": {where: self.reference_fingerprint(name, stage.index)
                        for where, _, name in references(stage.config)},
@@ -288,6 +265,10 @@ class Runner:
             return []
         now = self.fingerprint_parts(stage)
         reasons = []
+        old_version = record.get("behaviour", 1)
+        if old_version != now.get("behaviour", 1):
+            reasons.append(f"{stage.kind} stages changed since it was made (behaviour {old_version} -> "
+                           f"{now.get('behaviour', 1)}: {BEHAVIOUR[stage.kind][1]})")
         # both without the added fields at their earlier behaviour: a record older than a field lacks it
         old_config = flatten(without_added_defaults(record.get("config") or {}))
         new_config = flatten(now["config"])
@@ -356,8 +337,11 @@ class Runner:
         if model.init == "pretrained":
             if not model.name_or_path:
                 raise RecipeError(f"models.{name}.name_or_path: required with init: pretrained")
-            return load_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
-                                   revision=model.revision)
+            loaded, tokenizer = load_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
+                                                revision=model.revision, with_tokenizer=not model.tokenizer_from)
+            if model.tokenizer_from:  # a folder saved without its tokenizer files
+                _, tokenizer = self.load_model(model.tokenizer_from, before)
+            return loaded, tokenizer
         tokenizer = None
         if model.tokenizer_from:
             _, tokenizer = self.load_model(model.tokenizer_from, before)
@@ -657,6 +641,7 @@ class Runner:
             record = {
                 "name": stage.name,
                 "kind": stage.kind,
+                "behaviour": parts.get("behaviour", 1),
                 "status": "done",
                 "fingerprint": fingerprint,
                 "config": to_dict(stage.config),

@@ -263,33 +263,38 @@ class ServedModel:
         for (_, _, future), answer in zip(batch, answers):
             future.set_result(answer)
 
+    def decoding_for(self, req: ChatRequest) -> DecodingConfig:
+        """The request's settings as a decoding block: served answers decode through the same settings function
+        as every stage (OpenAI sampling has no top-k, so top_k is 0: off)."""
+        greedy = req.temperature == 0.0
+        return DecodingConfig(strategy="greedy" if greedy else "sample", num_return_sequences=1 if greedy else req.n,
+                              temperature=req.temperature if not greedy else 1.0, top_p=req.top_p, top_k=0,
+                              max_new_tokens=self.max_new_tokens(req))
+
     @torch.inference_mode()
     def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]]) -> list[dict]:
         """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts."""
-        from .generation import model_cache_kwargs
+        from .generation import generate_with, generation_config
 
         if self.engine:
             return self.answer_batch_with_engine(batch)
         req = batch[0][0]
-        max_new = self.max_new_tokens(req)
         greedy = req.temperature == 0.0
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        kwargs = dict(max_new_tokens=max_new, pad_token_id=pad_id, eos_token_id=tok.eos_token_id,
-                      return_dict_in_generate=True, output_logits=req.logprobs)
-        if greedy:  # n identical answers: generate once
-            kwargs.update(do_sample=False, num_beams=1, num_return_sequences=1)
-        else:
-            # top_k=0: OpenAI sampling has no top-k, and transformers' default is 50
-            kwargs.update(do_sample=True, num_beams=1, num_return_sequences=req.n, temperature=req.temperature,
-                          top_p=req.top_p, top_k=0)
         # encoder-decoders pad on the right, decoder-only models on the left (their answer follows the prompt)
         input_ids, attention_mask = pad([ids for _, ids in batch], pad_id, left=not self.encoder_decoder)
+        try:  # max_tokens is cut to the positions the model has left: such an answer ends with "length"
+            config = generation_config(self.decoding_for(req), self.model, tok,
+                                       prompt_length=0 if self.encoder_decoder else input_ids.shape[1])
+        except ValueError as err:
+            raise ApiError(400, f"messages: {err}", "messages") from None
+        config.return_dict_in_generate = True
+        config.output_logits = bool(req.logprobs)
         device = next(self.model.parameters()).device
         if req.seed is not None:  # runs alone (batch_key): the seed fixes its samples
             torch.manual_seed(req.seed)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  **kwargs, **model_cache_kwargs(self.model))
+        out = generate_with(self.model, config, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         self.generate_calls += 1
         # after the decoder start token / the padded prompt
         start = 1 if self.encoder_decoder else input_ids.shape[1]
@@ -307,12 +312,8 @@ class ServedModel:
         import random
 
         req = batch[0][0]
-        greedy = req.temperature == 0.0
-        decoding = DecodingConfig(strategy="greedy" if greedy else "sample", num_return_sequences=1 if greedy else req.n,
-                                  temperature=req.temperature if not greedy else 1.0, top_p=req.top_p, top_k=0,
-                                  max_new_tokens=self.max_new_tokens(req))
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        rows = self.model.generate_ids([ids for _, ids in batch], decoding, seed)
+        rows = self.model.generate_ids([ids for _, ids in batch], self.decoding_for(req), seed)
         self.generate_calls += 1
         return [self.answer(request, ids, sequences, None) for (request, ids), sequences in zip(batch, rows)]
 

@@ -25,6 +25,7 @@ from nlgkd.runner import Runner, StageError
 from nlgkd.pseudo_target_data import load_pseudo_targets
 
 from conftest import forked_nlgkd, free_port, kill_once, with_stage
+from test_serve import model_samples
 
 KEY_ENV = "NLGKD_TEST_API_KEY"
 KEY = "sk-test-7f3a9c0e41b2d58a6e0f1c2b3a4d5e6f"  # a fake key; must end up in no file and no log line
@@ -406,9 +407,6 @@ def test_recipe_checks_teacher_fields():
 def test_pts_from_nlgkd_serve_equal_the_models_own_samples(trained):
     """The whole path: stage -> openai client -> HTTP -> nlgkd serve -> the model; PTs and logprob scores
     equal what the model itself samples with the same seed."""
-    import torch
-
-    from nlgkd.generation import model_cache_kwargs
     from nlgkd.serve import create_app, load_served_model
 
     from nlgkd.serve import BackgroundServer
@@ -427,12 +425,9 @@ def test_pts_from_nlgkd_serve_equal_the_models_own_samples(trained):
     sources = list(runner.data()["train"]["source"][:4])
     expected = []
     for source in sources:
-        ids = served.tokenizer(source)["input_ids"]
-        torch.manual_seed(recipe["seed"])
-        out = served.model.generate(input_ids=torch.tensor([ids]), do_sample=True, top_k=0, top_p=0.9,
-                                    temperature=0.8, num_return_sequences=2, max_new_tokens=10,
-                                    **model_cache_kwargs(served.model))
-        texts = served.tokenizer.batch_decode(out, skip_special_tokens=True)
+        _, sequences = model_samples(served, source, seed=recipe["seed"], n=2, top_p=0.9, temperature=0.8,
+                                     max_new_tokens=10)
+        texts = [served.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
         expected += [(source, t.strip()) for t in texts if t.strip()]
     assert [(r["source"], r["pt"]) for r in rows] == expected
     assert all(r["score"] is not None and r["score"] < 0 for r in rows)

@@ -171,3 +171,23 @@ def test_each_objective_is_its_formula_with_the_stages_temperature_and_alpha(tra
     else:
         expected = (1 - alpha) * T**2 * (log_ps.exp() * (log_ps - log_pt)).sum() / normalizer + alpha * ce
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_teacher_with_a_padded_vocabulary_distills_as_the_unpadded_one(trained, tmp_path):
+    # T5 checkpoints carry 32,128 embedding rows for 32,100 tokens; a student with the tokenizer's 32,100 must
+    # distill from them over the ids the tokenizer has, which a padded copy of the tiny teacher stands for here
+    from nlgkd.models import load_pretrained, save_model
+
+    model, tokenizer = load_pretrained(str(trained[1] / "tiny" / "teacher"))
+    model.resize_token_embeddings(len(tokenizer) + 28)  # the extra rows: no token maps to them
+    save_model(model, tokenizer, tmp_path / "padded")
+    losses = {}
+    for name, folder in (("plain", trained[1] / "tiny" / "teacher"), ("padded", tmp_path / "padded")):
+        recipe = copy.deepcopy(trained[0])
+        recipe["models"][f"teacher_{name}"] = {"init": "pretrained", "name_or_path": str(folder)}
+        recipe["stages"].append(distill_stage(f"kd_{name}", teacher=f"teacher_{name}", objective="logits_kd"))
+        runner = Runner(parse_recipe(recipe), runs_root=trained[1])
+        runner.run(only=f"kd_{name}")
+        losses[name] = [json.loads(line) for line in
+                        (runner.run_dir / f"kd_{name}" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in row for row in losses["plain"]) == 3 and losses["padded"] == losses["plain"]

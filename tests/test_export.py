@@ -72,6 +72,28 @@ def test_a_float32_export_decodes_exactly_as_pytorch(arch, demo_data, accelerato
         assert min(len(o[0]) for o in expected) > 10
 
 
+@pytest.mark.parametrize("fields", [
+    dict(strategy="greedy", min_new_tokens=12, no_repeat_ngram_size=2),
+    dict(strategy="beam", num_beams=3, num_return_sequences=2, length_penalty=0.6),
+    dict(strategy="greedy", forced_bos_token="<s>"),
+], ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items() if k != "strategy"))
+def test_a_float32_export_decodes_each_setting_as_pytorch(fields, demo_data, accelerator, tmp_path):
+    model, tokenizer = fresh_model("mbart", demo_data, tmp_path / "random")
+    with torch.no_grad():  # EOS likely from the first step: min_new_tokens and the rest then shape every output
+        model.final_logits_bias[:, tokenizer.eos_token_id] = 6.0
+    save_model(model, tokenizer, tmp_path / "model")
+    model, tokenizer = load_pretrained(str(tmp_path / "model"))
+    export_model(tmp_path / "model", tmp_path / "ct2", quantization="float32")
+    engine = EngineModel(tmp_path / "ct2")
+    decoding = DecodingConfig(**{"max_new_tokens": 24, "batch_size": 8, **fields})
+    expected = outputs_of(model, tokenizer, demo_data, accelerator, decoding)
+    assert outputs_of(engine, engine.tokenizer, demo_data, accelerator, decoding) == expected
+    # what the engine cannot honour is refused, not approximated
+    with pytest.raises(ValueError, match="decoding.repetition_penalty: transformers also penalizes"):
+        outputs_of(engine, engine.tokenizer, demo_data, accelerator, DecodingConfig(**{**fields, "max_new_tokens": 8,
+                                                                                      "repetition_penalty": 1.5}))
+
+
 def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(trained, demo_data, accelerator, tmp_path, capsys):
     from nlgkd.cli import main
 
@@ -103,7 +125,7 @@ def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(trained, demo_d
         outputs_of(engine, engine.tokenizer, demo_data, accelerator, DecodingConfig(strategy="diverse_beam"))
     with pytest.raises(ValueError, match="decoding.early_stopping: false has no CTranslate2 equivalent"):
         outputs_of(engine, engine.tokenizer, demo_data, accelerator,
-                   DecodingConfig(strategy="beam", early_stopping=False))
+                   DecodingConfig(strategy="beam", early_stopping=False, max_new_tokens=8))
 
 
 def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):

@@ -29,6 +29,24 @@ def test_schedule_is_deterministic_and_keeps_its_ratio():
     assert all(is_student_step(JointTeachingConfig(student_ratio=1.0), 0, s) for s in range(50))
 
 
+def samples_as_transformers_draws(student, tokenizer, batch, seed: int, n: int = 1, max_new_tokens: int = 6):
+    """[B * n, T] tokens sampled by transformers with the block's settings written out by hand: the whole
+    vocabulary (top_k 0, top_p 1), no forced EOS and nothing else from the checkpoint's generation_config."""
+    from transformers import GenerationConfig
+
+    reference = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 decoder_start_token_id=student.generation_config.decoder_start_token_id)
+    own, student.generation_config = student.generation_config, reference
+    torch.manual_seed(seed)
+    try:
+        return student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                generation_config=reference)[:, 1:]
+    finally:
+        student.generation_config = own
+
+
 def test_tokens_after_eos_never_count():
     tokens = torch.tensor([[5, 6, 2, 7, 2, 8], [5, 2, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
     labels = mask_after_eos(tokens, eos_id=2)
@@ -50,10 +68,7 @@ def test_student_steps_train_on_student_samples_only(trained):
     assert steps == [0] and logs["student_step"] == 1.0 and window[0]["student_prefix"]
     assert labels.shape[1] <= 6 and not torch.equal(labels[:, :4], gold[:, :4])
     # the counted tokens are exactly the sampled ones up to and including the first EOS
-    torch.manual_seed(0 * 7919 + 0)
-    again = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             do_sample=True, top_p=0.95, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    again = samples_as_transformers_draws(student, tokenizer, batch, seed=0 * 7919 + 0)
     assert torch.equal(labels, mask_after_eos(again, tokenizer.eos_token_id))
 
 
@@ -74,10 +89,7 @@ def test_one_draw_serves_steps_per_draw_student_steps(trained):
     served = [prepare(model, [b], step=s)[0][0] for s, b in enumerate([first, first, second])]
     assert steps == [0, 1, 2]
     # steps 0 and 1: the two samples of each input of step 0's batch, from one generate call
-    torch.manual_seed(0 * 7919 + 0)
-    drawn = student.generate(input_ids=first["input_ids"], attention_mask=first["attention_mask"], do_sample=True,
-                             top_p=0.95, max_new_tokens=6, num_return_sequences=2,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, 1:]
+    drawn = samples_as_transformers_draws(student, tokenizer, first, seed=0 * 7919 + 0, n=2)
     drawn = mask_after_eos(drawn, tokenizer.eos_token_id)
     for j in (0, 1):
         assert torch.equal(served[j]["input_ids"], first["input_ids"])
@@ -111,7 +123,8 @@ def test_a_cut_sample_trains_as_a_prefix_without_eos(trained):
         served[share] = prepare(SimpleNamespace(student=student), [batch], step=0)[0][0]["labels"]
     full, cut = served[1.0], served[0.125]
     # 1 of the 8 samples ending is enough: all stop at the step the first one wrote EOS
-    first_eos = min(int((row == tokenizer.eos_token_id).nonzero()[0]) for row in full)
+    first_eos = min(int((row == tokenizer.eos_token_id).nonzero()[0]) for row in full
+                    if (row == tokenizer.eos_token_id).any())  # a sample cut at max_new_tokens has no EOS
     width = cut.shape[1]
     assert width == first_eos + 1 < full.shape[1]
     # the same seed draws the same tokens: each cut sample is the start of the full one

@@ -276,9 +276,10 @@ def test_t5_with_fewer_encoder_than_decoder_layers_generates():
 
 def test_beam_early_stopping_is_transformers_early_stopping(trained):
     from nlgkd.data import pad
-    from nlgkd.generation import generate_batch, generation_kwargs
+    from nlgkd.generation import generate_batch, generation_config
 
     model, tokenizer, sources = teacher_and_sources(trained)
+    model.generation_config.forced_eos_token_id = None  # the checkpoint's; nlgkd's decoding leaves it off
     input_ids, attention_mask = pad(sources, tokenizer.pad_token_id, left=False)
     for early_stopping in (True, False):
         ours = generate_batch(model, tokenizer, sources, DecodingConfig(
@@ -290,5 +291,6 @@ def test_beam_early_stopping_is_transformers_early_stopping(trained):
     assert DecodingConfig().early_stopping  # the behaviour before the field existed
     for strategy in ("beam", "diverse_beam"):
         for early_stopping in (True, False):
-            kwargs = generation_kwargs(DecodingConfig(strategy=strategy, num_beams=4, early_stopping=early_stopping))
-            assert kwargs["early_stopping"] is early_stopping, strategy
+            config = generation_config(DecodingConfig(strategy=strategy, num_beams=4, early_stopping=early_stopping,
+                                                      max_new_tokens=8), model, tokenizer)
+            assert config.early_stopping is early_stopping, strategy

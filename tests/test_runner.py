@@ -335,17 +335,20 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     teacher, evaluate, distill = runner.recipe.stages
     # what an earlier nlgkd hashed: the same config without the added fields
     before = {name: to_dict(stage.config) for name, stage in (("teacher", teacher), ("distill", distill))}
+    decoding_fields = ("early_stopping", "min_new_tokens", "repetition_penalty", "forced_bos_token", "from_checkpoint")
     for config in before.values():
-        for key in ("group_by_length", "compile", "fused_adamw"):
-            del config[key]
+        for key in ("group_by_length", "compile", "fused_adamw", "validation_decoding"):
+            config.pop(key, None)  # validation_decoding: None, which to_dict leaves out
     jt = before["distill"]["joint_teaching"]
-    del jt["steps_per_draw"], jt["stop_share"], jt["decoding"]["early_stopping"]
+    del jt["steps_per_draw"], jt["stop_share"]
     before["evaluate"] = to_dict(evaluate.config)
-    del before["evaluate"]["decoding"]["early_stopping"]
+    for decoding in (jt["decoding"], before["evaluate"]["decoding"]):
+        for key in decoding_fields:
+            del decoding[key]
     assert runner.fingerprint_parts(teacher)["config"] == before["teacher"]
     assert runner.fingerprint_parts(distill)["config"] == before["distill"]
     assert runner.fingerprint_parts(evaluate)["config"] == before["evaluate"]
-    assert len(ADDED_FIELDS_AT_DEFAULT) == 5
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 2 + 2 + 2 * len(decoding_fields)
     # speed settings are never hashed
     for key, value in (("compile", True), ("fused_adamw", "no")):
         changed = copy.deepcopy(tiny_recipe)
@@ -360,7 +363,9 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
         node = changed["stages"][index]
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = {"group_by_length": True, "steps_per_draw": 2, "stop_share": 0.9, "early_stopping": False}[leaf]
+        node[leaf] = {"group_by_length": True, "steps_per_draw": 2, "stop_share": 0.9, "early_stopping": False,
+                      "validation_decoding": {"strategy": "beam"}, "min_new_tokens": 2, "repetition_penalty": 1.2,
+                      "forced_bos_token": "<s>", "from_checkpoint": ["min_length"]}[leaf]
         other = Runner(parse_recipe(changed), runs_root=tmp_path)
         assert short_hash(other.fingerprint_parts(other.recipe.stages[index])) != \
             short_hash(runner.fingerprint_parts(runner.recipe.stages[index])), path

@@ -23,13 +23,19 @@ def served(trained):
 
 
 def model_samples(served, source: str, seed: int, n: int, **kwargs) -> tuple[list[int], list[list[int]]]:
-    """The model's own sampled continuations (token ids, EOS cut), as `generate` makes them with this seed."""
+    """The model's own sampled continuations (token ids, EOS cut), as `generate` makes them with this seed from
+    the whole vocabulary (top_k 0) and without the checkpoint's forced EOS (served answers are cut, not ended)."""
     from nlgkd.generation import model_cache_kwargs
 
     ids = served.tokenizer(source)["input_ids"]
+    own = served.model.generation_config
+    forced_eos, own.forced_eos_token_id = own.forced_eos_token_id, None
     torch.manual_seed(seed)
-    out = served.model.generate(input_ids=torch.tensor([ids]), do_sample=True, top_k=0, num_return_sequences=n,
-                                **kwargs, **model_cache_kwargs(served.model))
+    try:
+        out = served.model.generate(input_ids=torch.tensor([ids]), do_sample=True, top_k=0, num_return_sequences=n,
+                                    **kwargs, **model_cache_kwargs(served.model))
+    finally:
+        own.forced_eos_token_id = forced_eos
     eos = served.tokenizer.eos_token_id
     sequences = []
     for seq in out[:, 1:].tolist():

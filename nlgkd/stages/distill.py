@@ -343,14 +343,14 @@ def run(ctx) -> None:
     else:
         data_for_epoch = training_data(ctx, cfg, tokenizer, encoded)
     if cfg.teachers_by_task:
-        compute_loss = make_loss_by_task(cfg, teachers, task_teacher_indices(cfg, tasks, names))
+        compute_loss = make_loss_by_task(cfg, teachers, task_teacher_indices(cfg, tasks, names), len(tokenizer))
     elif cfg.cross_tokenizer:
         # the teacher never sees the student's ids: it re-tokenizes each example's text (make_cross_tokenizer_kd)
         compute_loss = make_loss(cfg, [], causal, make_cross_tokenizer_kd(cfg, teachers[0], loaded[0][1], tokenizer,
                                                                           ctx.recipe.data))
         collate_fn = with_texts(collate_fn)
     else:
-        compute_loss = make_loss(cfg, teachers, causal)
+        compute_loss = make_loss(cfg, teachers, causal, vocab_width=len(tokenizer))
     prepare, student_steps = None, []
     if cfg.joint_teaching is not None:
         # the stage's seed (a seed variant samples other prefixes), as the loop's batches use
@@ -442,9 +442,17 @@ def with_denoising(ctx, cfg, tokenizer, encoded, teacher_model_type: str):
     return lambda epoch: task_data(epoch) + denoised(epoch)
 
 
-def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
+def in_vocabulary(logits: Tensor, width: int | None) -> Tensor:
+    """[..., V] logits cut to the tokenizer's `width` ids: a vocabulary padded to a multiple of 8 or 128 (T5's
+    32,128 rows for 32,100 tokens) adds rows no token maps to, and a student and teacher padded differently
+    must still compare distributions over the same ids."""
+    return logits if width is None or logits.shape[-1] <= width else logits[..., :width]
+
+
+def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, vocab_width: int | None = None):
     """compute_loss(model, batch, normalizer) -> (loss, logs) for the loop. `soft_targets(batch)`, when
-    given, adds teacher_topk_ids / teacher_topk_logprobs to each batch (cross_tokenizer), like a cache."""
+    given, adds teacher_topk_ids / teacher_topk_logprobs to each batch (cross_tokenizer), like a cache.
+    `vocab_width`: the shared tokenizer's size; wider logits are cut to it (`in_vocabulary`)."""
     want_hidden = cfg.hidden is not None
     want_attn_probs = cfg.attention is not None and cfg.attention.loss == "tinybert"
     minilm = cfg.attention is not None and cfg.attention.loss == "minilm"
@@ -469,12 +477,13 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
                 t_caps = [hooks.enter_context(QKVCapture(t, sides=a.sides, layers=[a.teacher_layer],
                                                          kinds=a.relations, detach=True)) for t in teachers]
             s_logits, s_out = model(batch, **kwargs)
+            s_logits = in_vocabulary(s_logits, vocab_width)
             t_logits, t_outs = [], []
             # no_grad rather than inference_mode: teacher tensors are read by the student's backward
             with torch.no_grad():
                 for teacher in teachers:
                     logits, out = forward_on_targets(teacher, batch, **kwargs)
-                    t_logits.append(logits)
+                    t_logits.append(in_vocabulary(logits, vocab_width))
                     t_outs.append(out)
 
             logs = {}
@@ -529,14 +538,14 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None):
     return compute_loss
 
 
-def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[int]]):
+def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[int]], vocab_width: int | None = None):
     """compute_loss for multi-task data with per-task teachers (MT-DNN distillation): the rows of each
     task are distilled from that task's teachers (several: their distributions averaged), mixed with gold
     cross-entropy by `alpha`; rows of a task without teachers train on gold cross-entropy alone. Every
     term sums over tokens and divides by the window's token count, so the task groups add up exactly."""
 
     def compute_loss(model, batch, normalizer):
-        s_logits, _ = model(batch)
+        s_logits = in_vocabulary(model(batch)[0], vocab_width)
         mask = batch["labels"] != -100
         word_total = s_logits.new_zeros(())
         ce_total = s_logits.new_zeros(())
@@ -554,7 +563,7 @@ def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[i
                 continue
             sub = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
             with torch.no_grad():  # not inference_mode: teacher tensors are read by the student's backward
-                t_logits = [forward_on_targets(teachers[i], sub)[0] for i in indices]
+                t_logits = [in_vocabulary(forward_on_targets(teachers[i], sub)[0], vocab_width) for i in indices]
             word = OBJECTIVES[cfg.objective](s_logits[rows], t_logits, mask[rows], normalizer, cfg)
             word_total = word_total + word.detach()
             loss = loss + (1 - cfg.alpha) * word + cfg.alpha * ce

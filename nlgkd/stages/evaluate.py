@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..data import encode
-from ..generation import generate, length_buckets
+from ..generation import effective_settings, generate, length_buckets
 from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
 from ..recipe import to_dict
 
@@ -104,6 +104,8 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
         # every setting that changes the outputs (not batch_size): the report takes a teacher row from another
         # evaluate stage as the "% teacher" reference only when these match
         decoding_settings={k: v for k, v in to_dict(cfg.decoding).items() if k != "batch_size"},
+        # what the decode of this model ran with (its GenerationConfig, or the engine's options)
+        generation_settings=effective_settings(cfg.decoding, model, tokenizer),
         # mean token counts, for the report's FLOPs-per-generated-token estimate
         source_tokens=sum(map(len, sources)) / max(1, len(sources)),
         output_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in predictions)

@@ -30,7 +30,7 @@ import datasets
 import torch
 
 from ..data import collate, encode, truncate
-from ..generation import gather_objects, generate, length_buckets
+from ..generation import effective_settings, gather_objects, generate, length_buckets
 from ..models import is_causal, target_logits
 from ..pseudo_target_data import FEATURES, build_rows, collect_inputs, log_examples
 from .pseudo_targets_api import dry_run as dry_run_api, run as run_api
@@ -118,6 +118,7 @@ def run(ctx) -> None:
     ctx.info["pseudo_targets"] = {
         "inputs": per_origin,
         "outputs_per_input": decoding.num_return_sequences,
+        "generation_settings": effective_settings(decoding, model, tokenizer),
         "pts_written": len(rows),
         "empty_dropped": empty,
         "duplicates_dropped": duplicates,

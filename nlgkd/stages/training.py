@@ -12,6 +12,7 @@ from ..losses import cross_entropy_loss
 from ..metrics import text_metrics
 from ..models import is_causal, target_logits
 from ..config import DecodingConfig
+from ..recipe import to_dict
 
 
 def encode_splits(ctx, tokenizer, splits=("train", "validation")) -> dict:
@@ -56,8 +57,10 @@ def cross_entropy_step(model, batch, normalizer, label_smoothing=0.0):
 
 
 @torch.no_grad()
-def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samples: int, batch_size: int) -> dict:
-    """Validation loss (token-level cross-entropy on all of it) and BLEU/chrF of greedy output on a subset."""
+def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samples: int, batch_size: int,
+                       decoding: DecodingConfig) -> dict:
+    """Validation loss (token-level cross-entropy on all of it) and BLEU/chrF on a subset, decoded with the
+    stage's validation_decoding (by default as the recipe's evaluate stage decodes)."""
     acc = ctx.accelerator
     unwrapped = acc.unwrap_model(model)
     unwrapped = getattr(unwrapped, "student", unwrapped)  # distill trains a student+projections module
@@ -79,8 +82,6 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
     n = min(eval_samples, len(encoded_val))
     if n:
         sources = [encoded_val[i]["source_ids"] for i in range(n)]
-        decoding = DecodingConfig(strategy="greedy", batch_size=batch_size,
-                                  max_new_tokens=ctx.recipe.data.max_target_length)
         outputs = generate(unwrapped, tokenizer, sources, decoding, acc, seed=ctx.seed, desc="validate",
                            progress=False)
         scores = text_metrics([o[0] for o in outputs], references[:n])
@@ -89,13 +90,26 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
     return metrics
 
 
+def validation_decoding(ctx, args) -> DecodingConfig:
+    """How a training stage's validation decodes: its own validation_decoding, else as the recipe's first
+    evaluate stage decodes, else greedy up to data.max_target_length; recorded in stage.json."""
+    decoding = args.validation_decoding
+    if decoding is None:
+        evaluate = next((s for s in ctx.recipe.stages if s.kind == "evaluate"), None)
+        decoding = (evaluate.config.decoding if evaluate is not None
+                    else DecodingConfig(max_new_tokens=ctx.recipe.data.max_target_length))
+    ctx.info["validation_decoding"] = to_dict(decoding)
+    return decoding
+
+
 def make_validator(model, tokenizer, encoded, ctx, args):
     """The loop's evaluate callback, or None when the recipe has no validation split."""
     if "validation" not in encoded:
         return None
     references = list(ctx.data()["validation"]["target"])
+    decoding = validation_decoding(ctx, args)
     return lambda m: validation_metrics(m, tokenizer, encoded["validation"], references, ctx,
-                                        args.eval_samples, max(args.batch_size, 32))
+                                        args.eval_samples, max(args.batch_size, 32), decoding)
 
 
 def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None, args) -> None:
@@ -118,7 +132,7 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
     if scores is None:  # no evaluation during training: score the teacher now
         references = list(ctx.data()["validation"]["target"])
         scores = validation_metrics(model, tokenizer, encoded["validation"], references, ctx, n,
-                                    max(args.batch_size, 32))
+                                    max(args.batch_size, 32), validation_decoding(ctx, args))
     validation = ctx.data()["validation"].select(range(n))
     train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
     check = judge(scores, raw_sources(validation, ctx.recipe.data.tasks), list(validation["target"]), train_targets)
