@@ -7,8 +7,6 @@ Loading a YAML file into these classes, `--set` overrides, name resolution and v
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -412,6 +410,13 @@ class DistillConfig(TrainArgs):
     teachers_by_task: dict[str, list[str]] = field(default_factory=dict, metadata=ref(
         "models", "multi-task data: each task's teachers (MT-DNN); a task with none ([] or left out) "
         "trains on gold cross-entropy alone. Use instead of teacher:"))
+    ce_student: Optional[str] = field(default=None, metadata=ref("model", (
+        "the student of this shape trained on gold alone (e.g. student_ft), which the teacher must beat on "
+        "validation before this stage trains (min_teacher_lead); default: the recipe's earlier finetune stage "
+        "of the same student")))
+    min_teacher_lead: Optional[float] = field(default=1.0, metadata=doc(
+        "BLEU points on validation by which the teacher must lead ce_student; below it a warning says what to "
+        "do, or with on_weak_teacher: stop this stage stops before training. null: no check", ge=-100, le=100))
     objective: Literal["finetune", "logits_kd", "logits_mse", "noisy_kd"] = field(
         default="logits_kd", metadata=doc("word-level term: cross-entropy only, KD, logit MSE, KD with teacher dropout"))
     noise_dropout: Optional[float] = field(default=None, metadata=doc(
@@ -663,27 +668,6 @@ class Recipe:
             if instance.variant is not None and instance.varied == instance.name:
                 found.setdefault(instance.name, []).append(instance.variant)
         return found
-
-
-# ------------------------------------------------------------------------------ typed construction
-
-
-# ------------------------------------------------------------------------------------------- help
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 # The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.

@@ -5,9 +5,27 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from .config import _type_name, describe_bounds, yaml_name
+from .config import describe_bounds, yaml_name
+
+
+def type_name(tp: Any) -> str:
+    """How a recipe field's type reads in help and errors: 'a' | 'b', list of integer, mapping, ..."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _nested_config(tp: Any) -> tuple[Optional[type], str]:
@@ -51,7 +69,7 @@ def config_help(cls: type, prefix: str = "", skip: set[str] = frozenset(),
         name = prefix + yaml_name(f)
         limits = f.metadata.get("bounds")
         allowed = f" ({describe_bounds(limits)})" if limits else ""
-        rows.append((name, _type_name(hints[f.name]) + allowed + _default_text(f, defaults),
+        rows.append((name, type_name(hints[f.name]) + allowed + _default_text(f, defaults),
                      f.metadata.get("help", "")))
         nested, joint = _nested_config(hints[f.name])
         if nested is None:

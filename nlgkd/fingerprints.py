@@ -24,7 +24,8 @@ from .recipe import to_dict
 # Version 1 (every kind before versions existed) is left out of fingerprints: unchanged kinds keep theirs.
 DECODING_AND_SEEDING = ("every decode follows its decoding block (top_k 0 is off, the checkpoint's generation "
                         "settings only where from_checkpoint names them, max_new_tokens defaults to "
-                        "data.max_target_length) and training seeds its random generators when it starts")
+                        "data.max_target_length); training seeds its random generators when it starts; a teacher "
+                        "stops on validation (patience 3 unless set)")
 BEHAVIOUR = {
     "finetune": (2, DECODING_AND_SEEDING),
     "distill": (2, DECODING_AND_SEEDING),

@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .config import (STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
-                     RecipeError, Stage, _type_name, check_bounds, yaml_name)
+                     RecipeError, Stage, check_bounds, yaml_name)
+from .field_help import type_name
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -41,7 +42,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         for member, err in zip(typing.get_args(tp), errors):
             if isinstance(value, dict) and dataclasses.is_dataclass(member):
                 raise err
-        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{path}: expected {type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) is type(allowed[allowed.index(value)]):
@@ -228,6 +229,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw,
                         on_weak_teacher=on_weak_teacher)
         resolve_decoding_defaults(recipe)
+        find_ce_students(recipe)
         check_references(recipe)
         recipe.instances = expand_variants(recipe)
         check_data(recipe)
@@ -252,6 +254,20 @@ def resolve_decoding_defaults(recipe: Recipe) -> None:
     for stage in recipe.stages:
         for config in [stage.config, *stage.variants.values()]:
             fill(config)
+
+
+def find_ce_students(recipe: Recipe) -> None:
+    """A distill stage with a teacher and no `ce_student` compares its teacher with the recipe's latest earlier
+    finetune stage of the same student (the baseline every distilled student must beat), if there is one."""
+    for stage in recipe.stages:
+        for config in [stage.config, *stage.variants.values()]:
+            if stage.kind != "distill" or config.ce_student is not None or not (config.teacher or config.teachers_by_task):
+                continue
+            for earlier in reversed(recipe.stages[:stage.index]):
+                if earlier.kind == "finetune" and earlier.config.model == config.student:
+                    if not earlier.variants:  # a seed sweep of CE students: the recipe names one (name@variant)
+                        config.ce_student = earlier.name
+                    break
 
 
 def _build_stage(raw: Any, index: int) -> Stage:

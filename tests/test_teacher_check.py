@@ -3,6 +3,7 @@ examples, recorded in stage.json, a warning or a stop before students learn from
 report's marks."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -150,3 +151,102 @@ def test_init_std_is_refused_where_nothing_uses_it(tiny_recipe):
     with pytest.raises(RecipeError, match=r"models\.teacher: init_std: only fresh bart and mbart models use it, "
                                           r"and this one is arch t5; remove it"):
         parse_recipe(tiny_recipe)
+
+
+# --------------------------------------------------------------------- teacher vs the student trained alone
+def lead_recipe(tiny_recipe, policy: str) -> dict:
+    """A teacher trained 20 steps, its pruned student trained alone 200 (which overtakes it), then distill."""
+    tiny_recipe["on_weak_teacher"] = policy
+    tiny_recipe["data"]["demo"].update(train=320, validation=32)
+    teacher = {**tiny_recipe["stages"][0], "max_steps": 20, "eval_every": 10, "eval_samples": 16, "save_every": None,
+               "early_stopping_metric": "bleu"}
+    tiny_recipe["stages"] = [
+        teacher,
+        {"name": "student", "kind": "prune", "from": "teacher", "decoder_layers": [0]},
+        {"name": "student_ft", "kind": "finetune", "model": "student", "max_steps": 200, "batch_size": 16,
+         "lr": 3e-3, "eval_every": 200, "eval_samples": 0, "save_every": None},
+        {"name": "distill", "kind": "distill", "student": "student", "teacher": "teacher", "max_steps": 5,
+         "batch_size": 16, "eval_samples": 0, "save_every": None},
+    ]
+    return tiny_recipe
+
+
+def test_a_teacher_that_trails_its_students_ce_twin_is_named_before_distill_trains(tmp_path, tiny_recipe, capsys):
+    recipe = lead_recipe(tiny_recipe, "warn")
+    recipe["stages"].append({"name": "eval", "kind": "evaluate", "models": ["student_ft", "distill"], "timing_passes": 0,
+                             "decoding": {"strategy": "greedy", "max_new_tokens": 24, "batch_size": 8}})
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path)
+    assert runner.recipe.stages[3].config.ce_student == "student_ft"  # found: the finetune stage of its student
+    runner.run()
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "tiny" / "distill" / "stage.json").read_text())
+    lead = record["teacher_lead"]
+    assert lead["checked"] and lead["weak"] and lead["examples"] == 32 and lead["ce_student"] == "student_ft"
+    assert lead["lead"] == pytest.approx(lead["teacher_bleu"] - lead["ce_student_bleu"], abs=0.011)
+    assert lead["lead"] < 1.0
+    warning = out.index("WARNING the teacher leads the student trained alone")
+    assert warning < out.index("[distill] finished")
+    assert "min_teacher_lead 1" in out[warning:] and "on_weak_teacher: stop" in out[warning:]
+    # the teacher ended at its step cap while its validation BLEU still rose: stage.json and a warning say so
+    convergence = json.loads((tmp_path / "tiny" / "teacher" / "stage.json").read_text())["convergence"]
+    assert convergence["stopped_by"] == "max_steps" and [e["step"] for e in convergence["last_evaluations"]] == [10, 20]
+    if convergence["converged"] is False:
+        assert "WARNING not converged" in out
+    # the report puts the lead beside the distilled student's gain over the same CE student
+    from nlgkd.report import write_report
+
+    report = write_report(tmp_path / "tiny")[0].read_text()
+    metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
+    gain = metrics["distill"]["bleu"] - metrics["student_ft"]["bleu"]
+    row = next(line for line in report.splitlines() if line.startswith("| distill | teacher |"))
+    assert f"| {lead['lead']:+.2f} (weak) | {gain:+.2f} |" in row and "## Teacher lead" in report
+
+
+def test_on_weak_teacher_stop_stops_before_distill_trains(tmp_path, tiny_recipe):
+    # the 20-step teacher as a checkpoint a user brings (a models: entry): no trivial-baseline gate stops the
+    # recipe before the teacher-vs-student check does
+    warm = Runner(parse_recipe(lead_recipe(copy.deepcopy(tiny_recipe), "warn")), runs_root=tmp_path / "made")
+    warm.run(only="teacher")
+    recipe = lead_recipe(tiny_recipe, "stop")
+    recipe["models"]["brought"] = {"init": "pretrained", "name_or_path": str(tmp_path / "made" / "tiny" / "teacher")}
+    recipe["stages"] = recipe["stages"][1:]
+    recipe["stages"][0]["from"] = "brought"
+    recipe["stages"][2]["teacher"] = "brought"
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path)
+    runner.run(only="student")
+    runner.run(only="student_ft")
+    with pytest.raises(StageError, match=r"stopped before training \(on_weak_teacher: stop\): the teacher leads"):
+        runner.run(only="distill")
+    assert not (tmp_path / "tiny" / "distill").exists()
+    partial = tmp_path / "tiny" / ".distill.partial"
+    assert not (partial / "metrics.jsonl").exists() and not (partial / "checkpoints").exists()
+
+
+def test_a_teacher_cut_short_by_its_step_cap_is_reported_as_not_converged():
+    from types import SimpleNamespace
+
+    from nlgkd.config import FinetuneConfig
+    from nlgkd.loop import LoopResult
+    from nlgkd.stages.training import record_convergence
+
+    def recorded(history, stopped_early, users=("distill",)):
+        lines = []
+        ctx = SimpleNamespace(info={}, log=lines.append, stage=SimpleNamespace(key="teacher"),
+                              runner=SimpleNamespace(teacher_users=lambda stage: list(users)))
+        best = max(history, key=lambda h: h["bleu"])
+        result = LoopResult(steps=history[-1]["step"], epochs=1.0, best=best, stopped_early=stopped_early,
+                            resumed_from=None, history=history)
+        record_convergence(ctx, result, FinetuneConfig(model="m", early_stopping_metric="bleu", patience=3))
+        return ctx.info["convergence"], lines
+
+    # the held-out translation teacher: 11.6 / 15.2 / 17.3 / 19.1 at steps 500-2000, then the cap
+    rising = [{"step": 500 * (i + 1), "bleu": b} for i, b in enumerate([11.6, 15.2, 17.3, 19.1])]
+    record, lines = recorded(rising, stopped_early=False)
+    assert record == {"converged": False, "stopped_by": "max_steps", "metric": "bleu", "last_evaluations": rising}
+    assert len(lines) == 1 and "WARNING not converged" in lines[0] and "17.30 -> 19.10" in lines[0]
+    assert "Raise max_steps" in lines[0] and "distill" in lines[0]
+    # stopped by patience, or past its best when the cap came: converged, and nothing to warn about
+    assert recorded(rising[:2] + [{"step": 1500, "bleu": 14.0}], stopped_early=True)[0]["converged"] is True
+    assert recorded(rising[:2] + [{"step": 1500, "bleu": 14.0}], stopped_early=False)[1] == []
+    # a stage no later stage learns from is recorded, not warned about
+    assert recorded(rising, stopped_early=False, users=())[1] == []

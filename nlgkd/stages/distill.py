@@ -32,7 +32,8 @@ from ..denoising import make_denoising_data
 from ..lstm import is_lstm
 from ..pseudo_target_data import encode_pseudo_targets
 from ..models import at_target_positions, check_same_vocabulary, forward_on_targets, is_causal, save_model
-from .training import encode_splits, make_collator, make_validator, mixed_by_task, record_teacher_check
+from .training import (check_teacher_lead, encode_splits, make_collator, make_validator, mixed_by_task,
+                       record_convergence, record_teacher_check, teacher_args)
 
 
 
@@ -295,7 +296,7 @@ def with_texts(collate_fn):
 
 
 def run(ctx) -> None:
-    cfg = ctx.config
+    cfg = teacher_args(ctx, ctx.config)
     acc = ctx.accelerator
     student, tokenizer = ctx.load_model(cfg.student)
     tasks = list(ctx.recipe.data.tasks)
@@ -328,6 +329,8 @@ def run(ctx) -> None:
     module = StudentWithProjections(student, projections)
 
     encoded = encode_splits(ctx, tokenizer)
+    if len(teachers) == 1 and not cfg.cross_tokenizer:  # an ensemble or another tokenizer's teacher decodes otherwise
+        check_teacher_lead(ctx, cfg, teachers[0], names[0], tokenizer, encoded)
     collate_fn = make_collator(student, tokenizer, tasks=tuple(tasks) if cfg.teachers_by_task else ())
     if cfg.cached_teacher is not None:
         from ..logit_cache import LogitCache
@@ -370,6 +373,7 @@ def run(ctx) -> None:
         log=ctx.log,
     )
     ctx.info["train"] = asdict(result)
+    record_convergence(ctx, result, cfg)
     ctx.info["teachers"] = names
     record_teacher_check(ctx, student, tokenizer, encoded, result.best, cfg)  # when it teaches later stages
     if cfg.joint_teaching is not None:

@@ -6,11 +6,11 @@ from dataclasses import asdict
 from ..loop import train
 from ..models import save_model
 from .training import (cross_entropy_step, encode_splits, make_collator, make_validator, mixed_by_task,
-                     record_teacher_check)
+                       record_convergence, record_teacher_check, teacher_args)
 
 
 def run(ctx) -> None:
-    cfg = ctx.config
+    cfg = teacher_args(ctx, ctx.config)
     model, tokenizer = ctx.load_model(cfg.model)
     encoded = encode_splits(ctx, tokenizer)
     if "train" not in encoded:
@@ -32,6 +32,7 @@ def run(ctx) -> None:
         log=ctx.log,
     )
     ctx.info["train"] = asdict(result)
+    record_convergence(ctx, result, cfg)
     record_teacher_check(ctx, model, tokenizer, encoded, result.best, cfg)  # when later stages learn from it
     if ctx.accelerator.is_main_process:
         save_model(ctx.accelerator.unwrap_model(model), tokenizer, ctx.out_dir)

@@ -1,7 +1,10 @@
 """What the training stages (finetune, distill) share: tokenized splits, collators, validation during training,
-and the teacher check when a stage whose model teaches later ones ends."""
+teachers that train until validation stops improving (`teacher_args`, `record_convergence`), the teacher check
+when a stage whose model teaches later ones ends, and the teacher-vs-student check before a distill stage trains
+(`check_teacher_lead`)."""
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -145,3 +148,92 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
         best_baseline = max(check["baselines"].values(), key=lambda b: b["bleu"])["bleu"]
         ctx.log(f"teacher check: BLEU {check['teacher']['bleu']:.2f} beats the trivial baselines (best "
                 f"{best_baseline:.2f}) on {n} validation examples")
+
+
+# evaluations without improvement after which a stage whose model teaches later stages stops, when it sets none
+TEACHER_PATIENCE = 3
+TEACHER_LEAD_EXAMPLES = 500  # validation examples the teacher and the CE student decode before a distill stage
+
+
+def teacher_args(ctx, args):
+    """`args`, with patience TEACHER_PATIENCE when this stage's model teaches later stages and the recipe sets
+    none: a teacher trains until validation stops improving, and max_steps is only the cap."""
+    if args.patience is not None or not ctx.runner.teacher_users(ctx.stage):
+        return args
+    ctx.log(f"patience {TEACHER_PATIENCE}: this model teaches later stages, so it stops when validation "
+            f"{args.early_stopping_metric} stops improving (max_steps is the cap); set patience to choose")
+    return dataclasses.replace(args, patience=TEACHER_PATIENCE)
+
+
+def record_convergence(ctx, result, args) -> None:
+    """stage.json's `convergence`: whether validation stopped improving before training ended. When the step cap
+    ended a stage whose last evaluation was its best and its model teaches later stages, a warning says so: a
+    teacher cut short can trail the students it teaches (as one did by 0.56 BLEU on held-out data)."""
+    metric = args.early_stopping_metric
+    evals = [h for h in result.history if metric in h]
+    if not evals:
+        return
+    improving = not result.stopped_early and len(evals) > 1 and result.best is not None and \
+        result.best["step"] == evals[-1]["step"]
+    ctx.info["convergence"] = {
+        "converged": None if len(evals) < 2 and not result.stopped_early else not improving,
+        "stopped_by": "patience" if result.stopped_early else "max_steps",
+        "metric": metric,
+        "last_evaluations": [{"step": h["step"], metric: round(h[metric], 4)} for h in evals[-4:]],
+    }
+    users = ctx.runner.teacher_users(ctx.stage)
+    if improving and users:
+        trail = " -> ".join(f"{h[metric]:.2f}" for h in evals[-4:])
+        steps = " / ".join(str(h["step"]) for h in evals[-4:])
+        ctx.log(f"WARNING not converged: the step cap ({result.steps} steps) ended {ctx.stage.key!r} while validation "
+                f"{metric} was still improving ({trail} at steps {steps}); a teacher cut short can trail the students "
+                f"{', '.join(users)} learn from it. Raise max_steps (or epochs): with patience set it stops on "
+                "validation by itself; then run the recipe again")
+
+
+def check_teacher_lead(ctx, cfg, teacher, teacher_name: str, tokenizer, encoded: dict) -> None:
+    """Before a distill stage trains: decode the same validation examples with its teacher and with the
+    cross-entropy student of the same shape (`ce_student`), record both BLEU scores and the lead in stage.json
+    (`teacher_lead`), and warn, or stop (on_weak_teacher: stop), when the lead is below `min_teacher_lead`:
+    distilling from a teacher that does not clearly beat the student trained alone cannot help it."""
+    if cfg.min_teacher_lead is None:
+        return
+    if cfg.ce_student is None or "validation" not in encoded:
+        why = ("no cross-entropy student of this shape in the recipe (a finetune stage of the same student, or "
+               "ce_student:)" if cfg.ce_student is None else "no validation split")
+        ctx.info["teacher_lead"] = {"checked": False, "why": why}
+        ctx.log(f"note: the teacher was not compared with a student trained alone: {why}")
+        return
+    decoding = validation_decoding(ctx, cfg)
+    n = min(len(encoded["validation"]), TEACHER_LEAD_EXAMPLES)
+    sources = [encoded["validation"][i]["source_ids"] for i in range(n)]
+    references = list(ctx.data()["validation"]["target"])[:n]
+    ce_model, _ = ctx.load_model(cfg.ce_student)
+    ce_model.to(ctx.accelerator.device)
+    scores = {}
+    for name, model in ((teacher_name, teacher), (cfg.ce_student, ce_model)):
+        outputs = generate(model, tokenizer, sources, decoding, ctx.accelerator, seed=ctx.seed,
+                           desc=f"score {name}", progress=False)
+        scores[name] = round(text_metrics([o[0] if o else "" for o in outputs], references)["bleu"], 2)
+    del ce_model
+    lead = round(scores[teacher_name] - scores[cfg.ce_student], 2)
+    weak = lead < cfg.min_teacher_lead
+    ctx.info["teacher_lead"] = {"checked": True, "teacher": teacher_name, "teacher_bleu": scores[teacher_name],
+                                "ce_student": cfg.ce_student, "ce_student_bleu": scores[cfg.ce_student],
+                                "lead": lead, "min_teacher_lead": cfg.min_teacher_lead, "weak": weak,
+                                "examples": n, "split": "validation", "decoding": to_dict(decoding)}
+    said = (f"teacher {teacher_name!r} BLEU {scores[teacher_name]:.2f}, cross-entropy student {cfg.ce_student!r} "
+            f"{scores[cfg.ce_student]:.2f} on {n} validation examples ({decoding.strategy})")
+    if not weak:
+        ctx.log(f"teacher lead: {said}: +{lead:.2f}, distilling")
+        return
+    policy = ctx.recipe.on_weak_teacher
+    message = (f"the teacher leads the student trained alone by {lead:+.2f} BLEU, below min_teacher_lead "
+               f"{cfg.min_teacher_lead:g} ({said}); distilling from it is unlikely to beat {cfg.ce_student!r}. Try: "
+               "train the teacher until validation stops improving (a larger max_steps; its stage.json says "
+               "whether it converged), a larger teacher or a pretrained checkpoint, or a smaller student; set "
+               f"on_weak_teacher: {'warn to distill anyway' if policy == 'stop' else 'stop to stop here instead'}")
+    if policy == "stop":
+        raise ValueError(f"stopped before training (on_weak_teacher: stop): {message}")
+    ctx.log("WARNING " + message)
+
