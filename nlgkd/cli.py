@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 
-from .config import STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, ModelConfig, RecipeError
-from .field_help import config_help
+from .config import STAGE_CONFIGS, DataConfig, ModelConfig, RecipeError
+from .field_help import TOP_LEVEL_FIELDS, config_help
 
 from .recipe import load_recipe
 

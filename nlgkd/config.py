@@ -296,6 +296,26 @@ class EvaluateConfig:
                               "models: entries to compare, e.g. [teacher, distill]")
 
 
+@dataclass(kw_only=True)
+class SelectConfig:
+    """Choose on validation: every candidate decodes the same validation examples and the best becomes this
+    stage's model (the study picks each stage's setting so, never on test); stage.json keeps every score."""
+
+    produces: ClassVar[str] = "model"
+    # a varied stage in `candidates` gives one candidate per variant (the choice among them)
+    expands_variants: ClassVar[bool] = True
+    candidates: list[str] = field(metadata=ref("models", "models to choose from: stages (each variant of a varied "
+                                                         "stage is one candidate) or models: entries"))
+    metric: Literal["bleu", "chrf", "rougeL"] = field(default="bleu", metadata=doc("higher is better; ties: the first"))
+    decoding: DecodingConfig = field(default_factory=DecodingConfig, metadata=doc("how every candidate generates"))
+    max_examples: Optional[int] = field(default=None, metadata=doc("score the first N validation examples", ge=1))
+
+    def __post_init__(self):
+        if len(self.candidates) < 1:
+            raise RecipeError("candidates: a select stage needs the models to choose from, e.g. [distill] for the "
+                              "variants of a varied distill stage")
+
+
 LayerSpec = Optional[Union[list[int], dict[str, int], str]]
 
 
@@ -602,6 +622,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "augment": AugmentConfig,
     "cache_logits": CacheLogitsConfig,
     "export": ExportConfig,
+    "select": SelectConfig,
 }
 
 
@@ -668,17 +689,3 @@ class Recipe:
             if instance.variant is not None and instance.varied == instance.name:
                 found.setdefault(instance.name, []).append(instance.variant)
         return found
-
-
-# The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.
-TOP_LEVEL_FIELDS = [
-    ("name", "string = the file's name", "the run directory is runs/NAME"),
-    ("seed", "integer = 0", "seed of every stage that sets none (a stage's own seed: overrides it)"),
-    ("on_weak_teacher", "'warn' | 'stop' = 'warn'",
-     "a teacher that does not beat copying the source or the most frequent target on validation: print a "
-     "warning and go on, or stop before any stage learns from it"),
-    ("data", "mapping (required)", "where examples come from: `nlgkd stages data`"),
-    ("models", "mapping of name -> model", "models the stages start from: `nlgkd stages models`"),
-    ("stages", "list of stage (required)", "what runs, in order; each has name, kind and the kind's fields: "
-     "`nlgkd stages KIND`"),
-]

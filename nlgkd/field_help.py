@@ -86,3 +86,17 @@ def config_help(cls: type, prefix: str = "", skip: set[str] = frozenset(),
             nested_defaults = None
         rows.extend(config_help(nested, name + joint, skip=repeated, defaults=nested_defaults))
     return rows
+
+
+# The top level of a recipe: (field, type, help). parse_recipe accepts exactly these.
+TOP_LEVEL_FIELDS = [
+    ("name", "string = the file's name", "the run directory is runs/NAME"),
+    ("seed", "integer = 0", "seed of every stage that sets none (a stage's own seed: overrides it)"),
+    ("on_weak_teacher", "'warn' | 'stop' = 'warn'",
+     "a teacher that does not beat copying the source or the most frequent target on validation: print a "
+     "warning and go on, or stop before any stage learns from it"),
+    ("data", "mapping (required)", "where examples come from: `nlgkd stages data`"),
+    ("models", "mapping of name -> model", "models the stages start from: `nlgkd stages models`"),
+    ("stages", "list of stage (required)", "what runs, in order; each has name, kind and the kind's fields: "
+     "`nlgkd stages KIND`"),
+]

@@ -22,9 +22,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config import (STAGE_CONFIGS, TOP_LEVEL_FIELDS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
+from .config import (STAGE_CONFIGS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
                      RecipeError, Stage, check_bounds, yaml_name)
-from .field_help import type_name
+from .field_help import TOP_LEVEL_FIELDS, type_name
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:

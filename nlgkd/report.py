@@ -117,19 +117,23 @@ def own_teacher(model: str, stages: dict[str, dict], names: set[str]) -> str | N
             return teacher if teacher in names else None
         if kind == "prune":
             return config.get("from") if config.get("from") in names else None
-        if kind not in ("finetune", "export"):  # an export is its model, converted
+        if kind not in ("finetune", "export", "select"):  # an export is its model, converted; select, its choice
             return None
     return None
 
 
 def stage_chain(model: str, stages: dict[str, dict]) -> list[str]:
-    """The stages that made `model`, newest first, following finetune / export (model:), prune (from:) and
-    distill (student:) back to the first."""
+    """The stages that made `model`, newest first, following finetune / export (model:), prune (from:),
+    distill (student:) and select (the candidate it chose) back to the first."""
     chain = []
     while model in stages and model not in chain:
         chain.append(model)
-        config = stages[model].get("config") or {}
-        model = config.get({"prune": "from", "distill": "student"}.get(stages[model].get("kind"), "model"))
+        record = stages[model]
+        if record.get("kind") == "select":  # the candidate it chose on validation
+            model = (record.get("select") or {}).get("chosen")
+            continue
+        config = record.get("config") or {}
+        model = config.get({"prune": "from", "distill": "student"}.get(record.get("kind"), "model"))
     return chain
 
 

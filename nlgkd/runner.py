@@ -73,6 +73,8 @@ def splits_read(kind: str, config) -> tuple[str, ...]:
         return tuple(s for s in SPLITS if s in found)
     if kind == "evaluate":
         return tuple(s for s in SPLITS if s == config.split or (config.baselines and s == "train"))
+    if kind == "select":
+        return ("validation",)
     if kind == "augment":
         return (config.split,)
     if kind == "cache_logits":

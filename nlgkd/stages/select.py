@@ -1,0 +1,44 @@
+"""`select`: the candidate that scores best on validation becomes this stage's model.
+
+The study chooses each stage's setting (PT decoding, K, unlabeled inputs, Joint-Teaching) on validation and
+reports the winner on test. A recipe names the candidates (usually one varied distill stage: each variant is
+one candidate, all trained with the same steps), a select stage scores them on the same validation examples
+with the same decoding, and later stages (an evaluate stage on test) read the winner by the select stage's name.
+"""
+from __future__ import annotations
+
+from ..data import encode
+from ..generation import generate
+from ..metrics import text_metrics
+from ..models import save_model
+from ..recipe import to_dict
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    data = ctx.data()
+    if "validation" not in data:
+        raise ValueError(f"stage {ctx.stage.name!r}: select chooses on the validation split, and the data has none; "
+                         "give data.validation")
+    split = data["validation"]
+    if cfg.max_examples is not None:
+        split = split.select(range(min(cfg.max_examples, len(split))))
+    references = list(split["target"])
+    scores = {}
+    for name in cfg.candidates:
+        model, tokenizer = ctx.load_model(name)
+        model.to(ctx.accelerator.device)
+        encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
+        outputs = generate(model, tokenizer, list(encoded["source_ids"]), cfg.decoding, ctx.accelerator,
+                           seed=ctx.seed, desc=f"score {name}")
+        scores[name] = round(text_metrics([o[0] if o else "" for o in outputs], references)[cfg.metric], 4)
+        ctx.log(f"{name}: {cfg.metric} {scores[name]:.2f} on {len(references)} validation examples")
+        del model
+    chosen = max(scores, key=scores.get)  # max keeps the first of equal scores: the recipe's order breaks ties
+    ctx.info["select"] = {"chosen": chosen, "metric": cfg.metric, "split": "validation", "examples": len(references),
+                          "scores": scores, "decoding": to_dict(cfg.decoding)}
+    ctx.log(f"chose {chosen} ({cfg.metric} {scores[chosen]:.2f}; "
+            + ", ".join(f"{n} {s:.2f}" for n, s in scores.items() if n != chosen) + ")")
+    if ctx.accelerator.is_main_process:
+        model, tokenizer = ctx.load_model(chosen)
+        save_model(model, tokenizer, ctx.out_dir)
