@@ -7,6 +7,7 @@ Loading a YAML file into these classes, `--set` overrides, name resolution and v
 from __future__ import annotations
 
 import dataclasses
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -89,14 +90,18 @@ class DataSource:
         "file of inputs without targets (pseudo-targets, denoising); only the source column is read"))
     hub: Optional[str] = field(default=None, metadata=doc("dataset name for datasets.load_dataset"))
     hub_config: Optional[str] = field(default=None, metadata=doc("the hub dataset's configuration name"))
-    hub_splits: dict[str, str] = field(
-        default_factory=dict, metadata=doc("our split -> hub split, e.g. {validation: dev}")
-    )
-    source: str = field(
-        default="source", metadata=doc("source column, or a template like '{context}; answer: {answer}'")
-    )
+    hub_splits: dict[str, str] = field(default_factory=dict, metadata=doc("our split -> hub split, e.g. {validation: dev}"))
+    source: str = field(default="source", metadata=doc("source column, or a template like '{context}; answer: {answer}'"))
     target: str = field(default="target", metadata=doc("target column, or a template"))
     max_examples: dict[str, int] = field(default_factory=dict, metadata=doc("cap per split, e.g. {train: 1000}", ge=1))
+
+    def __post_init__(self):
+        for role in ("source", "target"):
+            try:
+                list(string.Formatter().parse(getattr(self, role)))
+            except ValueError as err:
+                raise RecipeError(f"{role}: {getattr(self, role)!r} is not a valid template ({err}); name columns in "
+                                  "braces, e.g. '{title}: {text}', and write a literal brace twice ({{ or }})") from None
 
     def split_file(self, split: str, parent_dir: Optional[str] = None) -> Optional[str]:
         """The file of `split` as given, or joined onto `dir` (a task's own, else `parent_dir`: the top-level
@@ -127,9 +132,10 @@ class DataConfig(DataSource):
         "in distill: teachers_by_task)"))
     max_source_length: int = field(default=256, metadata=doc("tokens; longer sources are truncated and counted", ge=1))
     max_target_length: int = field(default=128, metadata=doc("tokens; longer targets are truncated and counted", ge=1))
-    on_empty: Literal["drop", "error"] = field(
-        default="drop", metadata=doc("examples with empty source/target: drop and count, or stop")
-    )
+    on_empty: Literal["drop", "error"] = field(default="drop", metadata=doc(
+        "examples with empty source/target: drop, count and say so, or stop"))
+    max_dropped_share: float = field(default=0.2, metadata=doc(
+        "on_empty: drop stops the run when more than this share of a split is empty (a wrong column?)", ge=0, le=1))
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -202,7 +208,7 @@ class DecodingConfig:
     top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))
     num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
     max_new_tokens: Optional[int] = field(default=None, metadata=doc(
-        "longest output in tokens (default: data.max_target_length); never more than the model's positions", ge=1))
+        "longest output in tokens (default: data.max_target_length), at most the model's positions", ge=1, le=100_000))
     min_new_tokens: int = field(default=0, metadata=doc("shortest output in tokens before EOS may come (0: off)", ge=0))
     no_repeat_ngram_size: int = field(default=0, metadata=doc("forbid repeating any n-gram of this size (0: off)", ge=0))
     repetition_penalty: float = field(default=1.0, metadata=doc(
@@ -212,10 +218,9 @@ class DecodingConfig:
         "forced_bos_token_id, if it has one"))
     from_checkpoint: list[Literal["min_length", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
                                   "num_beams", "forced_eos_token_id"]] = field(default_factory=list, metadata=doc(
-        "search settings taken from the model folder's own generation_config.json, in transformers' meaning, "
-        "instead of this block's (e.g. [min_length, no_repeat_ngram_size, length_penalty] for a summarization "
-        "checkpoint); by default the checkpoint's are ignored"))
-    batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1))
+        "search settings taken from the model folder's generation_config.json (transformers' meaning) instead "
+        "of this block's, e.g. [min_length, no_repeat_ngram_size] of a summarizer; default: none"))
+    batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1, le=100_000))
     dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
 
 
@@ -225,7 +230,8 @@ class TrainArgs:
 
     epochs: float = field(default=1.0, metadata=doc("passes over the training data (fractions allowed)", gt=0))
     max_steps: Optional[int] = field(default=None, metadata=doc("optimizer steps; overrides epochs", ge=1))
-    batch_size: int = field(default=16, metadata=doc("examples per micro-batch, over all processes (x grad_accum per optimizer step)", ge=1))
+    batch_size: int = field(default=16, metadata=doc(
+        "examples per micro-batch, over all processes (x grad_accum per optimizer step)", ge=1, le=100_000))
     grad_accum: int = field(default=1, metadata=doc("micro-batches per optimizer step", ge=1))
     lr: float = field(default=5e-4, metadata=doc("AdamW's peak learning rate (linear warmup, then linear decay)", gt=0))
     weight_decay: float = field(default=0.01, metadata=doc("AdamW's", ge=0))
@@ -431,9 +437,8 @@ class DistillConfig(TrainArgs):
         "models", "multi-task data: each task's teachers (MT-DNN); a task with none ([] or left out) "
         "trains on gold cross-entropy alone. Use instead of teacher:"))
     ce_student: Optional[str] = field(default=None, metadata=ref("model", (
-        "the student of this shape trained on gold alone (e.g. student_ft), which the teacher must beat on "
-        "validation before this stage trains (min_teacher_lead); default: the recipe's earlier finetune stage "
-        "of the same student")))
+        "the student trained on gold alone (e.g. student_ft) the teacher must beat on validation first "
+        "(min_teacher_lead); default: the recipe's earlier finetune stage of the same student")))
     min_teacher_lead: Optional[float] = field(default=1.0, metadata=doc(
         "BLEU points on validation by which the teacher must lead ce_student; below it a warning says what to "
         "do, or with on_weak_teacher: stop this stage stops before training. null: no check", ge=-100, le=100))

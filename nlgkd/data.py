@@ -80,7 +80,7 @@ def _load_source(source: DataSource, config: DataConfig, seed: int, where: str):
         limit = source.max_examples.get(split)
         if limit is not None and len(ds) > limit:
             ds = ds.select(range(limit))
-        ds, dropped = _to_pairs(ds, source, config.on_empty, split, where)
+        ds, dropped = _to_pairs(ds, source, config.on_empty, split, where, config.max_dropped_share)
         report.sizes[split] = len(ds)
         report.dropped_empty[split] = dropped
         result[split] = ds
@@ -110,9 +110,24 @@ def _load_file(path: str, field_path: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as err:  # datasets raises many kinds; the user needs the file, the line and the reason
-        reason = first_bad_json_line(file) if loader == "json" else None
+        reason = first_bad_json_line(file) if loader == "json" else first_ragged_csv_line(file) if loader == "csv" \
+            else None
         raise RecipeError(f"{field_path}: could not read {path!r}: {reason or str(err) or type(err).__name__}") \
             from None
+
+
+def first_ragged_csv_line(file: Path) -> str | None:
+    """'line N has K fields, the header M (...)' for the first CSV row whose field count differs from the header's."""
+    import csv
+
+    with open(file, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                return (f"line {reader.line_num} has {len(row)} fields and the header {len(header)} ({header}); quote "
+                        "fields that hold commas, e.g. \"a, b\"")
+    return None
 
 
 def first_bad_json_line(file: Path) -> str | None:
@@ -147,6 +162,13 @@ def _load_hub(source: DataSource, where: str) -> dict[str, datasets.Dataset]:
 
 
 def render(template: str, row: dict) -> str:
+    """The text a column or template gives for one row (a missing value: empty). A list or mapping cell is
+    refused: its Python repr would be trained on as if it were text."""
+    names = [template] if "{" not in template else template_fields(template)
+    for name in names:
+        if isinstance(row.get(name), (list, dict)):
+            raise ValueError(f"column {name!r} holds a {type(row[name]).__name__}, not text "
+                             f"({str(row[name])[:60]}); choose a text column, or flatten it into one")
     if "{" not in template:
         value = row[template]
         return "" if value is None else str(value)
@@ -154,7 +176,7 @@ def render(template: str, row: dict) -> str:
 
 
 def _to_pairs(ds: datasets.Dataset, source: DataSource, on_empty: str, split: str,
-              where: str = "data") -> tuple[datasets.Dataset, int]:
+              where: str = "data", max_dropped_share: float = 1.0) -> tuple[datasets.Dataset, int]:
     """Map columns to source/target text; drop (and count) or reject examples with empty text."""
     needs_target = split != "unlabeled"
     specs = {"source": source.source}
@@ -167,9 +189,12 @@ def _to_pairs(ds: datasets.Dataset, source: DataSource, on_empty: str, split: st
                     f"{where}.{role}: column {column!r} is not in the {split} split; its columns are {ds.column_names}"
                 )
     rows = []
-    dropped = 0
+    dropped, first_dropped = 0, None
     for i, row in enumerate(ds):
-        pair = {role: render(spec, row).strip() for role, spec in specs.items()}
+        try:
+            pair = {role: render(spec, row).strip() for role, spec in specs.items()}
+        except ValueError as err:
+            raise RecipeError(f"{where}.source/target: {split} example {i}: {err}") from None
         empty = [role for role, text in pair.items() if not text]
         if empty:
             if on_empty == "error":
@@ -177,10 +202,16 @@ def _to_pairs(ds: datasets.Dataset, source: DataSource, on_empty: str, split: st
                     f"{where}: {split} example {i} has an empty {empty[0]}; fix the data or set data.on_empty: drop"
                 )
             dropped += 1
+            first_dropped = first_dropped or (i, empty[0])
             continue
         rows.append(pair)
     if not rows:
         raise RecipeError(f"{where}: the {split} split has no usable examples ({dropped} empty ones dropped)")
+    if dropped and dropped / len(ds) > max_dropped_share:
+        raise RecipeError(f"{where}: {dropped} of {len(ds)} {split} examples ({dropped / len(ds):.0%}) have an empty "
+                          f"source or target (the first: example {first_dropped[0]}, its {first_dropped[1]}), more "
+                          f"than data.max_dropped_share {max_dropped_share:.0%}; check {where}.source / .target "
+                          "and the file, or raise max_dropped_share")
     return datasets.Dataset.from_list(rows), dropped
 
 

@@ -29,7 +29,7 @@ def first_row_columns(path: Path) -> list[str] | None:
         import pyarrow.parquet
 
         return list(pyarrow.parquet.read_schema(path).names)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a byte-order mark is read past, as `datasets` does
         if suffix == ".csv":
             return next(csv.reader(f), None)
         for number, line in enumerate(f, start=1):

@@ -114,6 +114,15 @@ def train(
     # wherever the process happens to be after loading models and data (a resumed run restores their state)
     set_seed(seed, device_specific=True)
     latest = latest_checkpoint(ckpt_root)
+    if latest is not None and (problem := checkpoint_problem(latest)) is not None:
+        # a damaged checkpoint (a full disk, a copy cut short) would fail every re-run: read before anything
+        # is loaded from it, it is discarded and the stage starts again from its first step
+        log(f"checkpoint {latest.name} is damaged ({problem}); discarded, the stage starts from step 0")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(latest, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        latest = None
     if latest is not None:
         accelerator.load_state(str(latest))
         state = json.loads((latest / "trainer_state.json").read_text())
@@ -398,6 +407,21 @@ def save_checkpoint(accelerator, root: Path, state: dict) -> None:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes a checkpoint folder unreadable (a file that does not load), or None when every file loads."""
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                safetensors.torch.load_file(str(path))
+            elif path.suffix in (".bin", ".pt", ".pkl"):
+                torch.load(path, map_location="cpu", weights_only=False)  # written by this loop's save_state
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - any reader's error means the same: this file is damaged
+            return f"{path.name}: {type(err).__name__}: {str(err)[:120]}"
+    return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ModelLoadError
 from .quiet import quiet_weight_bars
@@ -61,8 +62,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:  # ValueError: a config.json without a model_type transformers knows
-        where = "folder" if Path(name_or_path).exists() else "hub name or folder"
-        raise ModelLoadError(f"could not load model config from {where} {name_or_path!r}: {err}") from None
+        if not Path(name_or_path).exists():
+            raise ModelLoadError(f"{name_or_path!r} is no folder here (relative to {Path.cwd()}), and the hub gave no "
+                                 f"model of that name ({str(err).splitlines()[0]}); check the path, or the hub name "
+                                 "and the network") from None
+        raise ModelLoadError(f"could not load model config from folder {name_or_path!r}: {err}") from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     local = Path(name_or_path).is_dir()
     try:
@@ -74,6 +78,9 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
             f"could not load safetensors weights of {name_or_path!r} ({err}); nlgkd loads only safetensors: "
             "convert the checkpoint with `model.save_pretrained(dir, safe_serialization=True)` first"
         ) from None
+    except SafetensorError as err:  # a truncated or overwritten weights file
+        raise ModelLoadError(f"the weights in {name_or_path!r} are damaged ({err}); copy the folder again, or make "
+                             "it again (`nlgkd run RECIPE --stage STAGE --force` for a stage's folder)") from None
     if not with_tokenizer:
         return model, None
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
@@ -83,8 +90,10 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False, revision
 
 
 def looks_like_a_path(name: str) -> bool:
-    """A local path rather than a hub name (`org/model`): absolute, relative with ./ or ../, or 3+ parts."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2 or Path(name).exists()
+    """A local path rather than a hub name (`org/model`): absolute, relative with ./ or ../, 3+ parts, or a
+    path whose first folder exists here (`runs/x` with a runs/ folder)."""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2 or Path(name).exists()
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
 
 
 def save_model(model, tokenizer, folder: str | Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -75,12 +76,17 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
         raise RecipeError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads `5e-4` (no dot) as a string; accept what is plainly a number
-        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
-            return float(value)
-        raise RecipeError(f"{path}: expected a number, got {value!r}")
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+            number = float(value)
+        if number is None:
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # YAML's .inf and .nan
+            raise RecipeError(f"{path}: {value!r} is not a finite number; give a number such as 0.001")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -190,12 +196,32 @@ def _list_item(items: list, part: str, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- loading
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key written twice in one mapping (plain YAML keeps the last silently,
+    so a second `lr:` in a stage would quietly win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:  # the mapping's own keys: one merged in (<<: *anchor) may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise RecipeError(f"line {key_node.start_mark.line + 1}: {key!r} is written twice in one mapping "
+                                      f"(first on line {seen[key]}); keep one of them")
+                seen.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
@@ -215,7 +241,12 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"{source}: {key}: unknown top-level field{did_you_mean}; allowed: {sorted(allowed)}")
     try:
-        name = _convert(str, raw.get("name", Path(source).stem), "name")
+        default_name = re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem).lstrip(".") or "recipe"  # the file's name
+        name = _convert(str, raw.get("name", default_name), "name")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            # the run folder is runs/<name>: a path, '..' or an empty name would write outside it or into it
+            raise RecipeError(f"name: {name!r} names the run folder runs/<name>; use letters, digits, '_', '-' and "
+                              "'.' (not first), e.g. my_task")
         seed = _convert(int, raw.get("seed", 0), "seed")
         on_weak_teacher = _convert(Literal["warn", "stop"], raw.get("on_weak_teacher", "warn"), "on_weak_teacher")
         data = build(DataConfig, raw.get("data", {}), "data")

@@ -227,6 +227,11 @@ class Runner:
             from .data import load_splits
 
             self._data, self._data_report = load_splits(self.recipe.data, seed=self.recipe.seed)
+            for split, dropped in self._data_report.dropped_empty.items():
+                if dropped and os.environ.get("RANK", "0") == "0":  # once, not per process
+                    total = dropped + self._data_report.sizes[split]
+                    print(f"data: {split}: dropped {dropped} of {total} examples ({dropped / total:.1%}) with an "
+                          "empty source or target (data.on_empty: drop; stage.json counts them)")
         return self._data
 
     def data_report(self) -> dict:

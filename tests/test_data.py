@@ -65,8 +65,12 @@ def test_missing_column_lists_columns(tmp_path):
 def test_empty_targets_dropped_and_counted_or_rejected(tmp_path):
     rows = [{"source": "a", "target": "b"}, {"source": "c", "target": "  "}, {"source": "", "target": "d"}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    splits, report = load_splits(DataConfig(train=path))
+    splits, report = load_splits(DataConfig(train=path, max_dropped_share=0.7))
     assert len(splits["train"]) == 1 and report.dropped_empty["train"] == 2
+    # 2 of 3 is more than the default share (0.2): most likely a wrong column, so the run stops and says so
+    with pytest.raises(RecipeError, match=r"data: 2 of 3 train examples \(67%\) have an empty source or target \(the "
+                                          r"first: example 1, its target\), more than data.max_dropped_share 20%"):
+        load_splits(DataConfig(train=path))
     with pytest.raises(RecipeError, match=r"train example 1 has an empty target; fix the data or set data.on_empty: drop"):
         load_splits(DataConfig(train=path, on_empty="error"))
 
@@ -179,3 +183,36 @@ def test_one_truncation_rule_for_sources_and_targets():
     assert truncate([5, 6, 7, 8, 9, 2], 4) == [5, 6, 7, 2]      # the closing token (</s>, EOS) is kept
     assert truncate([5, 6, 7, 8, 9, 2], None) == [5, 6, 7, 8, 9, 2]
     assert truncate([5, 2], 1) == [2]
+
+
+def test_list_cells_a_byte_order_mark_and_a_ragged_csv_are_named(tmp_path):
+    from nlgkd.data_files import data_problems
+
+    listed = write_jsonl(tmp_path / "l.jsonl", [{"source": ["a", "b"], "target": "c"}])
+    with pytest.raises(RecipeError, match=r"data.source/target: train example 0: column 'source' holds a list, not text"):
+        load_splits(DataConfig(train=listed))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"source": "a", "target": "b"}).encode() + b"\n")
+    assert data_problems(DataConfig(train=str(bom))) == []  # validate reads it as run does
+    assert load_splits(DataConfig(train=str(bom)))[0]["train"][0] == {"source": "a", "target": "b"}
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("source,target\na,b\nc,d,e\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"could not read .*r.csv': line 3 has 3 fields and the header 2"):
+        load_splits(DataConfig(train=str(ragged)))
+
+
+def test_dropped_examples_and_a_missing_validation_split_are_said(tmp_path, capsys):
+    from nlgkd.recipe import parse_recipe
+    from nlgkd.runner import Runner
+
+    rows = [{"source": f"s {i}", "target": "" if i == 0 else f"t {i}"} for i in range(40)]
+    recipe = {"name": "said", "data": {"train": write_jsonl(tmp_path / "t.jsonl", rows), "max_source_length": 16,
+                                        "max_target_length": 16},
+              "models": {"m": {"init": "fresh", "arch": "bart", "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
+                               "attention_heads": 2, "ffn_dim": 16, "vocab_size": 120}},
+              "stages": [{"name": "ft", "kind": "finetune", "model": "m", "max_steps": 1, "batch_size": 8,
+                          "save_every": None}]}
+    Runner(parse_recipe(recipe), runs_root=tmp_path / "runs").run()
+    out = capsys.readouterr().out
+    assert "data: train: dropped 1 of 40 examples (2.5%) with an empty source or target" in out
+    assert "note: no validation split, so no evaluation: no early stopping" in out

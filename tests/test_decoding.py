@@ -213,3 +213,21 @@ def test_a_model_folder_without_tokenizer_files_is_named_with_the_fix(trained, t
     runner = Runner(parse_recipe(recipe), runs_root=trained[1])
     model, tokenizer = runner.load_model("bare", before=len(recipe["stages"]))
     assert len(tokenizer) == model.config.vocab_size and tokenizer.name_or_path.endswith("teacher")
+
+
+def test_damaged_weights_and_missing_local_paths_are_named(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from nlgkd.errors import ModelLoadError
+
+    folder = tmp_path / "cut"
+    shutil.copytree(trained[1] / "tiny" / "teacher", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match=r"the weights in '.*cut' are damaged .*copy the folder again"):
+        load_pretrained(str(folder))
+    # `m/nonexistent` with a local m/ folder is a path, not a hub name: no hub lookup, its own message
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelLoadError, match=r"'m/nonexistent' does not exist; give a model folder"):
+        load_pretrained("m/nonexistent")

@@ -208,3 +208,19 @@ def test_fused_adamw_is_chosen_by_the_setting_and_the_device(choice, device, fus
     assert [group["fused"] for group in optimizer.param_groups] == [fused, fused]
     # biases and norms get no weight decay
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+def test_a_damaged_checkpoint_is_discarded_and_the_stage_starts_again(tmp_path, damaged):
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "killed").mkdir()
+    fresh, fresh_weights, _ = run(tmp_path / "fresh", set(), max_steps=4, save_every=2)
+    run(tmp_path / "killed", set(), max_steps=4, save_every=2)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-2"
+    assert (checkpoint / damaged).exists()
+    data = (checkpoint / damaged).read_bytes()
+    (checkpoint / damaged).write_bytes(data[: len(data) // 2])  # a disk that filled up mid-write
+    result, weights, lines = run(tmp_path / "killed", set(), max_steps=4, save_every=2)
+    assert any(f"checkpoint step-2 is damaged ({damaged}:" in line and "starts from step 0" in line for line in lines)
+    assert result.resumed_from is None and result.steps == 4
+    assert torch.equal(weights[-1], fresh_weights[-1])  # trained from the start, as an uninterrupted run

@@ -1,6 +1,7 @@
 """Recipe loading: types, unknown keys, references and overrides give errors that name the field."""
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -305,3 +306,39 @@ def test_a_stage_without_a_kind_says_it_is_missing_and_an_unknown_name_lists_eac
     with pytest.raises(RecipeError, match=r"unknown name 'teachr' \(did you mean 'teacher'\?\); known here: "
                                           r"\['teacher'\]"):
         parse_recipe(tiny_recipe)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "", "a/b", ".hidden", "/abs"])
+def test_the_recipe_name_stays_inside_the_runs_folder(tiny_recipe, name):
+    tiny_recipe["name"] = name
+    with pytest.raises(RecipeError, match=r"name: .* names the run folder runs/<name>; use letters, digits"):
+        parse_recipe(tiny_recipe)
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: a\nseed: 0\nstages:\n  - name: t\n    kind: finetune\n    lr: 0.1\n    lr: 0.2\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: line 7: 'lr' is written twice in one mapping \(first on line 6\)"):
+        load_recipe(path)
+    # merge keys may be overridden: that is what they are for
+    path.write_text("name: a\nx: &base {lr: 0.1}\n")
+    with pytest.raises(RecipeError, match="x: unknown top-level field"):
+        load_recipe(path)
+
+
+def test_bad_templates_and_numbers_are_named_when_the_recipe_is_read(tiny_recipe):
+    broken = copy.deepcopy(tiny_recipe)
+    broken["data"]["source"] = "{source} {missing"
+    with pytest.raises(RecipeError, match=r"data: source: '\{source\} \{missing' is not a valid template"):
+        parse_recipe(broken)
+    for path, value, words in ((("stages", 0, "lr"), float("inf"), "is not a finite number"),
+                               (("stages", 0, "lr"), float("nan"), "is not a finite number"),
+                               (("stages", 1, "decoding", "max_new_tokens"), 10**8, "out of range"),
+                               (("stages", 0, "batch_size"), 10**8, "out of range")):
+        recipe = copy.deepcopy(tiny_recipe)
+        node = recipe
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(RecipeError, match=words):
+            parse_recipe(recipe)

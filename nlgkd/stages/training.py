@@ -106,8 +106,10 @@ def validation_decoding(ctx, args) -> DecodingConfig:
 
 
 def make_validator(model, tokenizer, encoded, ctx, args):
-    """The loop's evaluate callback, or None when the recipe has no validation split."""
+    """The loop's evaluate callback, or None when the recipe has no validation split (said out loud)."""
     if "validation" not in encoded:
+        ctx.log("note: no validation split, so no evaluation: no early stopping, the last weights are kept, and "
+                "no teacher check; give data.validation (a few hundred held-out pairs) to have them")
         return None
     references = list(ctx.data()["validation"]["target"])
     decoding = validation_decoding(ctx, args)
