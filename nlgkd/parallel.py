@@ -148,6 +148,20 @@ def subprocess_starter(runner, recipe_path: str, runs_dir: str, overrides: list[
             out.write(json.dumps({"command": command}) + "\n")
             out.flush()
             # the environment as it is now: run_in_parallel has named itself the lock's owner
-            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **extra})
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **extra},
+                                    preexec_fn=die_with_parent)
 
     return start
+
+
+def die_with_parent() -> None:
+    """Run in a `--jobs` child before it starts: Linux kills it (SIGKILL) when the `nlgkd run` that started it
+    dies, so a killed run leaves no stage writing on without the run directory's lock. Elsewhere the child's own
+    check (`Runner.locked`: its starter is gone) stops it when it next takes the lock."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass

@@ -428,10 +428,13 @@ class Runner:
         that holds it. The lock is an flock on runs/<recipe>/.lock, so the system drops it when its process
         ends, killed or not. The processes of one run do not lock against each other: only the main process of
         a torchrun/accelerate launch takes it, and `--jobs` children inherit their parent's (NLGKD_LOCK_OWNER)."""
-        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0 or \
-                os.environ.get("NLGKD_LOCK_OWNER") == str(os.getppid()):
+        owner = os.environ.get("NLGKD_LOCK_OWNER")
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0 or owner == str(os.getppid()):
             yield
             return
+        if owner is not None:  # started by `--jobs`, whose process has died: its lock went with it
+            raise StageError(f"the `nlgkd run --jobs` that started this stage (process {owner}) is gone, and with it "
+                             "the run directory's lock; this stage stops (run the recipe again to finish it)")
         self.check_writable()
         path = self.run_dir / ".lock"
         handle = open(path, "a+")

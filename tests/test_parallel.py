@@ -180,3 +180,49 @@ def test_jobs_refuse_a_multi_process_launch(tmp_path, tiny_recipe, monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", str(path), "--jobs", "2", "--runs-dir", str(tmp_path)]) == 2
     assert "--jobs starts one process per stage; run it as a plain `nlgkd run`" in capsys.readouterr().err
+
+
+def stage_processes(recipe_file) -> list[int]:
+    """Pids of the `nlgkd run RECIPE --stage KEY` processes of this recipe file that are alive (not zombies)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(recipe_file).encode() in argv and b"--stage" in argv and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def test_jobs_children_die_with_their_killed_parent_and_a_new_run_finishes(tmp_path, tiny_recipe):
+    import time
+
+    recipe = copy.deepcopy(tiny_recipe)
+    long = {"kind": "finetune", "model": "teacher", "max_steps": 100_000, "batch_size": 16, "eval_samples": 0,
+            "eval_every": 100_000, "save_every": 20, "log_every": 1000}
+    recipe["stages"] = [{"name": "a", **long}, {"name": "b", **long, "lr": 1e-3}]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    parent = forked_nlgkd(["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--jobs", "2"], tmp_path,
+                          log=tmp_path / "parent.log")
+    parent.start()
+    deadline = time.time() + 300
+    checkpoints = [tmp_path / "runs" / "tiny" / f".{key}.partial" / "checkpoints" for key in ("a", "b")]
+    while time.time() < deadline and not all(list(c.glob("step-*")) for c in checkpoints):
+        time.sleep(0.2)  # both children are training: each has written a checkpoint
+    children = stage_processes(path)
+    assert len(children) == 2, (tmp_path / "parent.log").read_text()[-2000:]
+    parent.kill()  # SIGKILL: no handler of the parent runs
+    parent.join()
+    gone_by = time.time() + 30  # the children would train for many minutes more
+    while time.time() < gone_by and stage_processes(path):
+        time.sleep(0.2)
+    assert stage_processes(path) == [], "a --jobs child outlived the run that started it"
+    # the lock died with the parent: a new run takes it and finishes both stages
+    recipe["stages"] = [{**stage, "max_steps": 40} for stage in recipe["stages"]]
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path / "runs")
+    assert runner.run() == {"a": "ran", "b": "ran"}
