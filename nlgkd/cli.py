@@ -97,7 +97,18 @@ def cmd_validate(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import socket
+
     from .serve import serve
+
+    try:  # before loading the model: a bad address or port is one line, not uvicorn's traceback
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.bind((args.host, args.port))
+    except (OSError, OverflowError, ValueError) as err:
+        print(f"error: --host {args.host} --port {args.port}: cannot listen there ({err}); give an address of this "
+              "machine (127.0.0.1, or 0.0.0.0 for every interface) and a free port from 1 to 65535", file=sys.stderr)
+        return 2
 
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, max_source_length=args.max_source_length,
           default_max_tokens=args.max_tokens, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,

@@ -46,7 +46,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DecodingConfig
@@ -83,15 +83,16 @@ class ChatRequest(BaseModel):
     model: Optional[str] = None
     messages: list[ChatMessage]
     # null means the default, as in the OpenAI API (some clients send explicit nulls)
-    n: Optional[int] = None
+    # strict: `max_tokens: true` or `"n": "2"` is an error, not 1 or 2
+    n: Optional[StrictInt] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-    seed: Optional[int] = None
-    stream: Optional[bool] = None
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = None
+    stream: Optional[StrictBool] = None
     user: Optional[str] = None  # accepted and ignored: it only identifies the caller
 
     def with_defaults(self) -> "ChatRequest":
@@ -118,6 +119,13 @@ def check_request(req: ChatRequest, served_name: str, max_tokens_cap: int | None
         raise ApiError(400, "messages: expected at least one message", "messages")
     if not any(m.role == "user" for m in req.messages):
         raise ApiError(400, "messages: no user message; the last user message is the model's input", "messages")
+    for i, message in enumerate(req.messages):
+        text = message_text(message)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's "\ud800" escape: a lone surrogate no tokenizer can read
+            raise ApiError(400, f"messages[{i}].content: not valid Unicode at character {err.start} (a lone "
+                                "surrogate); send UTF-8 text", "messages") from None
     if not 1 <= req.n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}, got {req.n}", "n")
     if not 0.0 <= req.temperature <= 2.0:
@@ -165,6 +173,7 @@ class ServedModel:
         self.worker: threading.Thread | None = None
         self.worker_lock = threading.Lock()
         self.generate_calls = 0  # batches run (what the tests and eval/bench_serve.py read)
+        self.abandoned_batches = 0  # batches stopped because every client of theirs went away
         self.last_batch_size = 2  # > 1: the first request waits batch_wait_ms for others (see `work`)
 
     def input_ids(self, messages: list[ChatMessage]) -> list[int]:
@@ -196,6 +205,7 @@ class ServedModel:
                            "logprobs")
         ids = self.input_ids(req.messages)
         future: concurrent.futures.Future = concurrent.futures.Future()
+        future.abandoned = threading.Event()  # set when its client goes away (the endpoint watches the connection)
         with self.worker_lock:
             if self.worker is None:
                 self.worker = threading.Thread(target=self.work, name="nlgkd-serve-model", daemon=True)
@@ -251,8 +261,11 @@ class ServedModel:
     def run_batch(self, batch: list) -> None:
         """Answer every request of `batch`; never raises (the worker thread must outlive any request). When the
         batch fails (e.g. out of memory at 16 rows), each request is tried alone and gets its own outcome."""
+        def abandoned() -> bool:  # every client of the batch has gone: the decode stops at its next token
+            return all(future.abandoned.is_set() for _, _, future in batch)
+
         try:
-            answers = self.answer_batch([(req, ids) for req, ids, _ in batch])
+            answers = self.answer_batch([(req, ids) for req, ids, _ in batch], abandoned)
         except Exception as err:  # noqa: BLE001 - reported to the requests, not to the thread
             if len(batch) > 1:
                 for item in batch:
@@ -272,9 +285,21 @@ class ServedModel:
                               max_new_tokens=self.max_new_tokens(req))
 
     @torch.inference_mode()
-    def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]]) -> list[dict]:
-        """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts."""
+    def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]], abandoned=lambda: False) -> list[dict]:
+        """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts.
+        `abandoned()` true: every client has gone, and decoding stops (`abandoned_batches` counts it)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         from .generation import generate_with, generation_config
+
+        class WhenAbandoned(StoppingCriteria):
+            def __call__(inner, input_ids, scores, **kwargs):
+                stop = abandoned()
+                inner.stopped = inner.stopped or stop
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        watch = WhenAbandoned()
+        watch.stopped = False
 
         if self.engine:
             return self.answer_batch_with_engine(batch)
@@ -294,8 +319,10 @@ class ServedModel:
         device = next(self.model.parameters()).device
         if req.seed is not None:  # runs alone (batch_key): the seed fixes its samples
             torch.manual_seed(req.seed)
-        out = generate_with(self.model, config, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        out = generate_with(self.model, config, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            stopping_criteria=StoppingCriteriaList([watch]))
         self.generate_calls += 1
+        self.abandoned_batches += watch.stopped
         # after the decoder start token / the padded prompt
         start = 1 if self.encoder_decoder else input_ids.shape[1]
         per_request = 1 if greedy else req.n
@@ -394,7 +421,11 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            f"body: not valid JSON at character {e['loc'][-1]} ({(e.get('ctx') or {}).get('error', e['msg'])}); send "
+            "a JSON object such as {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]}"
+            if e.get("type") == "json_invalid" else f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+            for e in err.errors())
         return error_response(400, f"invalid request: {problems}")
 
     @app.exception_handler(StarletteHTTPException)  # unknown paths, wrong methods: the same error shape
@@ -417,12 +448,27 @@ def create_app(served: ServedModel) -> FastAPI:
                                             "owned_by": "nlgkd"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         req = req.with_defaults()
         check_request(req, served.name, served.max_tokens_cap)
         # tokenizing a long message takes a while: not on the event loop, which serves every connection
         future = await asyncio.to_thread(served.submit, req)
-        return await asyncio.wrap_future(future)
+        answer = asyncio.wrap_future(future)
+
+        async def client_gone() -> None:  # the body is read: the next ASGI message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(client_gone())
+        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            watcher.cancel()
+            return answer.result()
+        # nobody will read the answer: not decoded if it has not started, stopped at its next token if it has
+        future.abandoned.set()
+        future.cancel()
+        answer.cancel()
+        return error_response(499, "the client closed the connection", kind="client_closed_request")
 
     return app
 

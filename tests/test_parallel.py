@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nlgkd.parallel import run_in_parallel, stage_dependencies
+from nlgkd.parallel import die_with_parent, run_in_parallel, stage_dependencies
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
@@ -121,7 +121,8 @@ def test_the_cli_starts_each_stage_as_nlgkd_run_stage_with_the_same_overrides(tm
     started = []
 
     class FakePopen:
-        def __init__(self, command, stdout, stderr, env):
+        def __init__(self, command, stdout, stderr, env, preexec_fn):
+            assert preexec_fn is die_with_parent  # each child dies with the run that started it
             started.append((command, env))
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)

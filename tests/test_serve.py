@@ -3,10 +3,13 @@ real `openai` client. Its answers are the model's own generations, its logprobs 
 log-probabilities, and its errors OpenAI-shaped."""
 from __future__ import annotations
 
+import json
 
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nlgkd.serve import BackgroundServer
 
@@ -280,12 +283,110 @@ def test_the_worker_outlives_cancelled_requests_and_failed_batches(served, monke
     assert first.result(timeout=120)["choices"][0]["message"]["content"] is not None
     real = batched.answer_batch
 
-    def fails_in_company(batch):
+    def fails_in_company(batch, abandoned):
         if len(batch) > 1:
             raise RuntimeError("out of memory")
-        return real(batch)
+        return real(batch, abandoned)
 
     monkeypatch.setattr(batched, "answer_batch", fails_in_company)
     answers = concurrent_answers(batched, requests[2:])
     assert all(a["choices"][0]["message"]["content"] is not None for a in answers)
     assert batched.worker.is_alive()
+
+
+# ----------------------------------------------------------------------------- the server's contract
+def post(base_url: str, body: bytes) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def short_server():
+    """A tiny fresh model with 64 positions that never writes EOS, served with small answers (fast to fuzz)."""
+    from nlgkd.serve import BackgroundServer, ServedModel, create_app
+
+    from test_decoding import short_model
+
+    model, tokenizer = short_model(positions=64)
+    served = ServedModel(model, tokenizer, "short", default_max_tokens=4, max_tokens_cap=64)
+    with BackgroundServer(create_app(served)) as server:
+        yield served, server.base_url
+
+
+def test_bad_requests_are_400s_that_name_the_field(short_server):
+    _, url = short_server
+    user = {"role": "user", "content": "a dog ran"}
+    for body, words in (
+            (b'{"messages": [', "body: not valid JSON at character"),
+            (json.dumps({"messages": [user], "max_tokens": True}).encode(), "max_tokens: Input should be a valid integer"),
+            (json.dumps({"messages": [user], "n": "2"}).encode(), "n: Input should be a valid integer"),
+            (json.dumps({"messages": [{"role": "user", "content": "a \ud800 b"}]}).encode(),
+             "messages[0].content: not valid Unicode at character 2")):
+        status, answer = post(url, body)
+        assert status == 400 and words in answer["error"]["message"], (body, answer)
+    # every length up to the cap: 200, cut at the model's positions with "length"
+    status, answer = post(url, json.dumps({"messages": [user], "max_tokens": 64, "temperature": 0}).encode())
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 63
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+MESSAGES = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
+     "content": st.none() | st.text(max_size=40) | st.lists(st.fixed_dictionaries(
+         {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=20)}), max_size=2)}), max_size=3)
+FIELDS = ["model", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
+          "seed", "stream", "user", "stop"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=MESSAGES, fields=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=4),
+       small=st.dictionaries(st.sampled_from(["n", "max_tokens", "top_logprobs", "seed"]), st.integers(-2, 70),
+                             max_size=2))
+def test_no_request_gets_a_500(short_server, messages, fields, small):
+    # localhost only, bounded: 60 requests of at most 64 tokens to a 2-layer model
+    _, url = short_server
+    body = json.dumps({"messages": messages, **fields, **small}).encode()
+    status, answer = post(url, body)
+    assert status in (200, 400, 404), (status, answer, body)
+    assert ("choices" in answer) if status == 200 else answer["error"]["message"]
+
+
+def test_a_request_whose_client_went_away_stops_decoding(tmp_path):
+    import socket
+    import time
+
+    from nlgkd.serve import BackgroundServer, ServedModel, create_app
+
+    from test_decoding import short_model
+
+    model, tokenizer = short_model(positions=1024)
+    served = ServedModel(model, tokenizer, "short", max_tokens_cap=1000)
+    body = json.dumps({"messages": [{"role": "user", "content": "a dog ran"}], "n": 64, "max_tokens": 1000,
+                       "temperature": 1.0}).encode()
+    with BackgroundServer(create_app(served)) as server:
+        with socket.create_connection((server.host, server.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.time() + 60
+            while (served.worker is None or not served.waiting.empty()) and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the worker has taken it and is decoding
+        # the client has gone: the batch stops at its next token instead of writing 64 x 1000 of them
+        while served.abandoned_batches == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert served.abandoned_batches == 1
+        status, answer = post(server.base_url, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 2, "temperature": 0}).encode())
+        assert status == 200  # the worker goes on serving
