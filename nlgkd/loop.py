@@ -398,7 +398,14 @@ def save_checkpoint(accelerator, root: Path, state: dict) -> None:
     """save_state into a temporary folder, then rename: a kill never leaves a half checkpoint."""
     tmp = root / f"tmp-step-{state['step']}"
     final = root / f"step-{state['step']}"
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError("[enforce fail ...")
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root if root.exists() else root.parent).free / 2**20
+        raise OSError(f"could not write the checkpoint {tmp} ({str(err).splitlines()[0][:160]}); {free:,.0f} MB are "
+                      "free there: free some space and run again (the stage resumes from its last checkpoint)") \
+            from None
     accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))

@@ -224,3 +224,16 @@ def test_a_damaged_checkpoint_is_discarded_and_the_stage_starts_again(tmp_path, 
     assert any(f"checkpoint step-2 is damaged ({damaged}:" in line and "starts from step 0" in line for line in lines)
     assert result.resumed_from is None and result.steps == 4
     assert torch.equal(weights[-1], fresh_weights[-1])  # trained from the start, as an uninterrupted run
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_folder_and_the_free_space(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def full_disk(self, output_dir=None, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*tmp-step-2 \(\[enforce fail.*MB are free "
+                                      r"there: free some space and run again"):
+        run(tmp_path, set(), max_steps=4, save_every=2)
+    assert not (tmp_path / "checkpoints" / "tmp-step-2").exists()
