@@ -642,6 +642,14 @@ class Runner:
             STAGES[stage.kind](ctx)
         except (ValueError, KeyError) as err:  # bad input found by the stage: say where, keep what is done
             raise StageError(f"stage {stage.key!r} ({stage.kind}): {err}") from err
+        except OSError as err:  # the machine's (a full disk, no permission): which stage, and which file
+            raise OSError(err.errno, f"stage {stage.key!r} ({stage.kind}): {err.strerror or err}; finished stages "
+                                     "and what this one wrote so far are kept", err.filename) from err
+        except Exception as err:  # a library's wrapper around a full disk (safetensors' SafetensorError)
+            if "No space left on device" not in str(err):
+                raise
+            raise OSError(28, f"stage {stage.key!r} ({stage.kind}): the disk is full ({str(err)[:160]}); free some "
+                              "space or pass --runs-dir on another disk; finished stages are kept") from err
         finally:
             self.release_stage_state()
         acc.wait_for_everyone()

@@ -294,3 +294,21 @@ def test_beam_early_stopping_is_transformers_early_stopping(trained):
             config = generation_config(DecodingConfig(strategy=strategy, num_beams=4, early_stopping=early_stopping,
                                                       max_new_tokens=8), model, tokenizer)
             assert config.early_stopping is early_stopping, strategy
+
+
+def test_a_full_disk_while_writing_pts_names_the_stage_and_the_file(trained, tmp_path, monkeypatch, capsys):
+    from nlgkd.cli import main
+    from nlgkd.stages import pseudo_targets
+
+    def full_disk(folder, batches):
+        raise OSError(28, "No space left on device", str(folder / "part-0.json"))
+
+    monkeypatch.setattr(pseudo_targets, "write_part", full_disk)
+    copy_teacher(trained, tmp_path / "runs")
+    write_recipe(trained, tmp_path / "r.yaml", {"name": "pts_full", "kind": "pseudo_targets", "teacher": "teacher",
+                                                "max_examples": 4, "save_every": 1,
+                                                "decoding": {"strategy": "greedy", "max_new_tokens": 4}})
+    assert main(["run", str(tmp_path / "r.yaml"), "--stage", "pts_full", "--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "error: stage 'pts_full' (pseudo_targets): No space left on device; finished stages and what this one " \
+           "wrote so far are kept: " in err and "part-0.json" in err
