@@ -138,6 +138,8 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
             raise ExportError(f"{model_dir}: neither config.json nor generation_config.json says "
                               "decoder_start_token_id; set it in config.json (the token the decoder starts from)")
         ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(start)
+        if ct2_config.get("bos_token") is None:  # mBART-50's tokenizer has none; the engine wants a token string
+            ct2_config["bos_token"] = tokenizer.cls_token or tokenizer.eos_token
         (folder / "config.json").write_text(json.dumps(ct2_config, indent=2))
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder / TOKENIZER_DIR))
     try:
