@@ -82,3 +82,18 @@ def test_a_student_with_the_t5_tokenizers_size_distills_from_a_padded_t5_teacher
     losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "family" / "distill" / "metrics.jsonl")
               .read_text().splitlines() if "loss" in json.loads(line)]
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
+
+
+@pytest.mark.slow
+def test_joint_teaching_samples_from_a_t5_student_with_fewer_encoder_than_decoder_layers(tmp_path):
+    # transformers sizes T5's default generation cache by the encoder; the rollouts go through the same
+    # generate path as every decode, with its explicit cache
+    folder = FAMILIES["t5_v1.0"](tmp_path / "t5")
+    recipe = family_recipe(folder, decoder_only=False)
+    recipe["stages"] = [{**recipe["stages"][0], "encoder_layers": [0], "decoder_layers": [0, 1]},
+                        {**recipe["stages"][2], "pseudo_targets": [], "max_steps": 2, "log_every": 1,
+                         "joint_teaching": {"student_ratio": 1.0, "decoding": {"strategy": "sample"}}}]
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path / "runs")
+    runner.run()
+    record = json.loads((tmp_path / "runs" / "family" / "distill" / "stage.json").read_text())
+    assert record["joint_teaching"]["student_steps"] == 2
