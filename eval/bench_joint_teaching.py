@@ -21,6 +21,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override the demo recipe (eval/gpu_check.sh's SMOKE mode shrinks it)")
     args = parser.parse_args()
     common = {"kind": "distill", "student": "student", "teacher": "teacher", "objective": "logits_kd",
               "max_steps": args.steps, "batch_size": 32, "lr": 1e-3, "eval_samples": 300, "eval_every": args.steps,
@@ -33,7 +35,7 @@ def main() -> None:
         {"name": "bench_joint_teaching_k4", **common,
          "joint_teaching": {"student_ratio": 0.5, "stop_share": 0.9, "steps_per_draw": 4}},
     ]
-    runner = demo_with(stages, runs_dir=args.runs_dir)
+    runner = demo_with(stages, runs_dir=args.runs_dir, overrides=args.set)
     plain = train_seconds(runner, "bench_plain_kd") / args.steps
     rows = {"plain logits KD": ("bench_plain_kd", plain)}
     for name, label in (("bench_joint_teaching", "Joint-Teaching r=0.5"),

@@ -36,6 +36,9 @@ SIZES = {
                   student_decoder=2, batch=32, length=128),
     "small": dict(d_model=256, heads=4, ffn=1024, vocab=8000, encoder_layers=3, teacher_decoder=3,
                   student_decoder=1, batch=16, length=64),
+    # the flow only (eval/gpu_check.sh SMOKE=1 on a CPU): no meaningful utilisation
+    "tiny": dict(d_model=32, heads=2, ffn=64, vocab=300, encoder_layers=1, teacher_decoder=2,
+                 student_decoder=1, batch=4, length=16),
 }
 # dense bf16 peaks (TFLOP/s) from the vendors' data sheets, matched against torch.cuda.get_device_name()
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
