@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 4 minutes alone; the parts' own limits add up to 20
 def test_the_gpu_check_runs_every_part_in_smoke_mode(tmp_path):
     from nlgkd.demo_task import make_demo_splits
 
@@ -27,7 +28,7 @@ def test_the_gpu_check_runs_every_part_in_smoke_mode(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "eval/gpu_check.sh", str(out), str(data)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=580)
+                          capture_output=True, text=True, timeout=1180)
     status = (out / "status.txt").read_text().splitlines()
     assert [line.split()[0] for line in status] == ["kd_step", "mfu", "joint_teaching", "export", "own_data"]
     assert all(" exit=0 " in line for line in status), status + [done.stdout[-3000:]]
