@@ -4,7 +4,7 @@ A teacher that cannot beat copying its input, or writing the most frequent train
 learned nothing a student should imitate; every stage built on it is wasted compute, and the report's
 "% of the teacher" numbers look fine while all of them are bad. So when a training stage whose model later
 stages use as a teacher ends, `check_teacher` scores those baselines on the very validation examples the
-teacher was scored on (the first `eval_samples` of the validation split, greedy decoding) and the result is
+teacher was scored on (the first `eval_samples` of the validation split, decoded as its validation decodes) and the result is
 written into the stage's `stage.json` as `teacher_check`. What happens to a weak teacher is the recipe's
 `on_weak_teacher`: `warn` (default; the stage and the runner print what to try) or `stop` (the stages that
 would learn from it refuse to start).
@@ -43,7 +43,7 @@ def baseline_predictions(sources: list[str], train_targets: list[str]) -> dict[s
 
 
 def judge(teacher_scores: dict[str, float], sources: list[str], references: list[str],
-          train_targets: list[str], metric: str = "bleu") -> dict:
+          train_targets: list[str], metric: str = "bleu", decoding: str = "greedy") -> dict:
     """The `teacher_check` record: the teacher's scores, each baseline's scores on the same examples, and
     `beaten_by`: the baselines that score at least as high as the teacher on `metric` (weak when not empty)."""
     baselines = {}
@@ -52,7 +52,7 @@ def judge(teacher_scores: dict[str, float], sources: list[str], references: list
         baselines[name] = {m: round(scores[m], 2) for m in METRICS}
     teacher = {m: round(teacher_scores[m], 2) for m in METRICS if m in teacher_scores}
     beaten_by = [name for name, scores in baselines.items() if scores[metric] >= teacher[metric]]
-    return {"metric": metric, "examples": len(references), "split": "validation", "decoding": "greedy",
+    return {"metric": metric, "examples": len(references), "split": "validation", "decoding": decoding,
             "teacher": teacher, "baselines": baselines, "beaten_by": beaten_by, "weak": bool(beaten_by)}
 
 
@@ -70,10 +70,12 @@ def weak_teacher_message(stage_key: str, check: dict, users: list[str], policy: 
                     if model_type in ("bart", "mbart") else "arch: mbart for a fresh model, or a pretrained checkpoint")
     # the check decodes greedily; a small teacher's beam search often scores 1-2 BLEU higher (eval/README.md,
     # the CPU Shakespeare teacher: 14.9 greedy, 16.4 beam, copying 16.5), which the PT stages can use
+    decoding = check.get("decoding", "greedy")
+    beam_advice = ("; to see whether beam search beats the bar, score it on the same examples with an evaluate stage "
+                   f"(split: validation, max_examples: {check['examples']}, decoding: {{strategy: beam, num_beams: 4}}, "
+                   "baselines: true)" if decoding == "greedy" else "")
     return (f"weak teacher: {stage_key!r} scores {metric.upper()} {check['teacher'][metric]:.2f} on "
-            f"{check['examples']} validation examples (greedy decoding), and {beaten} ({BASELINES[worst]} is the "
+            f"{check['examples']} validation examples ({decoding} decoding), and {beaten} ({BASELINES[worst]} is the "
             f"bar to beat); {consequence}. Try more steps (max_steps / epochs) with early stopping on bleu, a "
-            f"higher lr or more warmup, {architecture}, or check data.source / data.target; to see whether beam "
-            f"search beats the bar, score it on the same examples with an evaluate stage (split: validation, "
-            f"max_examples: {check['examples']}, decoding: {{strategy: beam, num_beams: 4}}, baselines: true). Set "
+            f"higher lr or more warmup, {architecture}, or check data.source / data.target{beam_advice}. Set "
             f"on_weak_teacher: {'warn to go on anyway' if policy == 'stop' else 'stop to stop here instead'}.")

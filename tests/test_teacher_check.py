@@ -39,6 +39,10 @@ def test_a_teacher_below_copying_the_source_is_weak_and_the_scores_are_sacrebleu
     assert check["decoding"] == "greedy" and "(greedy decoding)" in message
     assert "split: validation, max_examples: 4, decoding: {strategy: beam" in message
     assert "will not start" in weak_teacher_message("teacher", check, ["distill"], "stop")
+    # a teacher validated with beam search (validation decodes as the evaluate stage) is said to be so
+    beam = judge({"bleu": copy_bleu - 1, "chrf": 10.0}, SOURCES, REFERENCES, TRAIN_TARGETS, decoding="beam")
+    said = weak_teacher_message("teacher", beam, ["distill"], "warn")
+    assert beam["decoding"] == "beam" and "(beam decoding)" in said and "to see whether beam search" not in said
 
 
 def test_a_teacher_above_every_baseline_passes_and_a_tie_does_not():

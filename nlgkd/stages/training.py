@@ -140,7 +140,8 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
                                     max(args.batch_size, 32), validation_decoding(ctx, args))
     validation = ctx.data()["validation"].select(range(n))
     train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
-    check = judge(scores, raw_sources(validation, ctx.recipe.data.tasks), list(validation["target"]), train_targets)
+    check = judge(scores, raw_sources(validation, ctx.recipe.data.tasks), list(validation["target"]), train_targets,
+                  decoding=validation_decoding(ctx, args).strategy)
     check["model_type"] = getattr(getattr(model, "config", None), "model_type", None)
     ctx.info["teacher_check"] = check
     if check["weak"]:
