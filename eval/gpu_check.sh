@@ -21,6 +21,9 @@ RUNS="$OUT/runs"
 mkdir -p "$OUT/logs"
 : > "$OUT/status.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# compiled kernels of its own: another process compiling into the shared /tmp cache at the same moment can hand
+# this one a half-written library ("file too short", seen beside the suite's compile test)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor_cache}
 
 if [ "${SMOKE:-0}" = 1 ]; then
   # the flow, not the numbers: tiny models, a few steps, the demo shrunk

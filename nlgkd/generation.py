@@ -88,6 +88,12 @@ def generation_config(decoding: DecodingConfig, model, tokenizer, *, beams: int 
     elif decoding.strategy == "sample":
         fields.update(do_sample=True, temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
     for name in decoding.from_checkpoint:
+        if name == "num_beams":  # the search width: beam search's only, and never below K
+            if decoding.strategy != "beam":
+                raise ValueError(f"decoding.from_checkpoint: num_beams applies to strategy: beam, not "
+                                 f"{decoding.strategy}; remove it or set strategy: beam")
+            fields["num_beams"] = max(own.num_beams or 1, fields["num_return_sequences"])
+            continue
         fields[name] = getattr(own, name, None)
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
     if vocab > len(tokenizer):  # rows of a padded embedding no token maps to
@@ -301,22 +307,28 @@ def generate(
         unwrapped.eval()
     mine = [j for j in range(len(batches)) if j % world == rank]
     made: dict[int, list[list[str]]] = {}
-    bar = progress_bar(total=len(batches), desc=desc, disable=not (accelerator.is_main_process and progress), leave=False)
-    bar.update(len(done))
-    for j in mine:
-        if j in done:
-            continue
-        batch = [source_ids[i] for i in batches[j]]
-        if engine:
-            outputs = unwrapped.generate_texts(batch, decoding, seed=seed + j)
-        else:
-            if decoding.strategy == "sample":
-                torch.manual_seed(seed + j)
-            outputs = generate_batch(unwrapped, tokenizer, batch, decoding)
-        made[j] = outputs
-        if on_batch is not None:
-            on_batch(j, batches[j], outputs)
-        bar.update(world)
+    # sampling seeds the global generator per batch; afterwards it is as it was (a validation inside training
+    # must not replay the same dropout stream after every evaluation)
+    rng = torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []) \
+        if decoding.strategy == "sample" and not engine else contextlib.nullcontext()
+    with rng:
+        bar = progress_bar(total=len(batches), desc=desc, leave=False,
+                           disable=not (accelerator.is_main_process and progress))
+        bar.update(len(done))
+        for j in mine:
+            if j in done:
+                continue
+            batch = [source_ids[i] for i in batches[j]]
+            if engine:
+                outputs = unwrapped.generate_texts(batch, decoding, seed=seed + j)
+            else:
+                if decoding.strategy == "sample":
+                    torch.manual_seed(seed + j)
+                outputs = generate_batch(unwrapped, tokenizer, batch, decoding)
+            made[j] = outputs
+            if on_batch is not None:
+                on_batch(j, batches[j], outputs)
+            bar.update(world)
     bar.close()
     if not engine:
         unwrapped.train(was_training)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import safetensors
 import safetensors.torch
 import torch
 from accelerate.utils import set_seed
@@ -417,13 +418,17 @@ def save_checkpoint(accelerator, root: Path, state: dict) -> None:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """What makes a checkpoint folder unreadable (a file that does not load), or None when every file loads."""
+    """What makes a checkpoint folder unreadable (a file that does not open), or None. Headers and archive
+    indexes only (memory-mapped), so a large model's checkpoint is not read twice on resume."""
     for path in sorted(folder.iterdir()):
         try:
             if path.suffix == ".safetensors":
-                safetensors.torch.load_file(str(path))
-            elif path.suffix in (".bin", ".pt", ".pkl"):
-                torch.load(path, map_location="cpu", weights_only=False)  # written by this loop's save_state
+                with safetensors.safe_open(str(path), "pt") as opened:  # checks the header against the size
+                    opened.keys()
+            elif path.suffix in (".bin", ".pt"):
+                torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the zip index, mapped
+            elif path.suffix == ".pkl":
+                torch.load(path, map_location="cpu", weights_only=False)  # the generators' states: small
             elif path.suffix == ".json":
                 json.loads(path.read_text())
         except Exception as err:  # noqa: BLE001 - any reader's error means the same: this file is damaged

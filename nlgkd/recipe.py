@@ -198,14 +198,20 @@ def _list_item(items: list, part: str, where: str) -> Any:
 # ---------------------------------------------------------------------------------------- loading
 class RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key written twice in one mapping (plain YAML keeps the last silently,
-    so a second `lr:` in a stage would quietly win)."""
+    so a second `lr:` in a stage would quietly win). Keys merged in (`<<: *anchor`) may be overridden."""
+
+    def flatten_mapping(self, node):
+        # a mapping's own keys, before merging puts the merged ones into node.value (which a mapping that merges
+        # this one can do before this one is constructed)
+        if not hasattr(node, "own_keys"):
+            node.own_keys = [key for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
+        super().flatten_mapping(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
             seen: dict = {}
-            for key_node, _ in node.value:  # the mapping's own keys: one merged in (<<: *anchor) may be overridden
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
+            for key_node in node.own_keys:
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise RecipeError(f"line {key_node.start_mark.line + 1}: {key!r} is written twice in one mapping "
@@ -241,12 +247,13 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"{source}: {key}: unknown top-level field{did_you_mean}; allowed: {sorted(allowed)}")
     try:
-        default_name = re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem).lstrip(".") or "recipe"  # the file's name
+        default_name = "recipe" if source == "<recipe>" else Path(source).stem  # the file's name
         name = _convert(str, raw.get("name", default_name), "name")
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        if not re.fullmatch(r"\w[\w.-]*", name):
             # the run folder is runs/<name>: a path, '..' or an empty name would write outside it or into it
-            raise RecipeError(f"name: {name!r} names the run folder runs/<name>; use letters, digits, '_', '-' and "
-                              "'.' (not first), e.g. my_task")
+            said = "" if "name" in raw else " (the file's name, as the recipe sets no name:)"
+            raise RecipeError(f"name: {name!r}{said} names the run folder runs/<name>; use letters, digits, '_', '-' "
+                              "and '.' (not first), e.g. name: my_task")
         seed = _convert(int, raw.get("seed", 0), "seed")
         on_weak_teacher = _convert(Literal["warn", "stop"], raw.get("on_weak_teacher", "warn"), "on_weak_teacher")
         data = build(DataConfig, raw.get("data", {}), "data")
@@ -294,7 +301,11 @@ def find_ce_students(recipe: Recipe) -> None:
         for config in [stage.config, *stage.variants.values()]:
             if stage.kind != "distill" or config.ce_student is not None or not (config.teacher or config.teachers_by_task):
                 continue
+            teachers = config.teacher if isinstance(config.teacher, list) else [config.teacher]
+            teachers += [name for names in config.teachers_by_task.values() for name in names]
             for earlier in reversed(recipe.stages[:stage.index]):
+                if earlier.name in teachers:  # self-distillation: the teacher fine-tuned the same start
+                    continue
                 if earlier.kind == "finetune" and earlier.config.model == config.student:
                     if not earlier.variants:  # a seed sweep of CE students: the recipe names one (name@variant)
                         config.ce_student = earlier.name

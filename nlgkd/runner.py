@@ -612,6 +612,10 @@ class Runner:
                 if not is_teacher_field(where):
                     continue
                 kind, target = self.recipe.resolve(name, other.index)
+                if kind == "stage" and target.kind == "select":  # a teacher chosen among candidates
+                    chosen_from = [self.recipe.resolve(c, target.index) for c in target.config.candidates]
+                    if any(k == "stage" and t.key == stage.key for k, t in chosen_from) and other.key not in users:
+                        users.append(other.key)
                 if kind == "stage" and target.key == stage.key and other.key not in users:
                     users.append(other.key)
         return users

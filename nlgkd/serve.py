@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DecodingConfig
 from .data import pad, truncate
+from .generation import position_limit
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 MAX_N = 64
@@ -120,12 +121,15 @@ def check_request(req: ChatRequest, served_name: str, max_tokens_cap: int | None
     if not any(m.role == "user" for m in req.messages):
         raise ApiError(400, "messages: no user message; the last user message is the model's input", "messages")
     for i, message in enumerate(req.messages):
-        text = message_text(message)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:  # JSON's "\ud800" escape: a lone surrogate no tokenizer can read
-            raise ApiError(400, f"messages[{i}].content: not valid Unicode at character {err.start} (a lone "
-                                "surrogate); send UTF-8 text", "messages") from None
+        if isinstance(message.content, list) and not all(isinstance(part.get("text", ""), str)
+                                                         for part in message.content):
+            raise ApiError(400, f"messages[{i}].content: a text part's text must be a string", "messages")
+        for field, text in (("role", message.role), ("content", message_text(message))):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # JSON's "\ud800" escape: a lone surrogate no tokenizer can read
+                raise ApiError(400, f"messages[{i}].{field}: not valid Unicode at character {err.start} (a lone "
+                                    "surrogate); send UTF-8 text", "messages") from None
     if not 1 <= req.n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}, got {req.n}", "n")
     if not 0.0 <= req.temperature <= 2.0:
@@ -217,10 +221,13 @@ class ServedModel:
         """The chat.completion dict of one request (waits for its batch)."""
         return self.submit(req).result()
 
-    @staticmethod
-    def batch_key(req: ChatRequest, max_new: int) -> tuple | None:
-        """Requests with equal keys can share one generate call; None: this one runs alone (a seed)."""
-        if req.seed is not None:
+    def batch_key(self, req: ChatRequest, ids: list[int]) -> tuple | None:
+        """Requests with equal keys can share one generate call; None: this one runs alone (a seed, or a
+        decoder-only prompt so long that its answer is cut at the model's positions: batched, it would cut the
+        answers of the shorter prompts padded to its length)."""
+        max_new = self.max_new_tokens(req)
+        limit = None if self.engine or self.encoder_decoder else position_limit(self.model)
+        if req.seed is not None or (limit is not None and len(ids) + max_new > limit):
             return None
         if req.temperature == 0.0:  # greedy: n equal answers are copies of one
             return ("greedy", max_new, bool(req.logprobs))
@@ -236,13 +243,13 @@ class ServedModel:
         while True:
             first = held.popleft() if held else self.waiting.get()
             batch = [first]
-            key = self.batch_key(first[0], self.max_new_tokens(first[0]))
+            key = self.batch_key(first[0], first[1])
             if key is not None and self.max_batch > 1:
                 # wait for company only when there has been some: a lone client would pay the wait every time
                 busy = self.last_batch_size > 1 or not self.waiting.empty() or bool(held)
                 deadline = time.monotonic() + (self.batch_wait_s if busy else 0.0)
                 for other in list(held):  # held earlier by another batch: they are already waiting longest
-                    if len(batch) < self.max_batch and self.batch_key(other[0], self.max_new_tokens(other[0])) == key:
+                    if len(batch) < self.max_batch and self.batch_key(other[0], other[1]) == key:
                         held.remove(other)
                         batch.append(other)
                 while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
@@ -250,7 +257,7 @@ class ServedModel:
                         item = self.waiting.get(timeout=left)
                     except queue.Empty:
                         break
-                    same = self.batch_key(item[0], self.max_new_tokens(item[0])) == key
+                    same = self.batch_key(item[0], item[1]) == key
                     (batch if same else held).append(item)
             # a request whose client went away (its future cancelled) is not decoded
             batch = [item for item in batch if item[2].set_running_or_notify_cancel()]

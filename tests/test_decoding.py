@@ -231,3 +231,36 @@ def test_damaged_weights_and_missing_local_paths_are_named(trained, tmp_path, mo
     (tmp_path / "m").mkdir()
     with pytest.raises(ModelLoadError, match=r"'m/nonexistent' does not exist; give a model folder"):
         load_pretrained("m/nonexistent")
+
+
+def test_review_fixes_beams_from_the_checkpoint_and_the_generator_left_as_found(trained, tmp_path):
+    model, tokenizer, sources = summarization_checkpoint(trained, tmp_path / "cnn")  # its num_beams: 3
+    wide = DecodingConfig(strategy="beam", num_return_sequences=6, max_new_tokens=8, from_checkpoint=["num_beams"])
+    assert generation_config(wide, model, tokenizer).num_beams == 6  # never below K
+    with pytest.raises(ValueError, match="from_checkpoint: num_beams applies to strategy: beam, not sample"):
+        generation_config(DecodingConfig(strategy="sample", max_new_tokens=8, from_checkpoint=["num_beams"]),
+                          model, tokenizer)
+    # sampled decoding (a validation inside training) leaves the global generator as it found it
+    from accelerate import Accelerator
+
+    from nlgkd.generation import generate
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    generate(model, tokenizer, sources[:4], DecodingConfig(strategy="sample", max_new_tokens=4, batch_size=2),
+             Accelerator(cpu=True), progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_review_fixes_which_stages_are_teachers_and_ce_students(tiny_recipe):
+    # self-distillation: the teacher fine-tunes the student's starting model; it is not its own CE baseline
+    tiny_recipe["stages"] = [{**tiny_recipe["stages"][0], "name": "ft_teacher"},
+                             {"name": "kd", "kind": "distill", "student": "teacher", "teacher": "ft_teacher"}]
+    assert parse_recipe(copy.deepcopy(tiny_recipe)).stage("kd").config.ce_student is None
+    # a teacher chosen by a select stage among seed variants is a teacher of what distills from the choice
+    tiny_recipe["stages"] = [{**tiny_recipe["stages"][0], "name": "t", "variants": {"s0": {}, "s1": {"seed": 1}}},
+                             {"name": "best_t", "kind": "select", "candidates": ["t"]},
+                             {"name": "kd", "kind": "distill", "student": "teacher", "teacher": "best_t"}]
+    runner = Runner(parse_recipe(tiny_recipe), runs_root="unused")
+    for instance in [s for s in runner.recipe.instances if s.name == "t"]:
+        assert runner.teacher_users(instance) == ["kd"], instance.key

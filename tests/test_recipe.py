@@ -320,10 +320,17 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     path.write_text("name: a\nseed: 0\nstages:\n  - name: t\n    kind: finetune\n    lr: 0.1\n    lr: 0.2\n")
     with pytest.raises(RecipeError, match=r"r\.yaml: line 7: 'lr' is written twice in one mapping \(first on line 6\)"):
         load_recipe(path)
-    # merge keys may be overridden: that is what they are for
+    # merge keys may be overridden: that is what they are for, also when a mapping that merges an anchor is
+    # itself merged later (YAML merges it into the later one before building it)
     path.write_text("name: a\nx: &base {lr: 0.1}\n")
     with pytest.raises(RecipeError, match="x: unknown top-level field"):
         load_recipe(path)
+    from nlgkd.recipe import RecipeLoader
+
+    nested = ("s:\n  - {name: a, decoding: &wide {<<: &beam {strategy: beam, num_beams: 4}, num_beams: 8}}\n"
+              "  - {name: b, decoding: {<<: *wide, num_beams: 2}}\n")
+    assert [d["decoding"] for d in yaml.load(nested, Loader=RecipeLoader)["s"]] == [
+        {"strategy": "beam", "num_beams": 8}, {"strategy": "beam", "num_beams": 2}]
 
 
 def test_bad_templates_and_numbers_are_named_when_the_recipe_is_read(tiny_recipe):

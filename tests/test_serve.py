@@ -329,7 +329,11 @@ def test_bad_requests_are_400s_that_name_the_field(short_server):
             (json.dumps({"messages": [user], "max_tokens": True}).encode(), "max_tokens: Input should be a valid integer"),
             (json.dumps({"messages": [user], "n": "2"}).encode(), "n: Input should be a valid integer"),
             (json.dumps({"messages": [{"role": "user", "content": "a \ud800 b"}]}).encode(),
-             "messages[0].content: not valid Unicode at character 2")):
+             "messages[0].content: not valid Unicode at character 2"),
+            (json.dumps({"messages": [user, {"role": "\ud800", "content": "x"}]}).encode(),
+             "messages[1].role: not valid Unicode"),
+            (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(),
+             "messages[0].content: a text part's text must be a string")):
         status, answer = post(url, body)
         assert status == 400 and words in answer["error"]["message"], (body, answer)
     # every length up to the cap: 200, cut at the model's positions with "length"
@@ -390,3 +394,16 @@ def test_a_request_whose_client_went_away_stops_decoding(tmp_path):
         status, answer = post(server.base_url, json.dumps({"messages": [{"role": "user", "content": "hi"}],
                                                            "max_tokens": 2, "temperature": 0}).encode())
         assert status == 200  # the worker goes on serving
+
+
+def test_a_long_decoder_only_prompt_runs_alone_so_it_cuts_no_other_answer(tmp_path):
+    from nlgkd.models import load_pretrained
+    from nlgkd.serve import ChatRequest, ServedModel
+
+    from families import gpt2
+
+    model, tokenizer = load_pretrained(str(gpt2(tmp_path / "gpt2")))  # 256 positions
+    served = ServedModel(model, tokenizer, "gpt2", max_tokens_cap=200)
+    request = ChatRequest(messages=[{"role": "user", "content": "x"}], max_tokens=100, temperature=0.0).with_defaults()
+    assert served.batch_key(request, [5] * 20) == served.batch_key(request, [5] * 150) is not None
+    assert served.batch_key(request, [5] * 201) is None  # 201 + 100 > 256: batched, it would cut the others
