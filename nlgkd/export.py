@@ -188,6 +188,8 @@ class EngineModel:
     def options(self, decoding: DecodingConfig) -> dict:
         """CTranslate2's decoding options for nlgkd's decoding config, field by field what
         `nlgkd.generation.generation_config` gives transformers; what the engine cannot do is refused."""
+        from .generation import within_positions
+
         if decoding.strategy not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
                              "greedy, beam or sample")
@@ -202,9 +204,8 @@ class EngineModel:
                              "set it to 1.0 for an exported model, or evaluate the PyTorch folder")
         k = decoding.num_return_sequences
         max_new = decoding.max_new_tokens
-        limit = self.manifest.get("position_limit")
-        if limit is not None and self.encoder_decoder:  # the decoder start token takes the first position
-            max_new = min(max_new, limit - 1)
+        if self.encoder_decoder:  # the decoder start token takes the first position
+            max_new = within_positions(max_new, self.manifest.get("position_limit"), 1)
         common = {"max_decoding_length": max_new, "min_decoding_length": decoding.min_new_tokens,
                   "num_hypotheses": k, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
                   "return_end_token": True}
@@ -221,10 +222,10 @@ class EngineModel:
 
     def forced_bos(self, decoding: DecodingConfig) -> str | None:
         """The token every output starts with, as a token string (CTranslate2's target prefix), or None."""
+        from .generation import forced_bos_id
+
         if decoding.forced_bos_token is not None:
-            if self.tokenizer.convert_tokens_to_ids(decoding.forced_bos_token) in (None, self.tokenizer.unk_token_id):
-                raise ValueError(f"decoding.forced_bos_token: {decoding.forced_bos_token!r} is not a token of the "
-                                 "model's tokenizer; give one of its special tokens, e.g. a language code")
+            forced_bos_id(self.tokenizer, decoding.forced_bos_token)  # an error unless it is one of its tokens
             return decoding.forced_bos_token
         forced = self.manifest.get("forced_bos_token_id")
         return None if forced is None else self.tokenizer.convert_ids_to_tokens(forced)
@@ -242,15 +243,12 @@ class EngineModel:
             results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
         else:
             from .data import causal_prompt
+            from .generation import within_positions
 
             prompts = [tok.convert_ids_to_tokens(causal_prompt(ids, tok.eos_token_id)) for ids in source_ids]
-            max_length = options.pop("max_decoding_length")
-            limit = self.manifest.get("position_limit")
-            if limit is not None:  # the positions left after the longest prompt, as generation_config cuts
-                max_length = min(max_length, limit - max(len(p) for p in prompts))
-                if max_length < 1:
-                    raise ValueError(f"decoding: a prompt of {max(len(p) for p in prompts)} tokens leaves none of "
-                                     f"the model's {limit} positions to generate; lower data.max_source_length")
+            # the positions left after the longest prompt
+            max_length = within_positions(options.pop("max_decoding_length"), self.manifest.get("position_limit"),
+                                          max(len(p) for p in prompts))
             results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
                                                  min_length=options.pop("min_decoding_length"),
                                                  include_prompt_in_result=False, **options)

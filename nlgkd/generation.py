@@ -21,11 +21,6 @@ from .config import DecodingConfig
 EMPTY_INPUT_ERROR = "generation: input {i} is empty after tokenization; drop empty sources from the data"
 
 
-# what decoding.from_checkpoint may take from a model folder's generation_config.json
-CHECKPOINT_FIELDS = ("min_length", "no_repeat_ngram_size", "length_penalty", "repetition_penalty", "num_beams",
-                     "forced_eos_token_id")
-
-
 def position_limit(model) -> int | None:
     """The most positions the model's decoder has (learned or sinusoidal position tables), or None where
     positions are relative (T5) or the model has no such limit."""
@@ -35,6 +30,27 @@ def position_limit(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def within_positions(max_new: int, limit: int | None, used: int) -> int:
+    """`max_new` cut to the positions a model with `limit` positions has left after `used` ones (the decoder
+    start token, or a decoder-only prompt); an error when none is left. The PyTorch and CTranslate2 paths both cut
+    here, so they cut alike."""
+    if limit is None:
+        return max_new
+    if limit - used < 1:
+        raise ValueError(f"decoding: the prompt has {used} tokens and the model {limit} positions, so no room is "
+                         "left to generate; lower data.max_source_length")
+    return min(max_new, limit - used)
+
+
+def forced_bos_id(tokenizer, token: str) -> int:
+    """The id of `decoding.forced_bos_token` in `tokenizer`, or an error naming the field."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"decoding.forced_bos_token: {token!r} is not a token of the model's tokenizer; give one "
+                         "of its special tokens, e.g. a language code")
+    return token_id
 
 
 def generation_config(decoding: DecodingConfig, model, tokenizer, *, beams: int | None = None,
@@ -53,12 +69,7 @@ def generation_config(decoding: DecodingConfig, model, tokenizer, *, beams: int 
     max_new = decoding.max_new_tokens
     if max_new is None:
         raise ValueError("decoding.max_new_tokens: not resolved; recipes fill it from data.max_target_length")
-    limit = position_limit(model)
-    if limit is not None:
-        max_new = min(max_new, limit - (1 if encoder_decoder else prompt_length))
-        if max_new < 1:
-            raise ValueError(f"decoding: the prompt has {prompt_length} tokens and the model {limit} positions, so "
-                             "no room is left to generate; lower data.max_source_length")
+    max_new = within_positions(max_new, position_limit(model), 1 if encoder_decoder else prompt_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fields = dict(
         max_new_tokens=max_new, min_new_tokens=decoding.min_new_tokens or None,  # None: off
@@ -71,11 +82,7 @@ def generation_config(decoding: DecodingConfig, model, tokenizer, *, beams: int 
         forced_bos_token_id=own.forced_bos_token_id, forced_eos_token_id=None,
     )
     if decoding.forced_bos_token is not None:
-        token_id = tokenizer.convert_tokens_to_ids(decoding.forced_bos_token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"decoding.forced_bos_token: {decoding.forced_bos_token!r} is not a token of the "
-                             "model's tokenizer; give one of its special tokens, e.g. a language code")
-        fields["forced_bos_token_id"] = token_id
+        fields["forced_bos_token_id"] = forced_bos_id(tokenizer, decoding.forced_bos_token)
     if decoding.strategy == "greedy":
         if decoding.num_return_sequences > 1:
             raise ValueError("decoding.num_return_sequences: greedy decoding gives one output per input; set "
