@@ -1,6 +1,6 @@
 """Fingerprints: what a finished stage was made from, hashed, so a re-run knows what it can skip.
 
-    data_fingerprint   the data config and the bytes of the split files a stage reads
+    data_fingerprint   the data config and the bytes of the split files a stage reads (`splits_read`)
     file_checksums     size and sha256 of every file a stage wrote (checked before a later stage reads them)
     tokenizer_hash     a tokenizer's vocabulary (a logit cache or soft targets fit only the same one)
     short_hash         any JSON-able value (configs, reference lists)
@@ -64,6 +64,32 @@ def without_added_defaults(config: dict) -> dict:
         if isinstance(node, dict) and leaf in node and node[leaf] == default:
             del node[leaf]
     return config
+
+
+def splits_read(kind: str, config) -> tuple[str, ...]:
+    """The data splits a stage of `kind` reads; its fingerprint hashes these files and no others."""
+    if kind in ("prune", "export"):
+        return ()
+    if kind in ("finetune", "distill"):  # train + validation (early stopping, the teacher check)
+        found = {"train", "validation"}
+        denoising = getattr(config, "denoising", None)
+        if denoising is not None and denoising.file is None:
+            found |= set(denoising.splits)
+        return tuple(s for s in SPLITS if s in found)
+    if kind == "pseudo_targets":
+        found = set(config.inputs)
+        if config.teacher_api is not None and config.teacher_api.shots:  # k-shot examples come from train
+            found.add("train")
+        return tuple(s for s in SPLITS if s in found)
+    if kind == "evaluate":
+        return tuple(s for s in SPLITS if s == config.split or (config.baselines and s == "train"))
+    if kind == "select":
+        return ("validation",)
+    if kind == "augment":
+        return (config.split,)
+    if kind == "cache_logits":
+        return ("train",)
+    return SPLITS  # a kind this list does not know reads everything
 
 
 def file_checksums(folder: Path, only=None) -> dict[str, dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -21,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .fingerprints import (ADDED_FIELDS_AT_DEFAULT, BEHAVIOUR, behaviour_version, data_fingerprint, file_checksums,
-                           short_hash, without_added_defaults)
-from .config import SPLITS, ModelConfig, Recipe, RecipeError, Stage
+                           short_hash, splits_read, without_added_defaults)
+from .config import ModelConfig, Recipe, RecipeError, Stage
 from .recipe import flatten, input_name, references, to_dict
 
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
@@ -54,32 +55,6 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-def splits_read(kind: str, config) -> tuple[str, ...]:
-    """The data splits a stage of `kind` reads; its fingerprint hashes these files and no others."""
-    if kind in ("prune", "export"):
-        return ()
-    if kind in ("finetune", "distill"):  # train + validation (early stopping, the teacher check)
-        found = {"train", "validation"}
-        denoising = getattr(config, "denoising", None)
-        if denoising is not None and denoising.file is None:
-            found |= set(denoising.splits)
-        return tuple(s for s in SPLITS if s in found)
-    if kind == "pseudo_targets":
-        found = set(config.inputs)
-        if config.teacher_api is not None and config.teacher_api.shots:  # k-shot examples come from train
-            found.add("train")
-        return tuple(s for s in SPLITS if s in found)
-    if kind == "evaluate":
-        return tuple(s for s in SPLITS if s == config.split or (config.baselines and s == "train"))
-    if kind == "select":
-        return ("validation",)
-    if kind == "augment":
-        return (config.split,)
-    if kind == "cache_logits":
-        return ("train",)
-    return SPLITS  # a kind this list does not know reads everything
 
 
 def is_teacher_field(where: str) -> bool:
@@ -122,6 +97,23 @@ class StageContext:
 
     def data(self):
         return self.runner.data()
+
+    def data_report(self) -> dict:
+        """What loading did to the splits (sizes, dropped rows), for stage.json."""
+        return self.runner.data_report()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runner.run_dir
+
+    @functools.cached_property
+    def teacher_users(self) -> list[str]:
+        """Keys of the later stages that learn from this stage's model as a teacher (found once per stage)."""
+        return self.runner.teacher_users(self.stage)
+
+    def reference_fingerprint(self, name: str) -> str:
+        """The fingerprint of what `name` means from this stage (an earlier stage or a models: entry)."""
+        return self.runner.reference_fingerprint(name, self.stage.index)
 
     def artifact_dir(self, name: str) -> Path:
         """Folder of the earlier stage `name` refers to from this stage."""

@@ -236,7 +236,7 @@ def test_a_teacher_cut_short_by_its_step_cap_is_reported_as_not_converged():
     def recorded(history, stopped_early, users=("distill",)):
         lines = []
         ctx = SimpleNamespace(info={}, log=lines.append, stage=SimpleNamespace(key="teacher"),
-                              runner=SimpleNamespace(teacher_users=lambda stage: list(users)))
+                              teacher_users=list(users))
         best = max(history, key=lambda h: h["bleu"])
         result = LoopResult(steps=history[-1]["step"], epochs=1.0, best=best, stopped_early=stopped_early,
                             resumed_from=None, history=history)

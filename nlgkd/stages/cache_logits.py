@@ -77,7 +77,7 @@ def run(ctx) -> None:
     acc.wait_for_everyone()
     manifest = {
         "teacher": cfg.teacher,
-        "teacher_fingerprint": ctx.runner.reference_fingerprint(cfg.teacher, ctx.stage.index),
+        "teacher_fingerprint": ctx.reference_fingerprint(cfg.teacher),
         "tokenizer": tokenizer_hash(tokenizer),
         "vocab_size": len(tokenizer),
         "k": k,

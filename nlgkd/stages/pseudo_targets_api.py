@@ -34,7 +34,7 @@ def plan_requests(ctx):
 
 
 def cache_path(ctx) -> Path:
-    return Path(ctx.runner.run_dir) / CACHE_FILE
+    return Path(ctx.run_dir) / CACHE_FILE
 
 
 def dry_run(ctx) -> None:

@@ -8,10 +8,9 @@ with the same decoding, and later stages (an evaluate stage on test) read the wi
 from __future__ import annotations
 
 from ..data import encode
-from ..generation import generate
-from ..metrics import text_metrics
 from ..models import save_model
 from ..recipe import to_dict
+from .training import decoded_score
 
 
 def run(ctx) -> None:
@@ -24,21 +23,19 @@ def run(ctx) -> None:
     if cfg.max_examples is not None:
         split = split.select(range(min(cfg.max_examples, len(split))))
     references = list(split["target"])
-    scores = {}
+    scores, chosen, best = {}, None, None  # the leader so far and its (model, tokenizer): saved, not loaded again
     for name in cfg.candidates:
         model, tokenizer = ctx.load_model(name)
         model.to(ctx.accelerator.device)
         encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
-        outputs = generate(model, tokenizer, list(encoded["source_ids"]), cfg.decoding, ctx.accelerator,
-                           seed=ctx.seed, desc=f"score {name}")
-        scores[name] = round(text_metrics([o[0] if o else "" for o in outputs], references)[cfg.metric], 4)
+        scores[name] = round(decoded_score(ctx, model, tokenizer, list(encoded["source_ids"]), references,
+                                           cfg.decoding, f"score {name}", cfg.metric, progress=True), 4)
         ctx.log(f"{name}: {cfg.metric} {scores[name]:.2f} on {len(references)} validation examples")
-        del model
-    chosen = max(scores, key=scores.get)  # max keeps the first of equal scores: the recipe's order breaks ties
+        if chosen is None or scores[name] > scores[chosen]:  # strictly: of equal scores the recipe's first wins
+            chosen, best = name, (model, tokenizer)
     ctx.info["select"] = {"chosen": chosen, "metric": cfg.metric, "split": "validation", "examples": len(references),
                           "scores": scores, "decoding": to_dict(cfg.decoding)}
     ctx.log(f"chose {chosen} ({cfg.metric} {scores[chosen]:.2f}; "
             + ", ".join(f"{n} {s:.2f}" for n, s in scores.items() if n != chosen) + ")")
     if ctx.accelerator.is_main_process:
-        model, tokenizer = ctx.load_model(chosen)
-        save_model(model, tokenizer, ctx.out_dir)
+        save_model(*best, ctx.out_dir)

@@ -31,7 +31,7 @@ def encode_splits(ctx, tokenizer, splits=("train", "validation")) -> dict:
         if any(truncated[split].values()):
             ctx.log(f"{split}: truncated {truncated[split]['source']} sources to {cfg.max_source_length} tokens "
                     f"and {truncated[split].get('target', 0)} targets to {cfg.max_target_length} tokens")
-    ctx.info["data"] = {**ctx.runner.data_report(), "truncated": truncated}
+    ctx.info["data"] = {**ctx.data_report(), "truncated": truncated}
     return encoded
 
 
@@ -93,6 +93,14 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
     return metrics
 
 
+def decoded_score(ctx, model, tokenizer, sources: list[list[int]], references: list[str], decoding: DecodingConfig,
+                  desc: str, metric: str = "bleu", progress: bool = False) -> float:
+    """`metric` of `model`'s first output for each source against `references` (an empty output where it wrote
+    none): how check_teacher_lead and the select stage score models on the same examples."""
+    outputs = generate(model, tokenizer, sources, decoding, ctx.accelerator, seed=ctx.seed, desc=desc, progress=progress)
+    return text_metrics([o[0] if o else "" for o in outputs], references)[metric]
+
+
 def validation_decoding(ctx, args) -> DecodingConfig:
     """How a training stage's validation decodes: its own validation_decoding, else as the recipe's first
     evaluate stage decodes, else greedy up to data.max_target_length; recorded in stage.json."""
@@ -123,7 +131,7 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
     does not beat them. `best`: the loop's evaluation of the kept weights, reused when it has BLEU."""
     from ..teacher_check import judge, raw_sources, weak_teacher_message
 
-    users = ctx.runner.teacher_users(ctx.stage)
+    users = ctx.teacher_users
     if not users:
         return
     if "validation" not in encoded:
@@ -132,16 +140,17 @@ def record_teacher_check(ctx, model, tokenizer, encoded: dict, best: dict | None
                 "trivial baselines; give data.validation to have it checked")
         return
     scores = best if best and "bleu" in best else None
+    decoding = validation_decoding(ctx, args)
     # the examples the loop scored; when it scored none (eval_samples: 0), at least 64
     n = min(args.eval_samples if scores else max(args.eval_samples, 64), len(encoded["validation"]))
     if scores is None:  # no evaluation during training: score the teacher now
         references = list(ctx.data()["validation"]["target"])
         scores = validation_metrics(model, tokenizer, encoded["validation"], references, ctx, n,
-                                    max(args.batch_size, 32), validation_decoding(ctx, args))
+                                    max(args.batch_size, 32), decoding)
     validation = ctx.data()["validation"].select(range(n))
     train_targets = list(ctx.data()["train"]["target"]) if "train" in ctx.data() else []
     check = judge(scores, raw_sources(validation, ctx.recipe.data.tasks), list(validation["target"]), train_targets,
-                  decoding=validation_decoding(ctx, args).strategy)
+                  decoding=decoding.strategy)
     check["model_type"] = getattr(getattr(model, "config", None), "model_type", None)
     ctx.info["teacher_check"] = check
     if check["weak"]:
@@ -161,7 +170,7 @@ TEACHER_LEAD_EXAMPLES = 500  # validation examples the teacher and the CE studen
 def teacher_args(ctx, args):
     """`args`, with patience TEACHER_PATIENCE when this stage's model teaches later stages and the recipe sets
     none: a teacher trains until validation stops improving, and max_steps is only the cap."""
-    if args.patience is not None or not ctx.runner.teacher_users(ctx.stage):
+    if args.patience is not None or not ctx.teacher_users:
         return args
     ctx.log(f"patience {TEACHER_PATIENCE}: this model teaches later stages, so it stops when validation "
             f"{args.early_stopping_metric} stops improving (max_steps is the cap); set patience to choose")
@@ -184,7 +193,7 @@ def record_convergence(ctx, result, args) -> None:
         "metric": metric,
         "last_evaluations": [{"step": h["step"], metric: round(h[metric], 4)} for h in evals[-4:]],
     }
-    users = ctx.runner.teacher_users(ctx.stage)
+    users = ctx.teacher_users
     if improving and users:
         trail = " -> ".join(f"{h[metric]:.2f}" for h in evals[-4:])
         steps = " / ".join(str(h["step"]) for h in evals[-4:])
@@ -215,9 +224,7 @@ def check_teacher_lead(ctx, cfg, teacher, teacher_name: str, tokenizer, encoded:
     ce_model.to(ctx.accelerator.device)
     scores = {}
     for name, model in ((teacher_name, teacher), (cfg.ce_student, ce_model)):
-        outputs = generate(model, tokenizer, sources, decoding, ctx.accelerator, seed=ctx.seed,
-                           desc=f"score {name}", progress=False)
-        scores[name] = round(text_metrics([o[0] if o else "" for o in outputs], references)["bleu"], 2)
+        scores[name] = round(decoded_score(ctx, model, tokenizer, sources, references, decoding, f"score {name}"), 2)
     del ce_model
     lead = round(scores[teacher_name] - scores[cfg.ce_student], 2)
     weak = lead < cfg.min_teacher_lead
