@@ -164,8 +164,7 @@ def _load_hub(source: DataSource, where: str) -> dict[str, datasets.Dataset]:
 def render(template: str, row: dict) -> str:
     """The text a column or template gives for one row (a missing value: empty). A list or mapping cell is
     refused: its Python repr would be trained on as if it were text."""
-    names = [template] if "{" not in template else template_fields(template)
-    for name in names:
+    for name in template_fields(template):
         if isinstance(row.get(name), (list, dict)):
             raise ValueError(f"column {name!r} holds a {type(row[name]).__name__}, not text "
                              f"({str(row[name])[:60]}); choose a text column, or flatten it into one")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import string
 from pathlib import Path
@@ -15,11 +16,12 @@ from .config import SPLITS, DataConfig
 READABLE = (".jsonl", ".json", ".csv", ".parquet")  # the extensions nlgkd/data.py loads
 
 
-def template_fields(template: str) -> list[str]:
+@functools.lru_cache(maxsize=64)  # read for every row of a split (data.render refuses list cells by it)
+def template_fields(template: str) -> tuple[str, ...]:
     """Columns a field spec reads: a plain column name, or the {names} of a template."""
     if "{" not in template:
-        return [template]
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        return (template,)
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
 
 
 def first_row_columns(path: Path) -> list[str] | None:

@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -48,14 +48,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .config import DecodingConfig
 from .data import pad, truncate
-from .generation import position_limit
+from .generation import generate_with, generation_config, position_limit
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 MAX_N = 64
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+class StopWhen(StoppingCriteria):
+    """Ends a whole `generate` call at the next token once `should_stop()` is true (every client of a batch has
+    gone); `stopped` says whether it did."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop, self.stopped = should_stop, False
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        stop = self.should_stop()
+        self.stopped = self.stopped or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class ApiError(Exception):
@@ -295,19 +309,6 @@ class ServedModel:
     def answer_batch(self, batch: list[tuple[ChatRequest, list[int]]], abandoned=lambda: False) -> list[dict]:
         """One generate call for requests with the same settings (`batch_key`); their chat.completion dicts.
         `abandoned()` true: every client has gone, and decoding stops (`abandoned_batches` counts it)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from .generation import generate_with, generation_config
-
-        class WhenAbandoned(StoppingCriteria):
-            def __call__(inner, input_ids, scores, **kwargs):
-                stop = abandoned()
-                inner.stopped = inner.stopped or stop
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        watch = WhenAbandoned()
-        watch.stopped = False
-
         if self.engine:
             return self.answer_batch_with_engine(batch)
         req = batch[0][0]
@@ -326,6 +327,7 @@ class ServedModel:
         device = next(self.model.parameters()).device
         if req.seed is not None:  # runs alone (batch_key): the seed fixes its samples
             torch.manual_seed(req.seed)
+        watch = StopWhen(abandoned)
         out = generate_with(self.model, config, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             stopping_criteria=StoppingCriteriaList([watch]))
         self.generate_calls += 1
