@@ -22,8 +22,9 @@ mkdir -p "$OUT/logs"
 : > "$OUT/status.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # compiled kernels of its own: another process compiling into the shared /tmp cache at the same moment can hand
-# this one a half-written library ("file too short", seen beside the suite's compile test)
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor_cache}
+# this one a half-written library ("file too short", seen beside the suite's compile test). Not inherited: torch
+# writes its default into the environment of any process that compiled, and children get that
+export TORCHINDUCTOR_CACHE_DIR="$OUT/inductor_cache"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   # the flow, not the numbers: tiny models, a few steps, the demo shrunk
