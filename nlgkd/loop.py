@@ -190,7 +190,7 @@ def train(
                 record = running.averages()
                 record.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
                               lr=scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 write_metrics(accelerator, metrics_file, record)
             if evaluate is not None and (step % eval_every == 0 or step == total_steps):
                 eval_started = time.time()

@@ -130,7 +130,8 @@ def _run_main(ctx) -> None:
 
             def done() -> None:
                 bar.update(1)
-                bar.set_postfix(retries=stats.retries, failed=stats.failures, cost=f"{stats.cost:.4f}")
+                bar.set_postfix(retries=stats.retries, failed=stats.failures, cost=f"{stats.cost:.4f}",
+                                refresh=False)
 
             sender = Sender(api, cache, stats, budget, ctx.stage.name, api_key, on_done=done,
                             warn=lambda m: write_above_bars(f"[{ctx.stage.name}] {m}"))
