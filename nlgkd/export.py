@@ -34,6 +34,7 @@ from pathlib import Path
 from .config import DecodingConfig
 from .errors import ModelLoadError
 from .models import EXPORT_FILE
+from .quiet import quiet_weight_bars
 FORMATS = ("ctranslate2", "onnx")
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 # model_type -> what the converter must read from config.json that transformers 5's config does not hold
@@ -124,8 +125,9 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
         shutil.copytree(model_dir, staged, ignore=shutil.ignore_patterns("stage.json", "predictions", "checkpoints"))
         (staged / "config.json").write_text(json.dumps({**config, **CT2_FAMILIES[family]}, indent=2))
         try:
-            ctranslate2.converters.TransformersConverter(str(staged)).convert(
-                str(folder), quantization=quantization, force=True)
+            with quiet_weight_bars():  # the converter loads the staged copy with transformers: no load bar
+                ctranslate2.converters.TransformersConverter(str(staged)).convert(
+                    str(folder), quantization=quantization, force=True)
         except Exception as err:  # the converter's own errors (an unsupported activation, layout...)
             raise ExportError(f"{model_dir}: CTranslate2 could not convert this {family} model: {err}") from None
     encoder_decoder = bool(config.get("is_encoder_decoder"))
