@@ -27,6 +27,8 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     runner = Runner(recipe, runs_root=args.runs_dir)
     runner.command = " ".join(["nlgkd", *args.argv])
+    for note in recipe.notes:
+        runner.say(f"note: {note}")
     if args.dry_run:
         if not data_files_ok(recipe):
             return 2
@@ -93,6 +95,8 @@ def cmd_validate(args) -> int:
         print(line)
     if len(recipe.instances) > len(recipe.stages):
         print(f"{len(recipe.instances)} stage runs with the variants; `nlgkd run RECIPE --variant NAME` runs one")
+    for note in recipe.notes:
+        print(f"note: {note}")
     return 0
 
 

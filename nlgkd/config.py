@@ -664,6 +664,7 @@ class Recipe:
     # what the runner runs, in order: one copy per variant of a varied stage and of every stage that reads
     # it, with references pinned to `name@variant` (see `expand_variants`); other stages as they are
     instances: list[Stage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said by validate and run: what reading the recipe decided
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config import (STAGE_CONFIGS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
+from .config import (SPLITS, STAGE_CONFIGS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
                      RecipeError, Stage, check_bounds, yaml_name)
 from .field_help import TOP_LEVEL_FIELDS, type_name
 
@@ -271,6 +271,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
         check_references(recipe)
         recipe.instances = expand_variants(recipe)
         check_data(recipe)
+        check_named_splits(recipe)
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     return recipe
@@ -579,6 +580,60 @@ def check_data(recipe: Recipe) -> None:
         raise RecipeError("data: give exactly one of task (built-in), hub (dataset name) or train (file), "
                           "or several datasets under tasks:")
     _check_dir(data, "data")
+
+
+def declared_splits(data: DataConfig) -> set[str] | None:
+    """The splits the recipe's data has, as its data: section says; None when a hub dataset's are only known
+    once it is loaded."""
+    sources = list(data.tasks.values()) or [data]
+    found: set[str] = set()
+    for source in sources:
+        if source.hub is not None:
+            return None
+        if source.task is not None:
+            found |= {s for s in SPLITS if getattr(source.demo, s) > 0}
+        else:
+            found |= {s for s in SPLITS if getattr(source, s) is not None}
+    return found
+
+
+def split_lists(config: Any) -> list[tuple[str, Any, str]]:
+    """(field path, the object holding it, its attribute) of each stage field that names data splits."""
+    denoising = getattr(config, "denoising", None)
+    found = []
+    if denoising is not None and denoising.file is None:
+        found.append(("denoising.splits", denoising, "splits"))
+    for name in ("inputs", "split"):
+        if hasattr(config, name):
+            found.append((name, config, name))
+    return found
+
+
+def check_named_splits(recipe: Recipe) -> None:
+    """Every split a stage names must be in the data. `unlabeled` is optional by nature: a list that names it
+    when the data has none goes on without it (a note says so), so one recipe serves data with and without
+    unlabeled inputs; any other missing split, or a list left empty, is an error here, before anything runs."""
+    have = declared_splits(recipe.data)
+    if have is None:
+        return
+    configs = [(s.name, s.config) for s in recipe.instances]
+    configs += [(s.name, c) for s in recipe.stages for c in (s.config, *s.variants.values())]
+    for stage_name, config in configs:
+        for path, holder, attr in split_lists(config):
+            named = getattr(holder, attr)
+            names = [named] if isinstance(named, str) else list(named)
+            missing = [s for s in names if s not in have]
+            kept = [s for s in names if s in have]
+            where = f"stages.{stage_name}.{path}"
+            if missing == ["unlabeled"] and kept and not isinstance(named, str):
+                setattr(holder, attr, kept)
+                note = f"{where}: the data has no unlabeled inputs (data.unlabeled), so it reads {kept} only"
+                if note not in recipe.notes:
+                    recipe.notes.append(note)
+            elif missing:
+                fix = f"set {path} to one it has" if isinstance(named, str) else f"remove it from {path}"
+                raise RecipeError(f"{where}: {', '.join(map(repr, missing))} is not in the data, which has "
+                                  f"{sorted(have)}; add data.{missing[0]} (a file) or {fix}")
 
 
 def _check_dir(source: DataSource, where: str) -> None:
