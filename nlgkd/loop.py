@@ -355,6 +355,7 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
 def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log) -> bool:
     """Evaluate, keep the best weights, count patience. Returns True when training should stop."""
     metrics = evaluate(model)
+    measured_on = metrics.pop("measured_on", None)  # words for the log line, not a number to record
     metrics["step"] = state["step"]
     state["history"].append(metrics)
     write_metrics(accelerator, metrics_file, {f"eval/{k}" if k != "step" else k: v for k, v in metrics.items()})
@@ -365,7 +366,7 @@ def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_f
         metrics[name] > state["best"][name] if HIGHER_IS_BETTER[name] else metrics[name] < state["best"][name]
     ))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
-    log(f"step {state['step']}: {shown}{' (best)' if better else ''}")
+    log(f"step {state['step']}: {shown}{' (best)' if better else ''}{f' [{measured_on}]' if measured_on else ''}")
     if better:
         state["best"] = metrics
         state["bad_evals"] = 0

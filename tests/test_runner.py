@@ -17,7 +17,7 @@ from nlgkd.loop import latest_checkpoint
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
 
-from conftest import kill_once, with_stage, with_two_process_stages
+from conftest import distill_stage, kill_once, with_stage, with_two_process_stages
 
 def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
     runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
@@ -378,3 +378,16 @@ def test_setting_an_added_field_back_to_its_default_names_the_default_as_the_rea
     tiny_recipe["stages"][0]["group_by_length"] = False  # back to the default, which fingerprints leave out
     runner = Runner(parse_recipe(tiny_recipe), runs_root=tmp_path)
     assert runner.rerun_reasons(runner.recipe.stages[0]) == ["group_by_length True -> False"]
+
+
+def test_each_evaluation_line_says_what_it_measured(trained, capsys):
+    """A training stage's log line names the data of its numbers (a denoising stage's val_loss is on the gold
+    validation pairs, which it never trained on), and the words stay out of metrics.jsonl."""
+    runner, _ = with_stage(trained, distill_stage("said_eval", objective="finetune", max_steps=2, eval_every=2,
+                                                  eval_samples=4))
+    runner.run(only="said_eval")
+    n = len(runner.data()["validation"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "step 2: val_loss" in x)
+    assert line.endswith(f"[val_loss: gold targets of {n} validation pairs; bleu, chrf: the first 4 decoded "
+                         "(greedy)]"), line
+    assert "measured_on" not in (runner.run_dir / "said_eval" / "metrics.jsonl").read_text()

@@ -83,6 +83,10 @@ def validation_metrics(model, tokenizer, encoded_val, references, ctx, eval_samp
     total = acc.reduce(total, "sum")
     metrics = {"val_loss": (total[0] / total[1].clamp(min=1)).item()}
     n = min(eval_samples, len(encoded_val))
+    # the loop's log line says what the numbers are: pairs of the validation split with their gold targets
+    metrics["measured_on"] = f"val_loss: gold targets of {len(encoded_val)} validation pairs" + (
+        f"; bleu, chrf: the first {n} decoded ({decoding.strategy}"
+        f"{f', {decoding.num_beams} beams' if 'beam' in decoding.strategy else ''})" if n else "")
     if n:
         sources = [encoded_val[i]["source_ids"] for i in range(n)]
         outputs = generate(unwrapped, tokenizer, sources, decoding, acc, seed=ctx.seed, desc="validate",
