@@ -543,7 +543,7 @@ class Runner:
             if action != "run":
                 continue
             if stage.kind not in DRY_RUNS:
-                self.say(f"[{stage.key}] would run ({stage.kind})")
+                self.say(f"[{stage.key}] would run ({stage.kind}): {self.why_it_runs(stage, force or start_from)}")
                 continue
             ctx = StageContext(runner=self, stage=stage, out_dir=self.partial_dir(stage),
                                fingerprint=self.fingerprint(stage))
@@ -551,6 +551,17 @@ class Runner:
                 DRY_RUNS[stage.kind](ctx)
             except (ValueError, KeyError) as err:  # e.g. its inputs come from a stage that has not run yet
                 self.say(f"[{stage.key}] would run ({stage.kind}); cannot estimate it yet: {err}")
+
+    def why_it_runs(self, stage: Stage, forced) -> str:
+        """What `--dry-run` says of a stage it would run, in the words the run uses."""
+        record = self.stage_record(stage)
+        if forced:
+            return "forced (--force or --start-from)"
+        if not record or record.get("status") != "done":
+            return "not made yet"
+        if reasons := self.rerun_reasons(stage):
+            return "finished before, runs again and replaces it: " + "; ".join(reasons)
+        return "a stage it reads runs first"
 
     def check_inputs(self, stage: Stage) -> None:
         """Every earlier stage this one reads must be finished with its current fingerprint; a teacher that

@@ -250,6 +250,11 @@ def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, t
     tiny_recipe["stages"][2]["inputs"] = ["train", "unlabeled"]
     tiny_recipe["stages"][1]["decoding"] = {"strategy": "greedy", "max_new_tokens": 12, "batch_size": 4}
     capsys.readouterr()
+    Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).dry_run()  # says what the run will say
+    planned = capsys.readouterr().out
+    assert "[eval] would run (evaluate): finished before, runs again and replaces it: decoding.batch_size 8 -> 4; " \
+           "decoding.max_new_tokens 24 -> 12" in planned
+    assert "[teacher]" not in planned
     outcome = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run()
     assert outcome == {"teacher": "skipped", "eval": "ran", "pts": "ran"}
     out = capsys.readouterr().out
