@@ -362,11 +362,11 @@ class ServedModel:
             ended = tok.eos_token_id in seq
             tokens = seq[: seq.index(tok.eos_token_id)] if ended else seq
             completion_tokens += len(tokens) + int(ended)
-            text = tok.decode(tokens, skip_special_tokens=True)
+            text = tok.decode(tokens, skip_special_tokens=True).strip()  # as evaluate and PTs write it
             choice = {"index": row, "message": {"role": "assistant", "content": text},
                       "finish_reason": "stop" if ended else "length", "logprobs": None}
             if logprobs is not None:
-                pieces = token_pieces(tok, tokens)
+                pieces = stripped(token_pieces(tok, tokens))
                 text = "".join(pieces)
                 choice["message"]["content"] = text
                 choice["logprobs"] = {"content": self.logprob_entries(tokens, pieces, logprobs[row],
@@ -417,6 +417,21 @@ def token_pieces(tokenizer, tokens: list[int]) -> list[str]:
             pieces.append(text[common:])
             text = done[:common] + text[common:]
         done = text
+    return pieces
+
+
+def stripped(pieces: list[str]) -> list[str]:
+    """`pieces` whose concatenation is the stripped text: the leading space a word-start token decodes with
+    (" Zwei") and trailing space go, so a served answer is the text evaluate scores, token by token."""
+    pieces = list(pieces)
+    for i in range(len(pieces)):
+        pieces[i] = pieces[i].lstrip()
+        if pieces[i]:
+            break
+    for i in reversed(range(len(pieces))):
+        pieces[i] = pieces[i].rstrip()
+        if pieces[i]:
+            break
     return pieces
 
 

@@ -52,7 +52,9 @@ def test_answers_are_the_models_own_samples(served):
         model="teacher", messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": SOURCE}],
         n=3, temperature=0.9, top_p=0.95, max_tokens=12, seed=7)
     ids, sequences = model_samples(model, SOURCE, seed=7, n=3, temperature=0.9, top_p=0.95, max_new_tokens=12)
-    assert [c.message.content for c in answer.choices] == [model.tokenizer.decode(s, skip_special_tokens=True) for s in sequences]
+    # the text as evaluate and pseudo-target stages write it: no leading space from a word-start token
+    assert [c.message.content for c in answer.choices] == [
+        model.tokenizer.decode(s, skip_special_tokens=True).strip() for s in sequences]
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert answer.usage.prompt_tokens == len(ids)
     eos_count = sum(len(s) < 12 for s in sequences)  # those that stopped count their EOS
@@ -76,7 +78,7 @@ def test_logprobs_are_the_models_log_probabilities(served):
     for choice, tokens in zip(answer.choices, sequences):
         entries = choice.logprobs.content
         assert len(entries) == len(tokens)  # one per generated token, EOS not included
-        assert "".join(e.token for e in entries) == choice.message.content
+        assert "".join(e.token for e in entries) == choice.message.content == choice.message.content.strip()
         assert all(bytes(e.bytes) == e.token.encode() for e in entries)
         # teacher-forced log-softmax of the same tokens: the numbers the server reports
         batch = {"input_ids": torch.tensor([source_ids]), "attention_mask": torch.ones(1, len(source_ids), dtype=torch.long),
@@ -103,6 +105,14 @@ def test_greedy_n_gives_n_equal_answers(served):
     single = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": SOURCE}],
                                             temperature=0, max_tokens=6, extra_body={"n": None, "logprobs": None})
     assert [c.message.content for c in single.choices] == [answer.choices[0].message.content]
+
+
+def test_pieces_are_stripped_as_the_text_is():
+    from nlgkd.serve import stripped
+
+    assert stripped([" Zwei", " Hunde", " "]) == ["Zwei", " Hunde", ""]
+    assert stripped(["", " a", "b ", ""]) == ["", "a", "b", ""]
+    assert stripped(["  "]) == [""] and stripped([]) == []
 
 
 def test_token_pieces_hold_back_split_characters():
