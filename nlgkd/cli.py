@@ -158,27 +158,31 @@ def print_fields(rows: list[tuple[str, str, str]]) -> None:
         print(f"  {name:{name_width}s} {typ:{type_width}s} {help_text}".rstrip())
 
 
+def fields_of(kind: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """What `nlgkd stages KIND` prints for KIND (a stage kind, recipe, data or models): the text before its
+    fields, and the fields as (name, type, help) rows. docs/reference.md is rendered from the same rows."""
+    if kind == "recipe":
+        return ("recipe: the top level of a recipe file (YAML). Paths in it (data files, data.dir, denoising.file) "
+                "are\nread relative to the folder you run nlgkd in, not to the recipe file.", TOP_LEVEL_FIELDS)
+    if kind in RECIPE_PARTS:
+        what, cls = RECIPE_PARTS[kind]
+        return f"{what}:", config_help(cls)
+    cls = STAGE_CONFIGS[kind]
+    return f"{kind}: {cls.__doc__.strip()}", [
+        ("name", "string (required)", "the stage's folder in the run directory; later stages refer to it by this "
+         "name"), *config_help(cls), ("variants", "mapping of mapping", "name -> fields to override; one run per "
+                                      "variant")]
+
+
 def cmd_stages(args) -> int:
-    if args.kind == "recipe":
-        print("recipe: the top level of a recipe file (YAML). Paths in it (data files, data.dir, denoising.file) "
-              "are\nread relative to the folder you run nlgkd in, not to the recipe file.\n")
-        print_fields(TOP_LEVEL_FIELDS)
-        return 0
-    if args.kind in RECIPE_PARTS:
-        what, cls = RECIPE_PARTS[args.kind]
-        print(f"{what}:\n")
-        print_fields(config_help(cls))
-        return 0
     if args.kind:
-        if args.kind not in STAGE_CONFIGS:
+        if args.kind not in STAGE_CONFIGS and args.kind != "recipe" and args.kind not in RECIPE_PARTS:
             print(f"unknown stage kind {args.kind!r}; kinds: {', '.join(STAGE_CONFIGS)}; or one of "
                   f"recipe, {', '.join(RECIPE_PARTS)}", file=sys.stderr)
             return 2
-        cls = STAGE_CONFIGS[args.kind]
-        print(f"{args.kind}: {cls.__doc__.strip()}\n")
-        print_fields([("name", "string (required)", "the stage's folder in the run directory; later stages "
-                       "refer to it by this name"), *config_help(cls),
-                      ("variants", "mapping of mapping", "name -> fields to override; one run per variant")])
+        intro, rows = fields_of(args.kind)
+        print(f"{intro}\n")
+        print_fields(rows)
         return 0
     width = max(len(k) for k in STAGE_CONFIGS)
     for kind, cls in STAGE_CONFIGS.items():

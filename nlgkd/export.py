@@ -162,9 +162,9 @@ class EngineModel:
     """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
     `nlgkd.generation.generate` calls for it, batch by batch.
 
-    Sampling is seeded once per process (CTranslate2's `set_random_seed` seeds its generator, which later
-    calls continue), so unlike PyTorch decoding a second sampled pass over the same batch draws new samples;
-    greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
+    Sampling reseeds CTranslate2's generator with the seed it is given at every call (the caller passes the
+    run's seed plus the batch's number), so the same batch with the same seed draws the same samples on one
+    machine; greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
     inside a padded batch can differ slightly from the same input decoded alone."""
 
     def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None):

@@ -7,8 +7,6 @@ read from the schema in nlgkd/config.py. Regenerate it after changing a field (a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import re
 import sys
 from pathlib import Path
@@ -33,19 +31,9 @@ parentheses and `= default`; `(required)` has no default. `NAME` in a path stand
 
 def stages_output(kind: str) -> tuple[str, list[tuple[str, str, str]]]:
     """What `nlgkd stages KIND` prints (KIND a stage kind, or recipe / data / models): its text before the
-    field rows, and the rows as (field, type, help). Runs the command itself, so the two cannot drift."""
-    rows: list[tuple[str, str, str]] = []
-    text = io.StringIO()
-    printer = cli.print_fields
-    cli.print_fields = rows.extend
-    try:
-        with contextlib.redirect_stdout(text):
-            status = cli.cmd_stages(argparse.Namespace(kind=kind))
-    finally:
-        cli.print_fields = printer
-    if status != 0:
-        raise ValueError(f"`nlgkd stages {kind}` failed (exit status {status})")
-    return text.getvalue().strip(), rows
+    field rows, and the rows as (field, type, help); the command prints the same `fields_of`."""
+    intro, rows = cli.fields_of(kind)
+    return intro.strip(), list(rows)
 
 
 def _escape(text: str) -> str:
