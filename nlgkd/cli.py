@@ -61,6 +61,7 @@ def run_jobs(runner, args) -> dict[str, str]:
         raise StageError("--jobs starts one process per stage; run it as a plain `nlgkd run`, not under torchrun "
                          "or accelerate launch (or drop --jobs to run every stage on all the processes)")
     runner.check_writable()
+    runner.record_plan()
     plan = runner.plan(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
     start = subprocess_starter(runner, args.recipe, args.runs_dir, args.set,
                                force=bool(args.force or args.start_from), jobs=args.jobs)

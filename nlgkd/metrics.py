@@ -107,6 +107,29 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _reset_rss_peak() -> bool:
+    """Reset the process's resident-set high-water mark (Linux >= 4.0: writing 5 to /proc/self/clear_refs),
+    so the next reading of VmHWM covers only what runs after this; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _rss_peak_since_reset() is not None
+    except OSError:
+        return False
+
+
+def _rss_peak_since_reset() -> int | None:
+    """VmHWM of /proc/self/status in bytes: the resident-set peak since the last reset (or the start)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
     """Context manager that measures the peak memory used by the code inside it.
 
@@ -115,11 +138,12 @@ class PeakMemory:
     other processes are not counted), and ``delta_bytes`` is that peak minus what was allocated on
     entry.
 
-    On CPU: ``peak_bytes`` is the process's max RSS (``resource.getrusage``) on exit and
-    ``delta_bytes`` how much that high-water mark rose inside the block. This is coarse: the RSS
-    peak covers the whole process lifetime, so a block that stays below an earlier peak reports a
-    delta of 0, and it counts everything the process touched (Python objects, libraries), not
-    just tensors.
+    On CPU (Linux): the process's resident-set peak is reset on entry (``/proc/self/clear_refs``), so
+    ``peak_bytes`` is the process's largest RSS while the block ran (kind ``cpu_peak_rss``: what the
+    process held then, libraries and data included, with this block's own peak) and ``delta_bytes``
+    how far it rose above the RSS on entry. Where the reset is not possible (macOS), ``peak_bytes``
+    is the lifetime max RSS (``resource.getrusage``, kind ``cpu_max_rss``), which an earlier, larger
+    block hides.
 
     Example::
 
@@ -131,7 +155,7 @@ class PeakMemory:
     def __init__(self, device="cpu"):
         self.device = str(device)
         self.is_cuda = self.device.startswith("cuda")
-        self.kind = "cuda_max_allocated" if self.is_cuda else "cpu_max_rss"
+        self.kind = "cuda_max_allocated" if self.is_cuda else "cpu_max_rss"  # cpu_peak_rss once reset
         self.start_bytes = 0
         self.peak_bytes = 0
         self.delta_bytes = 0
@@ -143,6 +167,9 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
+        elif _reset_rss_peak():
+            self.kind = "cpu_peak_rss"  # the process's RSS peak inside this block only
+            self.start_bytes = _rss_peak_since_reset()
         else:
             self.start_bytes = _max_rss_bytes()
         return self
@@ -153,6 +180,8 @@ class PeakMemory:
 
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "cpu_peak_rss":
+            self.peak_bytes = _rss_peak_since_reset()
         else:
             self.peak_bytes = _max_rss_bytes()
         self.delta_bytes = max(0, self.peak_bytes - self.start_bytes)

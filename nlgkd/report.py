@@ -188,7 +188,9 @@ def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = Non
         row["teacher"] = None if row["model"] in BASELINES else own or teacher_name
         add_derived(row, rows, stages, run_dir, metric)
     teachers = {r["teacher"] for r in rows}
+    stale = stale_stages(run_dir, stages)
     for row in rows:
+        row["stale"] = row["model"] in stale or row["evaluation"] in stale
         # a teacher, or an export of one (the same model for another engine) is nobody's student
         exported_from = stages.get(row["model"], {}).get("config", {}).get("model") \
             if stages.get(row["model"], {}).get("kind") == "export" else None
@@ -199,6 +201,22 @@ def collect(run_dir: str | Path, metric: str = "bleu", teacher: str | None = Non
                     stages=stages)
     group_ablations(report)
     return report
+
+
+def stale_stages(run_dir: Path, stages: dict[str, dict]) -> set[str]:
+    """Keys of finished stages whose fingerprint is not the one the recipe of the last `nlgkd run` gives them
+    (plan.json): their config or an input changed, and the run that would remake them did not finish."""
+    plan = read_json(run_dir / "plan.json")
+    current = plan.get("fingerprints", {}) if isinstance(plan, dict) else {}
+    return {key for key, record in stages.items() if key in current and current[key] != record.get("fingerprint")}
+
+
+def stale_note(report: Report) -> str | None:
+    stale = sorted({r["model"] for r in report.rows if r["stale"]})
+    if not stale:
+        return None
+    return (f"STALE: the rows marked (stale) ({', '.join(stale)}) were measured before their stage or its "
+            "evaluation changed in the recipe of the last run (plan.json); run the recipe again to remake them.")
 
 
 def weak_teacher_check(stages: dict[str, dict], model: str | None) -> dict | None:
@@ -264,9 +282,12 @@ def add_derived(row: dict, rows: list[dict], stages: dict, run_dir: Path, metric
     if record is not None and model_dir.is_dir():
         flops = flops_per_token(model_dir, row.get("source_tokens"), row.get("output_tokens"))
         row["mflops_per_token"] = None if flops is None else flops / 1e6
-        train = record.get("train") or {}
-        row["steps"] = train.get("steps", 0)
-        row["epochs"] = train.get("epochs", 0)
+        trained = record
+        if record.get("kind") == "export":  # an export trains nothing: its source's training is what it holds
+            trained = stages.get((record.get("config") or {}).get("model"), {})
+        train = trained.get("train") or {}
+        row["steps"] = train.get("steps")
+        row["epochs"] = train.get("epochs")
         own_seed = (record.get("config") or {}).get("seed")  # a stage's own seed, else the recipe's
         row["seed"] = record.get("seed") if own_seed is None else own_seed
         row.setdefault("variant", record.get("variant"))
@@ -479,7 +500,7 @@ def quality_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header = ["model", "evaluation", *shown, "teacher", f"% teacher ({m})"]
     body = []
     for r in report.rows:
-        name = r["model"] + (" (weak teacher)" if r["weak"] else "")
+        name = r["model"] + (" (weak teacher)" if r["weak"] else "") + (" (stale)" if r["stale"] else "")
         pct = fmt(r.get("pct_teacher"), 1) + ("*" if r["teacher_weak"] and r.get("pct_teacher") is not None else "")
         body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in shown], r.get("teacher") or "n/a", pct])
     return header, body
@@ -593,6 +614,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
         ("h1", f"Report: {report.run_dir.name}"),
         *([("p", text)] if (text := summary(report)) else []),
         *([("p", note)] if (note := weak_teachers_note(report)) else []),
+        *([("p", note)] if (note := stale_note(report)) else []),
         ("h2", "Quality"),
         ("p", f"{len(report.rows)} rows from {report.run_dir}. '% teacher' compares each model with its own teacher "
               "(the distill teacher or the model it was pruned from), else with the run's teacher, "
@@ -602,8 +624,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
         ("p", "Latency is per generation batch: the median of the evaluate stage's timed passes over the same "
               "batches, after a warm-up pass; spread is half their range (slowest - fastest) over the median. Weights "
               "MB is each model's own parameters and buffers; peak MB is CUDA's peak for that model on a GPU, and on a "
-              "CPU the evaluate process's high-water mark (marked 'process': it covers every model evaluated so "
-              "far). MFLOPs/tok is an estimate per generated token (nlgkd/flops.py: flops_per_token); compare "
+              "CPU the evaluate process's resident memory at its peak while that model decoded (all the process "
+              "held then, so compare differences between rows; marked 'process' where only the lifetime peak "
+              "could be read). MFLOPs/tok is an estimate per generated token (nlgkd/flops.py: flops_per_token); compare "
               "speeds within one run only."),
         ("table", cost_table(report)),
         ("h2", "Quality vs latency"),

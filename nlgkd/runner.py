@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,12 +23,10 @@ from .fingerprints import (ADDED_FIELDS_AT_DEFAULT, BEHAVIOUR, behaviour_version
                            short_hash, splits_read, without_added_defaults)
 from .config import ModelConfig, Recipe, RecipeError, Stage
 from .recipe import flatten, input_name, references, to_dict
+from .stage_context import StageContext, StageError
 
+PLAN_FILE = "plan.json"  # the stages' fingerprints under the recipe of the last run (record_plan)
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run (missing input, bad data...); the message says which stage and what to do."""
 
 
 def make_accelerator(log_with: list[str] | None = None, project_dir: str | None = None):
@@ -60,71 +56,6 @@ def package_versions() -> dict[str, str]:
 def is_teacher_field(where: str) -> bool:
     """Whether a reference's field path (`teacher`, `teacher[1]`, `teachers_by_task.qg[0]`) names a teacher."""
     return where.split("[")[0].split(".")[0] in ("teacher", "teachers_by_task")
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets: its config, where to write, and how to reach earlier artifacts."""
-
-    runner: "Runner"
-    stage: Stage
-    out_dir: Path  # the temporary folder that becomes runs/<recipe>/<stage>/ on success
-    fingerprint: str
-    info: dict = field(default_factory=dict)  # stage-specific facts for stage.json
-
-    @property
-    def config(self):
-        return self.stage.config
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.runner.recipe
-
-    @property
-    def accelerator(self):
-        return self.runner.accelerator
-
-    @property
-    def seed(self) -> int:
-        return self.recipe.seed
-
-    def log(self, message: str) -> None:
-        """A line on the main process, above any progress bar (tqdm.write), never glued to one."""
-        if self.accelerator.is_main_process:
-            from .progress import write_above_bars
-
-            write_above_bars(f"[{self.stage.key}] {message}")
-
-    def data(self):
-        return self.runner.data()
-
-    def data_report(self) -> dict:
-        """What loading did to the splits (sizes, dropped rows), for stage.json."""
-        return self.runner.data_report()
-
-    @property
-    def run_dir(self) -> Path:
-        return self.runner.run_dir
-
-    @functools.cached_property
-    def teacher_users(self) -> list[str]:
-        """Keys of the later stages that learn from this stage's model as a teacher (found once per stage)."""
-        return self.runner.teacher_users(self.stage)
-
-    def reference_fingerprint(self, name: str) -> str:
-        """The fingerprint of what `name` means from this stage (an earlier stage or a models: entry)."""
-        return self.runner.reference_fingerprint(name, self.stage.index)
-
-    def artifact_dir(self, name: str) -> Path:
-        """Folder of the earlier stage `name` refers to from this stage."""
-        kind, target = self.recipe.resolve(name, before=self.stage.index)
-        if kind != "stage":
-            raise StageError(f"{name!r} is a models: entry, not a stage artifact")
-        return self.runner.finished_dir(target)
-
-    def load_model(self, name: str):
-        """(model, tokenizer) for a models: entry or an earlier stage's model, on the CPU."""
-        return self.runner.load_model(name, before=self.stage.index)
 
 
 class Runner:
@@ -461,6 +392,7 @@ class Runner:
 
     def _run(self, only, start_from, force, variant) -> dict[str, str]:
         self.check_writable()
+        self.record_plan()
         plan = self.plan(only, start_from, force, variant)
         to_run = sum(action == "run" for _, action in plan)
         outcome = {}
@@ -489,6 +421,17 @@ class Runner:
             self.run_stage(stage)
             outcome[stage.key] = "ran"
         return outcome
+
+    def record_plan(self) -> None:
+        """runs/<recipe>/plan.json: every stage's fingerprint under the recipe as it is now, so `nlgkd report`
+        can mark results whose stage has changed since they were made (a re-run that was interrupted)."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        plan = {"recipe": self.recipe.source, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "fingerprints": {stage.key: self.fingerprint(stage) for stage in self.recipe.instances}}
+        staged = self.run_dir / f".plan.json.{os.getpid()}"
+        staged.write_text(json.dumps(plan, indent=2))
+        staged.replace(self.run_dir / PLAN_FILE)  # whole or not at all: --jobs children write it too
 
     def same_artifact(self, stage: Stage) -> Stage | None:
         """A finished stage of this recipe with this stage's fingerprint under another name: the same kind,

@@ -193,6 +193,8 @@ def test_an_export_of_the_teacher_is_no_student_and_a_finetuned_distilled_studen
     report = collect(run_dir)
     rows = {r["model"]: r for r in report.rows}
     assert rows["teacher_int8"]["is_teacher"] and rows["kd_final"]["teacher"] == "teacher"
+    # an export trains nothing: its row shows the training of the model it holds
+    assert (rows["teacher_int8"]["steps"], rows["teacher_int8"]["epochs"]) == (500, 8.0)
     text = summary(report)
     assert text.startswith("Best student: kd_final, BLEU 36.00")
     assert "The cross-entropy student ce scores 28.00 (+8.00 for kd_final)" in text
@@ -261,3 +263,23 @@ def test_the_summary_takes_a_seed_sweep_as_one_student_and_its_baselines_from_ev
                            "2.0x fewer parameters (eval_kd, test split).")
     assert "The cross-entropy student ce_distill_kind scores 31.00 (+3.00 for kd)." in text
     assert text.endswith("Trivial baselines: copying the source 12.00.")
+
+
+def test_rows_whose_stage_changed_since_the_last_run_are_marked_stale(run_dir, tmp_path):
+    """plan.json holds each stage's fingerprint under the recipe of the last run; a finished stage (or its
+    evaluation) with another fingerprint was made by an older recipe, e.g. when the re-run was interrupted."""
+    from nlgkd.report import write_report
+
+    keys = [p.parent.name for p in run_dir.glob("*/stage.json")]
+    for key in keys:
+        path = run_dir / key / "stage.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "fingerprint": f"fp-{key}"}))
+    plan = {key: f"fp-{key}" for key in keys}
+    (run_dir / "plan.json").write_text(json.dumps({"fingerprints": plan}))
+    assert not any(r["stale"] for r in collect(run_dir).rows)
+    (run_dir / "plan.json").write_text(json.dumps({"fingerprints": {**plan, "ce": "fp-ce-wider"}}))
+    assert [r["model"] for r in collect(run_dir).rows if r["stale"]] == ["ce"]
+    text = write_report(run_dir, tmp_path / "out")[0].read_text()
+    assert "| ce (stale) |" in text and "STALE: the rows marked (stale) (ce) were measured before" in text
+    (run_dir / "plan.json").write_text(json.dumps({"fingerprints": {**plan, "eval": "fp-eval-beam"}}))
+    assert all(r["stale"] for r in collect(run_dir).rows)  # the evaluation itself changed: every row of it

@@ -52,7 +52,7 @@ def test_tiny_recipe_runs_then_skips(tmp_path, tiny_recipe):
     model = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "teacher")
     own_bytes = sum({t.data_ptr(): t.numel() * t.element_size()
                      for t in [*model.parameters(), *model.buffers()]}.values())
-    assert row["weights_mb"] == pytest.approx(own_bytes / 2**20) and row["peak_mem_kind"] == "cpu_max_rss"
+    assert row["weights_mb"] == pytest.approx(own_bytes / 2**20) and row["peak_mem_kind"] in ("cpu_peak_rss", "cpu_max_rss")
     predictions = (run_dir / "eval" / "predictions" / "teacher.jsonl").read_text().splitlines()
     assert len(predictions) == 16
 
@@ -271,6 +271,10 @@ def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, t
     assert "[teacher] finished before, runs again and replaces it: its input 'teacher' (model) changed; the data " \
            "it reads changed (train, validation" in out
     assert "[eval] finished before, runs again and replaces it: its input 'teacher' (models[0]) changed" in out
+    # plan.json: the fingerprints under the recipe of this last run, which the finished stages now carry
+    plan = json.loads((runs / "tiny" / "plan.json").read_text())["fingerprints"]
+    assert plan == {key: json.loads((runs / "tiny" / key / "stage.json").read_text())["fingerprint"]
+                    for key in ("teacher", "eval", "pts")}
 
 
 def test_rerun_reasons_follow_inputs_by_name(trained):

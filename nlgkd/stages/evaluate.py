@@ -81,7 +81,7 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
     model, tokenizer, size = load_for_decoding(ctx, name)
     encoded, _ = encode(split, tokenizer, ctx.recipe.data.max_source_length, ctx.recipe.data.max_target_length)
     sources = list(encoded["source_ids"])
-    with PeakMemory(acc.device) as memory:  # on CUDA reset per model; on a CPU the process's high-water mark
+    with PeakMemory(acc.device) as memory:  # reset per model: on CUDA its tensors, on a CPU the process's RSS
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -97,7 +97,7 @@ def evaluate_model(ctx, name: str) -> tuple[dict, list[dict]]:
         **size,
         **timing,
         peak_mem_mb=memory.peak_mb,
-        peak_mem_kind=memory.kind,  # cuda_max_allocated: this model's; cpu_max_rss: the whole process so far
+        peak_mem_kind=memory.kind,  # cuda_max_allocated, cpu_peak_rss: while this model ran; cpu_max_rss: lifetime
         examples=len(sources),
         split=cfg.split,
         decoding=cfg.decoding.strategy,
