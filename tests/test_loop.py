@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -237,3 +238,74 @@ def test_a_full_disk_at_a_checkpoint_names_the_folder_and_the_free_space(tmp_pat
                                       r"there: free some space and run again"):
         run(tmp_path, set(), max_steps=4, save_every=2)
     assert not (tmp_path / "checkpoints" / "tmp-step-2").exists()
+
+
+def test_patience_on_a_higher_is_better_score_stops_and_keeps_the_best_weights(tmp_path):
+    """BLEU rises, then falls: with patience 2 the loop stops two evaluations after the best one and ends
+    holding the weights of that best step, not the last ones."""
+    scores = iter([10.0, 20.0, 15.0, 14.0, 30.0, 31.0])
+    result, weights, lines = run(tmp_path, nan_steps=set(), evaluate=lambda model: {"bleu": next(scores)},
+                                 max_steps=6, eval_every=1, patience=2, early_stopping_metric="bleu")
+    assert result.steps == 4 and result.stopped_early  # evaluations 15 and 14 did not beat 20
+    assert result.best["step"] == 2 and result.best["bleu"] == 20.0
+    # weights[k]: after step k (each step snapshots where it starts); the last entry: what the loop returned
+    assert torch.equal(weights[-1], weights[2]) and not torch.equal(weights[3], weights[2])
+    assert any("kept the best weights: step 2, bleu 20.0000" in line for line in lines)
+
+
+def test_chrf_is_a_higher_is_better_score_too(tmp_path):
+    scores = iter([50.0, 40.0, 30.0])
+    result, _, _ = run(tmp_path, nan_steps=set(), evaluate=lambda model: {"chrf": next(scores)},
+                       max_steps=6, eval_every=1, patience=2, early_stopping_metric="chrf")
+    assert result.steps == 3 and result.best["step"] == 1
+
+
+def test_the_learning_rate_warms_up_then_decays_linearly_to_zero(tmp_path):
+    run(tmp_path, nan_steps=set(), max_steps=6, warmup_steps=2, lr=0.05)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in logged if "lr" in row]
+    # the lr the scheduler holds after step s (s = 1..6): warmup (s+1)/2 of the peak, then (6-s)/(6-2)
+    expected = [0.05 * min((s + 1) / 2, (6 - s) / 4) if s < 2 else 0.05 * (6 - s) / 4 for s in range(1, 7)]
+    assert lrs == pytest.approx(expected)
+
+
+def gradients_before_each_update(optimizer_runs: Callable[[], None]) -> list[torch.Tensor]:
+    """The gradients every optimizer step applies while `optimizer_runs()` trains (a global step pre-hook):
+    AdamW would hide a wrongly scaled gradient, so tests compare these."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: seen.append(torch.cat(
+        [p.grad.flatten().clone() for group in optimizer.param_groups for p in group["params"] if p.grad is not None])))
+    try:
+        optimizer_runs()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_an_accumulated_step_equals_one_step_on_the_whole_batch(tmp_path):
+    """grad_accum 2 of batch 2 and one batch of 4 see the same examples (the order is fixed by seed and epoch)
+    and normalise by the token count of the whole window, so the gradient is the same, not the sum of two
+    per-batch means."""
+    for name in ("whole", "accumulated"):
+        (tmp_path / name).mkdir()
+    whole = gradients_before_each_update(lambda: run(tmp_path / "whole", nan_steps=set(), max_steps=1, batch_size=4,
+                                                     grad_accum=1, max_grad_norm=0))
+    accumulated = gradients_before_each_update(lambda: run(tmp_path / "accumulated", nan_steps=set(), max_steps=1,
+                                                           batch_size=2, grad_accum=2, max_grad_norm=0))
+    assert len(whole) == len(accumulated) == 1
+    assert torch.allclose(whole[0], accumulated[0], atol=1e-6) and whole[0].abs().sum() > 0
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_the_update(tmp_path):
+    for name in ("clipped", "free"):
+        (tmp_path / name).mkdir()
+    clipped = [g.norm().item() for g in gradients_before_each_update(
+        lambda: run(tmp_path / "clipped", nan_steps=set(), max_steps=3, max_grad_norm=0.01))]
+    norms = [g.norm().item() for g in gradients_before_each_update(
+        lambda: run(tmp_path / "free", nan_steps=set(), max_steps=3, max_grad_norm=0))]
+    rows = (tmp_path / "clipped" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["grad_norm"] for line in rows]
+    assert all(n == pytest.approx(0.01, rel=1e-4) for n in clipped)  # these gradients are far above 0.01
+    assert all(n > 0.1 for n in norms) and logged[0] == pytest.approx(norms[0], rel=1e-5)  # the log: before clipping
