@@ -4,8 +4,8 @@
 #   bash eval/own_data_cpu.sh DATA_DIR [RUNS_DIR [--set KEY=VALUE ...]]
 #   e.g. bash eval/own_data_cpu.sh ../shared/data/shakespeare          (extra --set lines go to every run)
 #
-# Seed 0 runs the whole template (teacher, student, student_ft, pts, distill, best, eval) in RUNS_DIR/seed0,
-# two stages at a time once the teacher is done (--jobs 2).
+# Seed 0 runs the whole template (teacher, student, student_ft, pts, distill, best, eval) in RUNS_DIR/seed0:
+# the teacher alone on the free cores, then the rest two stages at a time (--jobs 2, a thread each).
 # Seeds 1 and 2 reuse its teacher, pruned student and PTs (copied: their stages are unchanged, so nlgkd skips
 # them) and train student_ft and the distill candidates again with their own seed, then choose and evaluate,
 # two seeds at a time with one thread each. Last, eval/own_data_seeds.py prints the per-seed table (test BLEU of
@@ -28,6 +28,7 @@ CPU=(--set "data.dir=$DATA"
      --set stages.distill.max_steps=600 --set stages.distill.batch_size=64 --set stages.distill.eval_every=600
      --set stages.best.decoding.batch_size=64 "$@")
 
+"$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed0" --stage teacher "${CPU[@]}"   # alone, on the free cores
 "$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed0" --jobs 2 "${CPU[@]}"
 
 NAME=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$RECIPE")

@@ -10,7 +10,6 @@ so losses can compare any two models position by position on the target tokens.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,6 +323,3 @@ def pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tens
             mask[i, : len(s)] = 1
     return ids, mask
 
-
-def normalize_text(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()

@@ -232,12 +232,3 @@ def make_demo_splits(sizes: dict[str, int] | None = None, seed: int = 0) -> dict
         else:
             splits[split] = [{"source": linearize(r), "target": describe_record(r, rng)} for r in chunk]
     return splits
-
-
-def parse_source(source: str) -> dict:
-    """Invert ``linearize``: 'name: X | food: Y' -> {"name": "X", "food": "Y"}."""
-    record = {}
-    for field in source.split(" | "):
-        key, _, value = field.partition(": ")
-        record[key] = value
-    return record

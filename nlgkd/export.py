@@ -35,7 +35,6 @@ from .config import DecodingConfig
 from .errors import ModelLoadError
 from .models import EXPORT_FILE
 from .quiet import quiet_weight_bars
-FORMATS = ("ctranslate2", "onnx")
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 # model_type -> what the converter must read from config.json that transformers 5's config does not hold
 CT2_FAMILIES = {

@@ -1,7 +1,7 @@
 """Quality and cost metrics: BLEU/chrF/ROUGE, lengths, parameter counts, peak memory, tables.
 
 ``text_metrics`` is what every evaluation reports; ``count_parameters`` and ``PeakMemory`` are the
-cost side of the study's tables; ``format_table`` / ``markdown_table`` print them.
+cost side of the study's tables; ``format_table`` prints them.
 """
 
 from __future__ import annotations
@@ -229,18 +229,4 @@ def format_table(rows: list[dict], columns: list[str], precision: int = 2) -> st
 
     lines = [render(list(columns)), "  ".join("-" * w for w in widths)]
     lines += [render(line) for line in cells]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict], columns: list[str], precision: int = 2) -> str:
-    """The same table as GitHub-flavoured Markdown (numeric columns right-aligned)."""
-
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    numeric = [any(_is_number(row.get(col)) for row in rows) for col in columns]
-    lines = ["| " + " | ".join(escape(col) for col in columns) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(escape(_cell(row.get(col), precision)) for col in columns) + " |")
     return "\n".join(lines)

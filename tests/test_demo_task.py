@@ -15,11 +15,15 @@ from nlgkd.demo_task import (
     describe_record,
     linearize,
     make_demo_splits,
-    parse_source,
     sample_record,
 )
 
 SMALL = {"train": 300, "validation": 50, "test": 50, "unlabeled": 100}
+
+
+def parse_source(source: str) -> dict:
+    """Invert ``linearize``: 'name: X | food: Y' -> {"name": "X", "food": "Y"}."""
+    return dict(field.partition(": ")[::2] for field in source.split(" | "))
 
 
 def test_same_seed_same_data_and_other_seed_differs():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nlgkd.metrics import PeakMemory, count_parameters, format_table, markdown_table, text_metrics
+from nlgkd.metrics import PeakMemory, count_parameters, format_table, text_metrics
 
 SENTENCES = [
     "the eagle is a cheap pub in the riverside area near the mill",
@@ -113,13 +113,3 @@ def test_format_table_aligns_columns():
     # numbers are right-aligned: the decimal points line up
     assert lines[2].index("61.23") + 2 == lines[3].index("7.50") + 1
     assert lines[3].rstrip().endswith("7.50")  # missing "params" is an empty cell
-
-
-def test_markdown_table():
-    text = markdown_table(ROWS, ["model", "bleu"])
-    assert text.splitlines() == [
-        "| model | bleu |",
-        "|---|---:|",
-        "| teacher | 61.23 |",
-        "| student-kd | 7.50 |",
-    ]
