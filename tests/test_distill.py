@@ -173,6 +173,31 @@ def test_each_objective_is_its_formula_with_the_stages_temperature_and_alpha(tra
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_on_a_student_prefix_the_loss_is_the_kd_term_alone(trained):
+    """Joint-Teaching's student steps train on the student's own samples: no gold cross-entropy on them and no
+    alpha mixing, only the teacher's word-level distribution (forward KL at the stage's temperature)."""
+    from nlgkd.config import DistillConfig, JointTeachingConfig
+    from nlgkd.stages.distill import StudentWithProjections, make_loss
+
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    teacher, _ = load_pretrained(str(root / "tiny" / "teacher"))
+    splits, _ = load_splits(parse_recipe(recipe).data)
+    encoded, _ = encode(splits["validation"], tokenizer, 48, 48)
+    batch = {**collate(list(encoded)[:6], pad_id=tokenizer.pad_token_id, causal=False), "student_prefix": True}
+    cfg = DistillConfig(student="student", teacher="teacher", objective="logits_kd", temperature=2.0, alpha=0.3,
+                        joint_teaching=JointTeachingConfig(student_ratio=0.5))
+    loss, logs = make_loss(cfg, [teacher.eval()], causal=False)(StudentWithProjections(student.eval(), {}),
+                                                                batch, 17.0)
+    with torch.no_grad():
+        s, t = target_logits(student, batch).double(), target_logits(teacher, batch).double()
+    mask = batch["labels"] != -100
+    log_ps, log_pt = (s[mask] / 2.0).log_softmax(-1), (t[mask] / 2.0).log_softmax(-1)
+    expected = 2.0**2 * (log_pt.exp() * (log_pt - log_ps)).sum() / 17.0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert "ce" not in logs and logs["kd_student_prefix"] == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_a_teacher_with_a_padded_vocabulary_distills_as_the_unpadded_one(trained, tmp_path):
     # T5 checkpoints carry 32,128 embedding rows for 32,100 tokens; a student with the tokenizer's 32,100 must
     # distill from them over the ids the tokenizer has, which a padded copy of the tiny teacher stands for here
