@@ -67,53 +67,102 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def train(
-    *,
-    model: torch.nn.Module,
-    train_data,
-    collate_fn: Callable,
-    compute_loss: LossFn,
-    evaluate: EvalFn | None,
-    args: TrainArgs,
-    accelerator,
-    out_dir: Path,
-    seed: int,
-    log: Callable[[str], None] = print,
-    prepare_window: PrepareFn | None = None,
-) -> LoopResult:
+def train(*, model: torch.nn.Module, train_data, collate_fn: Callable, compute_loss: LossFn, evaluate: EvalFn | None,
+          args: TrainArgs, accelerator, out_dir: Path, seed: int, log: Callable[[str], None] = print,
+          prepare_window: PrepareFn | None = None) -> LoopResult:
     """Train `model` in place; at the end it holds the best weights seen by `evaluate` (or the last ones).
 
     train_data: a dataset of tokenized examples, or a function epoch -> dataset (pseudo-target schedules
     that show each input a different target every epoch).
     """
     data_for_epoch = train_data if callable(train_data) else (lambda epoch: train_data)
-    world = accelerator.num_processes
-    if args.batch_size % world:
-        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {world} processes")
-    n = len(data_for_epoch(0))
-    batches_per_epoch = math.ceil(n / args.batch_size)
-    # an epoch's last window may hold fewer than grad_accum batches, and it is a step too
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    eval_every = args.eval_every or steps_per_epoch
-
-    optimizer = make_optimizer(model, args, accelerator.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_warmup_decay(step, args.warmup_steps, total_steps)
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
-    accelerator.register_for_checkpointing(scheduler)
+    plan = plan_steps(args, len(data_for_epoch(0)), accelerator.num_processes)
+    model, optimizer, scheduler = prepared(model, args, plan, accelerator)
     autocast_dtype = resolve_precision(args.mixed_precision, accelerator.device)
     compute_loss = maybe_compiled(compute_loss, args)
-
-    ckpt_root = out_dir / "checkpoints"
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": [],
-             "elapsed": {"wall": 0.0, "cpu": 0.0}}  # spent by this stage up to the checkpoint, across resumes
-    resumed_from = None
     # dropout, noisy-KD teachers and sampled rollouts draw from the global generators: seed them here, not
     # wherever the process happens to be after loading models and data (a resumed run restores their state)
     set_seed(seed, device_specific=True)
+    state, resumed_from = resume(accelerator, out_dir / "checkpoints", plan.total_steps, log)
+    if args.report_to:
+        # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
+        accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
+    # leave=False: when the stage ends its "finished" line replaces the bar
+    bar = progress_bar(total=plan.total_steps, initial=state["step"], desc="train",
+                       disable=not accelerator.is_main_process, leave=False)
+    clock = Clock(earlier=dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0})))
+    guard, running, stopped_early = NonfiniteGuard(args), RunningLogs(), False
+    model.train()
+    for window in epoch_windows(data_for_epoch, state, seed, args, collate_fn, accelerator):
+        extra = {}
+        if prepare_window is not None:
+            window, extra = prepare_window(model, window, state["step"])
+        logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra)
+        with warnings.catch_warnings():  # a skipped first update makes torch warn about the order of calls
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
+        state["step"] += 1
+        if guard.counts(logs, state["step"], log):
+            running.add(logs)  # a skipped step's NaN stays out of the logged averages
+        bar.update(1)
+        log_running(running, state, plan, scheduler, bar, accelerator, out_dir / "metrics.jsonl", args)
+        stopped_early = evaluate_if_due(model, evaluate, args, state, plan, accelerator, out_dir, clock, log)
+        step = state["step"]
+        if step >= plan.total_steps or stopped_early:
+            break
+        if checkpoint_due(args, step, clock.last_save, accelerator):
+            state["elapsed"] = clock.elapsed()
+            save_checkpoint(accelerator, out_dir / "checkpoints", state)
+            clock.last_save = time.time()
+    bar.close()
+    restore_best(accelerator.unwrap_model(model), out_dir, state, args, log)
+    accelerator.wait_for_everyone()
+    return LoopResult(
+        steps=state["step"], epochs=round(state["epoch"] + state["batch_in_epoch"] / plan.batches_per_epoch, 3),
+        best=state["best"], stopped_early=stopped_early, resumed_from=resumed_from, history=state["history"],
+        train_seconds=round(time.time() - clock.started - clock.eval_seconds, 2),
+        eval_seconds=round(clock.eval_seconds, 2), earlier_seconds={k: round(v, 2) for k, v in clock.earlier.items()})
+
+
+def prepared(model, args: TrainArgs, plan: "StepPlan", accelerator):
+    """(model, optimizer, scheduler) ready for the loop: AdamW, linear warmup then decay to 0 at the last step."""
+    optimizer = make_optimizer(model, args, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, args.warmup_steps, plan.total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler
+
+
+@dataclass
+class StepPlan:
+    """How long a stage trains and how often it evaluates, from its data size and its args."""
+
+    batches_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+
+def plan_steps(args: TrainArgs, examples: int, world: int) -> StepPlan:
+    if args.batch_size % world:
+        raise ValueError(f"batch_size {args.batch_size} must be divisible by the {world} processes")
+    batches_per_epoch = math.ceil(examples / args.batch_size)
+    # an epoch's last window may hold fewer than grad_accum batches, and it is a step too
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    return StepPlan(batches_per_epoch, total_steps, args.eval_every or steps_per_epoch)
+
+
+def fresh_state() -> dict:
+    """The loop's position and history, as a checkpoint's trainer_state.json holds it."""
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "bad_evals": 0, "history": [],
+            "elapsed": {"wall": 0.0, "cpu": 0.0}}  # spent by this stage up to the checkpoint, across resumes
+
+
+def resume(accelerator, ckpt_root: Path, total_steps: int, log) -> tuple[dict, int | None]:
+    """(state, the step it resumed from): the latest checkpoint's, with its weights, optimizer, scheduler and
+    generator states loaded, or a fresh state."""
     latest = latest_checkpoint(ckpt_root)
     if latest is not None and (problem := checkpoint_problem(latest)) is not None:
         # a damaged checkpoint (a full disk, a copy cut short) would fail every re-run: read before anything
@@ -124,99 +173,90 @@ def train(
             shutil.rmtree(latest, ignore_errors=True)
         accelerator.wait_for_everyone()
         latest = None
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        state = json.loads((latest / "trainer_state.json").read_text())
-        resumed_from = state["step"]
-        log(f"resuming from checkpoint {latest.name} (step {state['step']} of {total_steps})")
+    if latest is None:
+        return fresh_state(), None
+    accelerator.load_state(str(latest))
+    state = json.loads((latest / "trainer_state.json").read_text())
+    log(f"resuming from checkpoint {latest.name} (step {state['step']} of {total_steps})")
+    return state, state["step"]
 
-    metrics_file = out_dir / "metrics.jsonl"
-    if args.report_to:
-        # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
-        accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
-    # leave=False: when the stage ends its "finished" line replaces the bar
-    bar = progress_bar(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process,
-               leave=False)
-    started, cpu_started = time.time(), time.process_time()
-    earlier = dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0}))
-    last_save = started
-    stopped_early = False
-    nonfinite_in_a_row = 0
-    running = RunningLogs()
-    eval_seconds = 0.0
-    model.train()
-    while state["step"] < total_steps and not stopped_early:
+
+def epoch_windows(data_for_epoch, state: dict, seed: int, args: TrainArgs, collate_fn, accelerator):
+    """Accumulation windows (grad_accum micro-batches; an epoch's last may hold fewer), epoch after epoch, from
+    the position in `state`, which advances as windows are taken: a resumed run skips what its epoch trained."""
+    while True:
         epoch_data = data_for_epoch(state["epoch"])
-        if state["batch_in_epoch"] >= math.ceil(len(epoch_data) / args.batch_size):
-            # a checkpoint saved right at the end of an epoch: the next one starts (skipping every batch of a
-            # loader yields a None batch in accelerate 1.0)
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            continue
-        loader = epoch_loader(epoch_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator,
-                              args.group_by_length)
-        batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
-        while state["step"] < total_steps and not stopped_early:
-            window = [b for _, b in zip(range(args.grad_accum), batches)]
-            if not window:  # end of the epoch
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-                break
-            state["batch_in_epoch"] += len(window)
-            extra = {}
-            if prepare_window is not None:
-                window, extra = prepare_window(model, window, state["step"])
-            logs = train_step(model, optimizer, window, compute_loss, args, accelerator, autocast_dtype, extra)
-            with warnings.catch_warnings():  # a skipped first update makes torch warn about the order of calls
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                scheduler.step()
-            state["step"] += 1
-            if logs.pop("skipped_nonfinite"):
-                nonfinite_in_a_row += 1
-                log(f"step {state['step']}: the loss or the gradient norm is not finite "
-                    f"(loss {logs['loss']}, grad_norm {logs['grad_norm']}); the update was skipped")
-                if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                    raise ValueError(
-                        f"training diverged: {MAX_NONFINITE_STEPS} steps in a row up to step {state['step']} had a "
-                        f"NaN/inf loss or gradient; lower lr (now {args.lr:g}), add warmup_steps, or set "
-                        f"mixed_precision: no (now {args.mixed_precision}); a changed setting starts the stage "
-                        "again")
-            else:
-                nonfinite_in_a_row = 0
-                running.add(logs)  # a skipped step's NaN stays out of the logged averages
-            bar.update(1)
-            step = state["step"]
-            if (step % args.log_every == 0 or step == total_steps) and running.sums:  # a window of skips: none
-                record = running.averages()
-                record.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / batches_per_epoch, 3),
-                              lr=scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                write_metrics(accelerator, metrics_file, record)
-            if evaluate is not None and (step % eval_every == 0 or step == total_steps):
-                eval_started = time.time()
-                stopped_early = run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log)
-                model.train()
-                eval_seconds += time.time() - eval_started
-            if step < total_steps and not stopped_early and checkpoint_due(args, step, last_save, accelerator):
-                state["elapsed"] = {"wall": earlier["wall"] + time.time() - started,
-                                    "cpu": earlier["cpu"] + time.process_time() - cpu_started}
-                save_checkpoint(accelerator, ckpt_root, state)
-                last_save = time.time()
-    bar.close()
-    unwrapped = accelerator.unwrap_model(model)
+        # (a checkpoint saved right at the end of an epoch: the next one starts; skipping every batch of a
+        # loader yields a None batch in accelerate 1.0)
+        if state["batch_in_epoch"] < math.ceil(len(epoch_data) / args.batch_size):
+            loader = epoch_loader(epoch_data, state["epoch"], seed, args.batch_size, collate_fn, accelerator,
+                                  args.group_by_length)
+            batches = iter(accelerator.skip_first_batches(loader, state["batch_in_epoch"]))
+            while window := [b for _, b in zip(range(args.grad_accum), batches)]:
+                state["batch_in_epoch"] += len(window)
+                yield window
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+@dataclass
+class Clock:
+    """This run's wall and CPU time, and what killed runs of the stage spent up to their last checkpoint."""
+
+    earlier: dict
+    started: float = field(default_factory=time.time)
+    cpu_started: float = field(default_factory=time.process_time)
+    last_save: float = field(default_factory=time.time)
+    eval_seconds: float = 0.0
+
+    def elapsed(self) -> dict:
+        return {"wall": self.earlier["wall"] + time.time() - self.started,
+                "cpu": self.earlier["cpu"] + time.process_time() - self.cpu_started}
+
+
+class NonfiniteGuard:
+    """Counts optimizer steps in a row whose loss or gradient norm was NaN/inf (train_step skipped them)."""
+
+    def __init__(self, args: TrainArgs):
+        self.args, self.in_a_row = args, 0
+
+    def counts(self, logs: dict, step: int, log) -> bool:
+        """Whether this step's logs count (it was not skipped); a run of MAX_NONFINITE_STEPS stops the stage."""
+        if not logs.pop("skipped_nonfinite"):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        log(f"step {step}: the loss or the gradient norm is not finite "
+            f"(loss {logs['loss']}, grad_norm {logs['grad_norm']}); the update was skipped")
+        if self.in_a_row >= MAX_NONFINITE_STEPS:
+            args = self.args
+            raise ValueError(
+                f"training diverged: {MAX_NONFINITE_STEPS} steps in a row up to step {step} had a "
+                f"NaN/inf loss or gradient; lower lr (now {args.lr:g}), add warmup_steps, or set "
+                f"mixed_precision: no (now {args.mixed_precision}); a changed setting starts the stage again")
+        return False
+
+
+def log_running(running: RunningLogs, state: dict, plan: StepPlan, scheduler, bar, accelerator, metrics_file: Path,
+                args: TrainArgs) -> None:
+    """Every log_every steps (and at the last): the averages since the last record, to metrics.jsonl and the bar."""
+    step = state["step"]
+    if (step % args.log_every and step != plan.total_steps) or not running.sums:  # a window of skips: none
+        return
+    record = running.averages()
+    record.update(step=step, epoch=round(state["epoch"] + state["batch_in_epoch"] / plan.batches_per_epoch, 3),
+                  lr=scheduler.get_last_lr()[0])
+    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+    write_metrics(accelerator, metrics_file, record)
+
+
+def restore_best(unwrapped: torch.nn.Module, out_dir: Path, state: dict, args: TrainArgs, log) -> None:
+    """Load the best evaluation's weights (kept by run_evaluation) into the model, in place."""
     best_file = out_dir / "checkpoints" / "best.safetensors"
     if state["best"] is not None and best_file.exists():
         safetensors.torch.load_model(unwrapped, str(best_file), device="cpu")  # copied into the params in place
         log(f"kept the best weights: step {state['best']['step']}, {args.early_stopping_metric} "
             f"{state['best'][args.early_stopping_metric]:.4f}")
-    accelerator.wait_for_everyone()
-    epochs = state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
-    return LoopResult(
-        steps=state["step"], epochs=round(epochs, 3), best=state["best"], stopped_early=stopped_early,
-        resumed_from=resumed_from, history=state["history"],
-        train_seconds=round(time.time() - started - eval_seconds, 2), eval_seconds=round(eval_seconds, 2),
-        earlier_seconds={k: round(v, 2) for k, v in earlier.items()},
-    )
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.AdamW:
@@ -352,8 +392,22 @@ def train_step(model, optimizer, window, compute_loss, args, accelerator, autoca
     return logs
 
 
-def run_evaluation(model, evaluate, args, state, accelerator, out_dir, metrics_file, log) -> bool:
+def evaluate_if_due(model, evaluate, args, state, plan: StepPlan, accelerator, out_dir, clock: Clock, log) -> bool:
+    """Every eval_every steps and at the last: `run_evaluation`, its time counted apart from training's.
+    Returns True when training should stop."""
+    step = state["step"]
+    if evaluate is None or (step % plan.eval_every and step != plan.total_steps):
+        return False
+    started = time.time()
+    stop = run_evaluation(model, evaluate, args, state, accelerator, out_dir, log)
+    model.train()
+    clock.eval_seconds += time.time() - started
+    return stop
+
+
+def run_evaluation(model, evaluate, args, state, accelerator, out_dir, log) -> bool:
     """Evaluate, keep the best weights, count patience. Returns True when training should stop."""
+    metrics_file = out_dir / "metrics.jsonl"
     metrics = evaluate(model)
     measured_on = metrics.pop("measured_on", None)  # words for the log line, not a number to record
     metrics["step"] = state["step"]
