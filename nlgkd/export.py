@@ -1,4 +1,4 @@
-"""Export a trained model to an inference engine (CTranslate2), and run the exported folder.
+"""Export a trained model to an inference engine (CTranslate2): the conversion (nlgkd/engine.py runs it).
 
     nlgkd export runs/demo/distill --format ctranslate2 --quantization int8 --out student-ct2
 
@@ -18,10 +18,8 @@ unset (it expects mBART-25's language codes), so the exported config.json gets t
 transformers. Marian goes through the converter's loader for Marian's own SentencePiece tokenizer, which no
 offline test here has (a Marian model with a BPE tokenizer does not convert).
 
-`EngineModel` decodes an exported folder the way `nlgkd.generation.generate` decodes a PyTorch model
-(greedy, beam, sampling; K outputs per input; de-duplication), so `evaluate` scores it beside PyTorch rows
-and `nlgkd serve` serves it. Families CTranslate2 cannot convert (nlgkd's LSTM student) get an error that
-names the families and formats that work.
+Families CTranslate2 cannot convert (nlgkd's LSTM student) get an error that names the families and formats
+that work. The exported folder is run by `nlgkd/engine.py`.
 """
 from __future__ import annotations
 
@@ -31,10 +29,10 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .config import DecodingConfig
-from .errors import ModelLoadError
+from .engine import TOKENIZER_DIR, ExportError, require_ctranslate2
 from .models import EXPORT_FILE
 from .quiet import quiet_weight_bars
+
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 # model_type -> what the converter must read from config.json that transformers 5's config does not hold
 CT2_FAMILIES = {
@@ -48,26 +46,6 @@ CT2_FAMILIES = {
     "opt": {},
     "llama": {},
 }
-TOKENIZER_DIR = "tokenizer"
-
-
-class ExportError(ModelLoadError):
-    """An export that cannot be made: the message names the model, what works, and what to do."""
-
-
-def is_export(folder: str | Path) -> bool:
-    return (Path(folder) / EXPORT_FILE).exists()
-
-
-def require_ctranslate2():
-    try:
-        import ctranslate2
-    except ImportError:
-        raise ExportError("CTranslate2 is not installed; install the export extra: pip install -e \".[export]\" "
-                          "(or pip install ctranslate2)") from None
-    return ctranslate2
-
-
 def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "ctranslate2",
                  quantization: str = "int8") -> dict:
     """Convert the model folder `model_dir` (a stage folder, e.g. runs/demo/distill) into `out_dir`, which
@@ -155,112 +133,3 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
                 "weights_mb": (folder / "model.bin").stat().st_size / 2**20, "ctranslate2": engine_version}
     (folder / EXPORT_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-class EngineModel:
-    """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
-    `nlgkd.generation.generate` calls for it, batch by batch.
-
-    Sampling reseeds CTranslate2's generator with the seed it is given at every call (the caller passes the
-    run's seed plus the batch's number), so the same batch with the same seed draws the same samples on one
-    machine; greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
-    inside a padded batch can differ slightly from the same input decoded alone."""
-
-    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None):
-        from transformers import AutoTokenizer
-
-        ctranslate2 = require_ctranslate2()
-        self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / EXPORT_FILE).read_text())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / TOKENIZER_DIR))
-        self.encoder_decoder = self.manifest["is_encoder_decoder"]
-        if threads is None:
-            import torch
-
-            threads = torch.get_num_threads()  # the count nlgkd chose for this run (nlgkd/threads.py)
-        engine = ctranslate2.Translator if self.encoder_decoder else ctranslate2.Generator
-        self.engine = engine(str(self.folder), device=device, compute_type="default", intra_threads=threads)
-        self._ctranslate2 = ctranslate2
-
-    @property
-    def backend(self) -> str:
-        return f"ctranslate2 {self.manifest['quantization']}"
-
-    def options(self, decoding: DecodingConfig) -> dict:
-        """CTranslate2's decoding options for nlgkd's decoding config, field by field what
-        `nlgkd.generation.generation_config` gives transformers; what the engine cannot do is refused."""
-        from .generation import within_positions
-
-        if decoding.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
-                             "greedy, beam or sample")
-        if decoding.from_checkpoint:
-            raise ValueError(f"decoding.from_checkpoint: {decoding.from_checkpoint} is not available on a CTranslate2 "
-                             "export (it keeps no generation_config); write those settings into the decoding block")
-        if decoding.max_new_tokens is None:
-            raise ValueError("decoding.max_new_tokens: not resolved; recipes fill it from data.max_target_length")
-        if decoding.repetition_penalty != 1.0:  # measured: the float32 engine then ended outputs earlier
-            raise ValueError("decoding.repetition_penalty: transformers also penalizes the decoder's start token or "
-                             "the prompt, CTranslate2 only generated tokens, so an export would decode otherwise; "
-                             "set it to 1.0 for an exported model, or evaluate the PyTorch folder")
-        k = decoding.num_return_sequences
-        max_new = decoding.max_new_tokens
-        if self.encoder_decoder:  # the decoder start token takes the first position
-            max_new = within_positions(max_new, self.manifest.get("position_limit"), 1)
-        common = {"max_decoding_length": max_new, "min_decoding_length": decoding.min_new_tokens,
-                  "num_hypotheses": k, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
-                  "return_end_token": True}
-        if decoding.strategy == "greedy":
-            return {**common, "beam_size": 1}
-        if decoding.strategy == "beam":
-            if not decoding.early_stopping:  # CTranslate2 ends a beam search once beam_size outputs have ended
-                raise ValueError("decoding.early_stopping: false has no CTranslate2 equivalent (its beam search "
-                                 "ends once num_beams outputs have ended); set it to true for an exported model")
-            return {**common, "beam_size": max(decoding.num_beams, k), "length_penalty": decoding.length_penalty}
-        # sample; nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)
-        return {**common, "beam_size": 1, "sampling_topk": decoding.top_k, "sampling_topp": decoding.top_p,
-                "sampling_temperature": decoding.temperature}
-
-    def forced_bos(self, decoding: DecodingConfig) -> str | None:
-        """The token every output starts with, as a token string (CTranslate2's target prefix), or None."""
-        from .generation import forced_bos_id
-
-        if decoding.forced_bos_token is not None:
-            forced_bos_id(self.tokenizer, decoding.forced_bos_token)  # an error unless it is one of its tokens
-            return decoding.forced_bos_token
-        forced = self.manifest.get("forced_bos_token_id")
-        return None if forced is None else self.tokenizer.convert_ids_to_tokens(forced)
-
-    def generate_ids(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[list[int]]]:
-        """K generated token-id rows per source (continuations only, EOS kept where the model wrote it)."""
-        tok = self.tokenizer
-        options = self.options(decoding)
-        if decoding.strategy == "sample":
-            self._ctranslate2.set_random_seed(seed)
-        if self.encoder_decoder:
-            tokens = [tok.convert_ids_to_tokens(ids) for ids in source_ids]
-            forced = self.forced_bos(decoding)
-            prefix = {"target_prefix": [[forced]] * len(tokens)} if forced is not None else {}
-            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
-        else:
-            from .data import causal_prompt
-            from .generation import within_positions
-
-            prompts = [tok.convert_ids_to_tokens(causal_prompt(ids, tok.eos_token_id)) for ids in source_ids]
-            # the positions left after the longest prompt
-            max_length = within_positions(options.pop("max_decoding_length"), self.manifest.get("position_limit"),
-                                          max(len(p) for p in prompts))
-            results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
-                                                 min_length=options.pop("min_decoding_length"),
-                                                 include_prompt_in_result=False, **options)
-        # a Translator's results hold hypotheses, a Generator's sequences
-        outputs = [result.hypotheses if self.encoder_decoder else result.sequences for result in results]
-        return [[tok.convert_tokens_to_ids(tokens) for tokens in rows] for rows in outputs]
-
-    def generate_texts(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[str]]:
-        """K texts per source, decoded and cleaned as `nlgkd.generation.generate_batch` does."""
-        grouped = [[self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rows]
-                   for rows in self.generate_ids(source_ids, decoding, seed)]
-        if decoding.dedup:
-            grouped = [list(dict.fromkeys(g)) for g in grouped]
-        return grouped

@@ -500,7 +500,7 @@ def create_app(served: ServedModel) -> FastAPI:
 def load_served_model(model_dir: str, name: str | None = None, device: str | None = None,
                       max_source_length: int = 512, default_max_tokens: int = 256, max_tokens_cap: int = 1024,
                       max_body_bytes: int = 1 << 20, max_batch: int = 16, batch_wait_ms: float = 5.0) -> ServedModel:
-    from .export import EngineModel, is_export
+    from .engine import EngineModel, is_export
     from .models import load_pretrained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,8 @@ pytest.importorskip("ctranslate2")
 from nlgkd.config import DataConfig, DecodingConfig, DemoSizes, ModelConfig  # noqa: E402
 from nlgkd.data import encode, load_splits  # noqa: E402
 from nlgkd.errors import ModelLoadError  # noqa: E402
-from nlgkd.export import EngineModel, ExportError, export_model  # noqa: E402
+from nlgkd.engine import EngineModel, ExportError  # noqa: E402
+from nlgkd.export import export_model  # noqa: E402
 from nlgkd.generation import generate  # noqa: E402
 from nlgkd.models import build_fresh, load_pretrained, save_model  # noqa: E402
 

@@ -19,7 +19,7 @@ TABLE_COLUMNS = ["model", "backend", "bleu", "chrf", "rouge1", "rouge2", "rougeL
 def load_for_decoding(ctx, name: str):
     """(model, tokenizer, size facts) for a stage or models: entry: a PyTorch model on the stage's device, or an
     inference engine's export (an `export` stage, nlgkd/export.py) decoded by that engine."""
-    from ..export import EngineModel, is_export
+    from ..engine import EngineModel, is_export
 
     kind, _ = ctx.recipe.resolve(name, ctx.stage.index)
     if kind == "stage" and is_export(ctx.artifact_dir(name)):
