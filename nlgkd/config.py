@@ -6,59 +6,13 @@ Loading a YAML file into these classes, `--set` overrides, name resolution and v
 """
 from __future__ import annotations
 
-import dataclasses
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 
-class RecipeError(ValueError):
-    """A recipe problem; the message names the file and the field path and says what to do."""
-
-
-def ref(kind: str, help: str, yaml_name: str | None = None) -> dict:
-    """Field metadata marking a reference to an earlier artifact (`model`, `models`, `dataset`, `datasets`).
-    `yaml_name` is the recipe key when it is not a valid Python name (`from`)."""
-    meta = {"ref": kind, "help": help}
-    if yaml_name:
-        meta["yaml_name"] = yaml_name
-    return meta
-
-
-def yaml_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("yaml_name", f.name)
-
-
-def doc(help: str, **limits) -> dict:
-    """Field metadata: its help text and, for a number, the allowed range (`bounds`)."""
-    return {"help": help, **bounds(**limits)} if limits else {"help": help}
-
-
-def bounds(**limits: float) -> dict:
-    """Field metadata: the range a number must lie in, checked when a recipe is read (`check_bounds`):
-    ge / gt (at least / above) and le / lt (at most / below)."""
-    return {"bounds": limits}
-
-
-BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-BOUND_TESTS = {"ge": lambda v, x: v >= x, "gt": lambda v, x: v > x, "le": lambda v, x: v <= x,
-               "lt": lambda v, x: v < x}
-
-
-def describe_bounds(limits: dict) -> str:
-    return " and ".join(f"{BOUND_WORDS[k]} {v:g}" for k, v in limits.items())
-
-
-def check_bounds(value: Any, limits: dict | None, path: str) -> None:
-    """A number (or each number of a mapping) outside `limits` is an error naming the field path."""
-    if not limits or value is None:
-        return
-    items = value.items() if isinstance(value, dict) else [(None, value)]
-    for key, number in items:
-        if not all(BOUND_TESTS[k](number, x) for k, x in limits.items()):
-            where = f"{path}.{key}" if key is not None else path
-            raise RecipeError(f"{where}: {number!r} is out of range; it must be {describe_bounds(limits)}")
+from .schema import RecipeError, bounds, doc, ref
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -273,6 +227,9 @@ class FinetuneConfig(TrainArgs):
     """Cross-entropy training of a model on gold targets (a teacher, or a baseline student)."""
 
     produces: ClassVar[str] = "model"
+
+    def splits_read(self) -> set[str]:  # the data splits its fingerprint hashes: also validation (early stopping)
+        return {"train", "validation"}
     model: str = field(metadata=ref("model", "models: entry or earlier stage to train"))
 
 
@@ -281,6 +238,9 @@ class EvaluateConfig:
     """Decode a split with each model; BLEU, chrF, ROUGE, lengths, size and speed; a comparison table."""
 
     produces: ClassVar[str] = "metrics"
+
+    def splits_read(self) -> set[str]:  # the baselines' most frequent target comes from train
+        return {self.split} | ({"train"} if self.baselines else set())
     # a varied stage in `models` becomes one row per variant (the comparison), not one evaluate per variant
     expands_variants: ClassVar[bool] = True
     models: list[str] = field(metadata=ref("decodables", "models to evaluate: stages, models: entries, exports"))
@@ -308,6 +268,9 @@ class SelectConfig:
     stage's model (the study picks each stage's setting so, never on test); stage.json keeps every score."""
 
     produces: ClassVar[str] = "model"
+
+    def splits_read(self) -> set[str]:
+        return {"validation"}
     # a varied stage in `candidates` gives one candidate per variant (the choice among them)
     expands_variants: ClassVar[bool] = True
     candidates: list[str] = field(metadata=ref("models", "models to choose from: stages (each variant of a varied "
@@ -330,6 +293,9 @@ class PruneConfig:
     """Build a student from a teacher by keeping chosen encoder and/or decoder layers (study stage S2)."""
 
     produces: ClassVar[str] = "model"
+
+    def splits_read(self) -> set[str]:
+        return set()
     from_: str = field(metadata=ref("model", "teacher model to prune", yaml_name="from"))
     encoder_layers: LayerSpec = field(default=None, metadata=doc(
         "layers to keep: a list like [0, -1], {first_last: N}, {first: N}, every_other, all (default)"))
@@ -430,6 +396,10 @@ class DistillConfig(TrainArgs):
     """Train a student against one or more teachers with word-level, hidden-state and attention KD (S3)."""
 
     produces: ClassVar[str] = "model"
+
+    def splits_read(self) -> set[str]:  # validation: early stopping and the teacher checks
+        denoising = self.denoising
+        return {"train", "validation"} | (set(denoising.splits) if denoising and denoising.file is None else set())
     student: str = field(metadata=ref("model", "model to train (e.g. a prune stage)"))
     teacher: Optional[Union[str, list[str]]] = field(
         default=None, metadata=ref("models", "teacher, or a list of teachers (an ensemble averages them)"))
@@ -546,6 +516,10 @@ class PseudoTargetsConfig:
     """Generate K pseudo-targets per input with a teacher: sequence-level KD data (study stages S4-S7)."""
 
     produces: ClassVar[str] = "dataset"
+
+    def splits_read(self) -> set[str]:  # an API teacher's k-shot examples come from train
+        shots = self.teacher_api is not None and self.teacher_api.shots
+        return set(self.inputs) | ({"train"} if shots else set())
     teacher: Optional[str] = field(default=None, metadata=ref("model", "model that writes the pseudo-targets"))
     teacher_api: Optional[ApiTeacherConfig] = field(default=None, metadata=doc(
         "instead of teacher: an LLM behind an OpenAI-compatible API (decoding: greedy or sample only)"))
@@ -575,6 +549,9 @@ class AugmentConfig:
     """Make new inputs from a split by masking, POS-guided replacement and n-gram sampling (Tang et al.)."""
 
     produces: ClassVar[str] = "dataset"
+
+    def splits_read(self) -> set[str]:
+        return {self.split}
     split: Literal["train", "unlabeled"] = "train"
     n_iter: int = field(default=4, metadata=doc("variants per input (duplicates dropped)", ge=1))
     p_mask: float = field(default=0.1, metadata=bounds(ge=0, le=1))
@@ -590,6 +567,9 @@ class ExportConfig:
     """Convert a model for an inference engine (CTranslate2, int8 by default); evaluate and serve run it."""
 
     produces: ClassVar[str] = "exported model"
+
+    def splits_read(self) -> set[str]:
+        return set()
     model: str = field(metadata=ref("model", "model to export (a stage, e.g. distill)"))
     format: Literal["ctranslate2", "onnx"] = field(default="ctranslate2", metadata=doc(
         "ctranslate2: bart, mbart, pegasus, marian, t5, mt5, gpt2, opt, llama (pip install -e \".[export]\"); "
@@ -609,6 +589,9 @@ class CacheLogitsConfig:
     """Run a teacher once over gold and/or pseudo-targets; store its top-k log-probs for teacher-free KD."""
 
     produces: ClassVar[str] = "logits"
+
+    def splits_read(self) -> set[str]:
+        return {"train"}
     teacher: str = field(metadata=ref("model", "model whose distributions are cached"))
     gold: bool = field(default=True, metadata=doc("cache the train split's gold targets"))
     pseudo_targets: list[str] = field(default_factory=list, metadata=ref("datasets", "pseudo_targets stages to cache"))

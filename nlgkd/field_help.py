@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any, Literal, Optional, Union
 
-from .config import describe_bounds, yaml_name
+from .schema import describe_bounds, yaml_name
 
 
 def type_name(tp: Any) -> str:

@@ -67,29 +67,11 @@ def without_added_defaults(config: dict) -> dict:
 
 
 def splits_read(kind: str, config) -> tuple[str, ...]:
-    """The data splits a stage of `kind` reads; its fingerprint hashes these files and no others."""
-    if kind in ("prune", "export"):
-        return ()
-    if kind in ("finetune", "distill"):  # train + validation (early stopping, the teacher check)
-        found = {"train", "validation"}
-        denoising = getattr(config, "denoising", None)
-        if denoising is not None and denoising.file is None:
-            found |= set(denoising.splits)
-        return tuple(s for s in SPLITS if s in found)
-    if kind == "pseudo_targets":
-        found = set(config.inputs)
-        if config.teacher_api is not None and config.teacher_api.shots:  # k-shot examples come from train
-            found.add("train")
-        return tuple(s for s in SPLITS if s in found)
-    if kind == "evaluate":
-        return tuple(s for s in SPLITS if s == config.split or (config.baselines and s == "train"))
-    if kind == "select":
-        return ("validation",)
-    if kind == "augment":
-        return (config.split,)
-    if kind == "cache_logits":
-        return ("train",)
-    return SPLITS  # a kind this list does not know reads everything
+    """The data splits a stage reads, as its config declares them (`splits_read` beside each stage kind's config
+    in nlgkd/config.py), in SPLITS order; its fingerprint hashes these files and no others."""
+    declared = getattr(config, "splits_read", None)
+    found = declared() if declared is not None else set(SPLITS)  # a kind that declares none reads everything
+    return tuple(s for s in SPLITS if s in found)
 
 
 def file_checksums(folder: Path, only=None) -> dict[str, dict]:

@@ -24,7 +24,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .config import (SPLITS, STAGE_CONFIGS, DataConfig, DataSource, DecodingConfig, ModelConfig, Recipe,
-                     RecipeError, Stage, check_bounds, yaml_name)
+                     RecipeError, Stage)
+from .schema import check_bounds, yaml_name
 from .field_help import TOP_LEVEL_FIELDS, type_name
 
 

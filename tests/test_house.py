@@ -84,6 +84,27 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
+# command-level modules: what the CLI runs (a stage reaches none of them; what they share sits below the stages)
+COMMAND_MODULES = {"nlgkd.cli", "nlgkd.runner", "nlgkd.parallel", "nlgkd.serve", "nlgkd.report", "nlgkd.reference"}
+
+
+def test_stages_reach_the_run_through_their_context_only():
+    """No stage module imports a command module or touches the runner behind its StageContext."""
+    graph = import_graph()
+    stages = {name for name in graph if name.startswith("nlgkd.stages.")}
+    assert "nlgkd.stages.distill" in stages
+    reaching_up = {name: sorted(graph[name] & COMMAND_MODULES) for name in stages if graph[name] & COMMAND_MODULES}
+    assert not reaching_up, f"stage modules importing command modules: {reaching_up}"
+    touching = [str(p.relative_to(PACKAGE)) for p in (PACKAGE / "stages").glob("*.py") if ".runner" in p.read_text()]
+    assert not touching, f"stage modules that reach the runner: {touching}"
+
+
+def test_every_stage_kind_declares_the_splits_it_reads():
+    from nlgkd.config import STAGE_CONFIGS
+
+    assert not [kind for kind, cls in STAGE_CONFIGS.items() if "splits_read" not in vars(cls)]
+
+
 def test_no_module_over_700_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
