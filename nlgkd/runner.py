@@ -8,8 +8,6 @@ config are unchanged is skipped.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -23,6 +21,7 @@ from .fingerprints import (ADDED_FIELDS_AT_DEFAULT, BEHAVIOUR, behaviour_version
                            short_hash, splits_read, without_added_defaults)
 from .config import ModelConfig, Recipe, RecipeError, Stage
 from .recipe import flatten, input_name, references, to_dict
+from .run_lock import hold_run_dir
 from .stage_context import StageContext, StageError
 
 PLAN_FILE = "plan.json"  # the stages' fingerprints under the recipe of the last run (record_plan)
@@ -345,45 +344,9 @@ class Runner:
                 return True
         return False
 
-    @contextlib.contextmanager
     def locked(self):
-        """Hold the run directory for this run: a second `nlgkd run` on it is refused at once, naming the process
-        that holds it. The lock is an flock on runs/<recipe>/.lock, so the system drops it when its process
-        ends, killed or not. The processes of one run do not lock against each other: only the main process of
-        a torchrun/accelerate launch takes it, and `--jobs` children inherit their parent's (NLGKD_LOCK_OWNER)."""
-        owner = os.environ.get("NLGKD_LOCK_OWNER")
-        if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0 or owner == str(os.getppid()):
-            yield
-            return
-        if owner is not None:  # started by `--jobs`, whose process has died: its lock went with it
-            raise StageError(f"the `nlgkd run --jobs` that started this stage (process {owner}) is gone, and with it "
-                             "the run directory's lock; this stage stops (run the recipe again to finish it)")
-        self.check_writable()
-        path = self.run_dir / ".lock"
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            try:
-                holder = json.loads(handle.read() or "{}")
-            except json.JSONDecodeError:
-                holder = {}
-            handle.close()
-            raise StageError(
-                f"{self.run_dir} is in use by process {holder.get('pid', '?')} "
-                f"(`{holder.get('command', 'nlgkd run')}`, started {holder.get('started', '?')}); wait for it to end, "
-                "stop it, or give this run another --runs-dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "command": self.command,
-                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+        """Hold the run directory for this run (nlgkd/run_lock.py): a second `nlgkd run` on it is refused."""
+        return hold_run_dir(self.run_dir, self.command, self.check_writable)
 
     def run(self, only: str | None = None, start_from: str | None = None, force: bool = False,
             variant: str | None = None) -> dict[str, str]:
