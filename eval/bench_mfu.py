@@ -4,7 +4,7 @@
     python eval/bench_mfu.py                                # --size small on the CPU (minutes on 2 cores)
 
 The step is the one every distill stage runs: `nlgkd.loop.train_step` (autocast, backward, clipping, the
-update and its host syncs) with the loss of `nlgkd.stages.distill.make_loss` (logits KD, forward KL) and
+update and its host syncs) with the loss of `nlgkd.stages.distill_loss.make_loss` (logits KD, forward KL) and
 the optimizer of `nlgkd.loop.make_optimizer`; `--compile` variants wrap the loss with `nlgkd.loop.maybe_compiled`
 exactly as `compile: true` does. Fresh models from configs, random tokens (no download): the student is the
 teacher with its decoder cut to 2 layers (`large`: 12+12 -> 12+2, d_model 1024, vocabulary 50,265, batch 32,
@@ -29,7 +29,7 @@ import transformers
 from nlgkd.config import DistillConfig
 from nlgkd.loop import make_optimizer, maybe_compiled, resolve_precision, train_step
 from nlgkd.runner import make_accelerator
-from nlgkd.stages.distill import StudentWithProjections, make_loss
+from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
 
 SIZES = {
     "large": dict(d_model=1024, heads=16, ffn=4096, vocab=50265, encoder_layers=12, teacher_decoder=12,

@@ -93,7 +93,7 @@ def test_cache_with_another_tokenizer_is_refused(trained):
 def test_distill_chooses_from_a_cache_as_its_gold_and_pt_schedule_say():
     from types import SimpleNamespace
 
-    from nlgkd.stages.distill import cached_training_data
+    from nlgkd.stages.distill_data import cached_training_data
 
     rows = [{"kind": "gold", "input": f"train/{i}", "cache_index": i} for i in range(2)]
     rows += [{"kind": "pt", "input": f"pts/train/{i}", "cache_index": 2 + 2 * i + k, "k": k} for i in range(2)

@@ -143,7 +143,7 @@ def test_each_objective_is_its_formula_with_the_stages_temperature_and_alpha(tra
     """The distill stage's loss equals the textbook formula written out here, so a swapped alpha or an
     ignored temperature fails."""
     from nlgkd.config import DistillConfig
-    from nlgkd.stages.distill import StudentWithProjections, make_loss
+    from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
 
     recipe, root = trained
     student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
@@ -177,7 +177,7 @@ def test_on_a_student_prefix_the_loss_is_the_kd_term_alone(trained):
     """Joint-Teaching's student steps train on the student's own samples: no gold cross-entropy on them and no
     alpha mixing, only the teacher's word-level distribution (forward KL at the stage's temperature)."""
     from nlgkd.config import DistillConfig, JointTeachingConfig
-    from nlgkd.stages.distill import StudentWithProjections, make_loss
+    from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
 
     recipe, root = trained
     student, tokenizer = load_pretrained(str(root / "tiny" / "student"))

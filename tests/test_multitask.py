@@ -15,7 +15,7 @@ from nlgkd.models import build_fresh, forward_on_targets
 from nlgkd.config import DataConfig, ModelConfig, RecipeError, TaskData
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner
-from nlgkd.stages.distill import StudentWithProjections, make_loss_by_task
+from nlgkd.stages.distill_loss import StudentWithProjections, make_loss_by_task
 
 from conftest import TINY_RECIPE
 
