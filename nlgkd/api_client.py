@@ -469,6 +469,22 @@ class Sender:
                 self.warn(f"request failed after {result.attempts} attempt(s): {result.error}")
             self.on_done()
 
+    def status_cause(self, err) -> tuple[str | None, str]:
+        """(retry cause, message) of an HTTP error answer; cause None: not worth sending again. A refused key or
+        an unknown model or address will never work: FatalApiError stops the stage."""
+        api, status = self.api, err.status_code
+        error = f"HTTP {status}: {self.clean(str(err.message))}"
+        if status in (401, 403):
+            where = f"${api.api_key_env}" if api.api_key_env else "no key (api_key_env: null)"
+            raise FatalApiError(f"the endpoint refused the key ({status}); check teacher_api.api_key_env "
+                                f"(the key is read from {where})") from None
+        if status == 404:
+            raise FatalApiError(f"the endpoint answered 404: check teacher_api.model ({api.model!r}) and "
+                                f"teacher_api.base_url ({api.base_url!r}): {error}") from None
+        if status == 429:
+            return "rate_limited", error
+        return ("server_error" if status >= 500 or status in (408, 409) else None), error
+
     async def send(self, client, request: ApiRequest) -> tuple[str, Answer] | Failure:
         """(raw answer, parsed answer) or a Failure once the retries are spent; FatalApiError to stop."""
         import openai
@@ -501,20 +517,8 @@ class Sender:
             except openai.APIConnectionError as err:
                 cause, error = "connection", f"connection failed ({type(err.__cause__ or err).__name__})"
             except openai.APIStatusError as err:
-                status = err.status_code
-                error = f"HTTP {status}: {self.clean(str(err.message))}"
-                if status in (401, 403):
-                    where = f"${api.api_key_env}" if api.api_key_env else "no key (api_key_env: null)"
-                    raise FatalApiError(f"the endpoint refused the key ({status}); check teacher_api.api_key_env "
-                                        f"(the key is read from {where})") from None
-                if status == 404:
-                    raise FatalApiError(f"the endpoint answered 404: check teacher_api.model ({api.model!r}) and "
-                                        f"teacher_api.base_url ({api.base_url!r}): {error}") from None
-                if status == 429:
-                    cause = "rate_limited"
-                elif status >= 500 or status in (408, 409):
-                    cause = "server_error"
-                else:  # 400, 413, 422...: this request is wrong; sending it again will not help
+                cause, error = self.status_cause(err)
+                if cause is None:  # 400, 413, 422...: this request is wrong; sending it again will not help
                     return Failure(self.clean(error), attempt + 1)
                 wait = retry_after_seconds(err.response.headers if err.response is not None else None)
             except (openai.OpenAIError, ValueError) as err:  # e.g. a body the client could not read

@@ -203,6 +203,8 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments in one declarative place, in the order `nlgkd -h` lists them (long for that
+    reason: one block per command, no logic)."""
     parser = argparse.ArgumentParser(prog="nlgkd", description="Knowledge distillation of text generators.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the library messages nlgkd hides as harmless (nlgkd/quiet.py)")

@@ -108,18 +108,8 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
         except Exception as err:  # the converter's own errors (an unsupported activation, layout...)
             raise ExportError(f"{model_dir}: CTranslate2 could not convert this {family} model: {err}") from None
     encoder_decoder = bool(config.get("is_encoder_decoder"))
-    if encoder_decoder:  # the model's own start token (see the module docstring)
-        ct2_config = json.loads((folder / "config.json").read_text())
-        start = config.get("decoder_start_token_id")
-        if start is None:  # transformers 5 keeps it in generation_config.json for some families (T5)
-            start = getattr(model.generation_config, "decoder_start_token_id", None)
-        if start is None:
-            raise ExportError(f"{model_dir}: neither config.json nor generation_config.json says "
-                              "decoder_start_token_id; set it in config.json (the token the decoder starts from)")
-        ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(start)
-        if ct2_config.get("bos_token") is None:  # mBART-50's tokenizer has none; the engine wants a token string
-            ct2_config["bos_token"] = tokenizer.cls_token or tokenizer.eos_token
-        (folder / "config.json").write_text(json.dumps(ct2_config, indent=2))
+    if encoder_decoder:
+        give_start_tokens(folder, model_dir, config, model, tokenizer)
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder / TOKENIZER_DIR))
     try:
         engine_version = version("ctranslate2")
@@ -133,3 +123,19 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
                 "weights_mb": (folder / "model.bin").stat().st_size / 2**20, "ctranslate2": engine_version}
     (folder / EXPORT_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def give_start_tokens(folder: Path, model_dir: Path, config: dict, model, tokenizer) -> None:
+    """The exported config.json gets the model's own decoder start token (the converter expects mBART-25's
+    language codes; see the module docstring) and a BOS token string where the tokenizer has none (mBART-50)."""
+    ct2_config = json.loads((folder / "config.json").read_text())
+    start = config.get("decoder_start_token_id")
+    if start is None:  # transformers 5 keeps it in generation_config.json for some families (T5)
+        start = getattr(model.generation_config, "decoder_start_token_id", None)
+    if start is None:
+        raise ExportError(f"{model_dir}: neither config.json nor generation_config.json says "
+                          "decoder_start_token_id; set it in config.json (the token the decoder starts from)")
+    ct2_config["decoder_start_token"] = tokenizer.convert_ids_to_tokens(start)
+    if ct2_config.get("bos_token") is None:  # the engine wants a token string
+        ct2_config["bos_token"] = tokenizer.cls_token or tokenizer.eos_token
+    (folder / "config.json").write_text(json.dumps(ct2_config, indent=2))

@@ -249,6 +249,7 @@ def kd_loss(
     chunk_size: int | None = None,
 ) -> Tensor:
     """Word-level knowledge distillation on logits (Hinton et al. 2015; Kim & Rush 2016, word-level KD).
+    (Long for its docstring, the formula of every option; the code is one chunked pass over the tokens.)
 
     Args:
         student_logits: ``[B, T, V]``, any float dtype; the only tensor that receives gradients.
@@ -323,6 +324,7 @@ def sparse_kd_loss(
     chunk_size: int | None = None,
 ) -> Tensor:
     """Word-level KD from a teacher's top-k log-probabilities (cached logits or an API teacher).
+    (Long for its docstring, the tail options' formulas; the code is one chunked pass over the tokens.)
 
     Args:
         student_logits: ``[B, T, V]``.

@@ -187,25 +187,7 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
     "student_params", "compression": teacher_params / student_params}.
     """
     model_type, family = get_family(model)
-    if family.encoder_path is None and encoder_layers is not None:
-        raise ValueError(
-            f"{model_type} has no encoder; use decoder_layers to choose which layers to keep "
-            "(and leave encoder_layers unset)."
-        )
-
-    if getattr(model.config, "is_heterogeneous", False):
-        raise ValueError(
-            f"cannot prune this {model_type} model: its config has per-layer overrides "
-            "(per_layer_config), which pruning does not re-index. Start the student from a fresh config."
-        )
-
-    if model_type == "gpt2" and model.config.scale_attn_by_inverse_layer_idx:
-        raise ValueError(
-            "cannot prune this gpt2 model: scale_attn_by_inverse_layer_idx=True scales each layer's "
-            "attention by 1/(layer index + 1), so a kept layer would compute differently at its new "
-            "index. Start the student from a fresh config instead."
-        )
-
+    check_prunable(model, model_type, family, encoder_layers)
     # Resolve both specs first, so a bad index fails before anything is copied.
     sides = {"encoder_layers": (encoder_layers, family.encoder_path, family.encoder_field),
              "decoder_layers": (decoder_layers, family.decoder_path, family.decoder_field)}
@@ -230,19 +212,7 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
         setattr(student.config, field, len(layers))
 
     if family is _T5_LIKE:
-        # Each T5 stack holds its own copy of the config; its `num_layers` is that stack's depth.
-        student.encoder.config.num_layers = len(kept["encoder_layers"])
-        student.decoder.config.num_layers = len(kept["decoder_layers"])
-        if len(kept["encoder_layers"]) < len(kept["decoder_layers"]):
-            warnings.warn(
-                f"this {model_type} student has fewer encoder ({len(kept['encoder_layers'])}) than decoder "
-                f"({len(kept['decoder_layers'])}) layers. transformers (seen in 5.23 and 5.24) sizes the KV "
-                "cache of generate() from T5's `num_layers` (the encoder depth), so generate(use_cache=True) "
-                "raises IndexError, even for a fresh model of this shape; pass cache=EncoderDecoderCache("
-                "DynamicCache(), DynamicCache()) to generate() (past_key_values= before transformers 5.24), "
-                "or use_cache=False. nlgkd's own generation does this for you.",
-                stacklevel=2,
-            )
+        set_t5_stack_depths(student, kept, model_type)
 
     teacher_params, student_params = count_parameters(model), count_parameters(student)
     info = {
@@ -254,6 +224,45 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
         "compression": teacher_params / student_params,
     }
     return student, info
+
+
+def check_prunable(model: PreTrainedModel, model_type: str, family, encoder_layers) -> None:
+    """Refuse, before anything is copied, a model whose kept layers would compute differently at their new
+    indices, and an encoder spec for a model without an encoder."""
+    if family.encoder_path is None and encoder_layers is not None:
+        raise ValueError(
+            f"{model_type} has no encoder; use decoder_layers to choose which layers to keep "
+            "(and leave encoder_layers unset)."
+        )
+
+    if getattr(model.config, "is_heterogeneous", False):
+        raise ValueError(
+            f"cannot prune this {model_type} model: its config has per-layer overrides "
+            "(per_layer_config), which pruning does not re-index. Start the student from a fresh config."
+        )
+
+    if model_type == "gpt2" and model.config.scale_attn_by_inverse_layer_idx:
+        raise ValueError(
+            "cannot prune this gpt2 model: scale_attn_by_inverse_layer_idx=True scales each layer's "
+            "attention by 1/(layer index + 1), so a kept layer would compute differently at its new "
+            "index. Start the student from a fresh config instead."
+        )
+
+
+def set_t5_stack_depths(student, kept: dict, model_type: str) -> None:
+    """Each T5 stack holds its own copy of the config; its `num_layers` is that stack's depth."""
+    student.encoder.config.num_layers = len(kept["encoder_layers"])
+    student.decoder.config.num_layers = len(kept["decoder_layers"])
+    if len(kept["encoder_layers"]) < len(kept["decoder_layers"]):
+        warnings.warn(
+            f"this {model_type} student has fewer encoder ({len(kept['encoder_layers'])}) than decoder "
+            f"({len(kept['decoder_layers'])}) layers. transformers (seen in 5.23 and 5.24) sizes the KV "
+            "cache of generate() from T5's `num_layers` (the encoder depth), so generate(use_cache=True) "
+            "raises IndexError, even for a fresh model of this shape; pass cache=EncoderDecoderCache("
+            "DynamicCache(), DynamicCache()) to generate() (past_key_values= before transformers 5.24), "
+            "or use_cache=False. nlgkd's own generation does this for you.",
+            stacklevel=3,  # the caller of prune_model
+        )
 
 
 def _get_path(module: torch.nn.Module, path: str):

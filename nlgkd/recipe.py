@@ -30,6 +30,9 @@ from .field_help import TOP_LEVEL_FIELDS, type_name
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
+    """`value` as the schema type `tp`, or a RecipeError naming `path`. One case per type form (Any, a union,
+    Literal, list, dict, a nested dataclass, bool, int, float, str), kept in one function so every rule a recipe
+    value meets reads in one place."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value

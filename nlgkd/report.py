@@ -609,7 +609,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
         plot_ablation(report, varied, rows, out / name)
         pngs[name] = varied
 
-    # the same blocks become Markdown and HTML: ("h1"|"h2"|"p", text), ("table", (header, body)), ("img", file)
+    write_blocks(report_blocks(report), out, report.run_dir.name)
+    return [out / "report.md", out / "report.html", *[out / p for p in pngs]]
+
+
+def report_blocks(report: Report) -> list[tuple[str, Any]]:
+    """The report's content in order: ("h1"|"h2"|"p", text), ("table", (header, body)), ("img", file); the same
+    blocks become report.md and report.html (`write_blocks`)."""
     blocks: list[tuple[str, Any]] = [
         ("h1", f"Report: {report.run_dir.name}"),
         *([("p", text)] if (text := summary(report)) else []),
@@ -643,6 +649,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
     blocks += [("h2", "Stages"), ("p", "Wall and CPU seconds as recorded in each stage.json (CPU: the main "
                                       "process, all its threads)."), ("table", stages_table(report))]
 
+    return blocks
+
+
+def write_blocks(blocks: list[tuple[str, Any]], out: Path, title: str) -> None:
+    """report.md and a self-contained report.html (its plots inlined) from the same blocks."""
     md, body = [], []
     for kind, content in blocks:
         if kind in ("h1", "h2"):
@@ -659,7 +670,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher
             data = base64.b64encode((out / content).read_bytes()).decode()
             body.append(f'<p><img alt="{html.escape(content)}" src="data:image/png;base64,{data}"></p>')
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {html.escape(report.run_dir.name)}"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {html.escape(title)}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     (out / "report.html").write_text(page, encoding="utf-8")
-    return [out / "report.md", out / "report.html", *[out / p for p in pngs]]
