@@ -207,20 +207,49 @@ def run(ctx) -> None:
     cfg = teacher_args(ctx, ctx.config)
     acc = ctx.accelerator
     student, tokenizer = ctx.load_model(cfg.student)
-    tasks = list(ctx.recipe.data.tasks)
     if cfg.teachers_by_task:
-        check_teachers_by_task(cfg, tasks)
+        check_teachers_by_task(cfg, list(ctx.recipe.data.tasks))
     names = teacher_names(cfg)
     loaded = [ctx.load_model(name) for name in names]
     teachers = [m for m, _ in loaded]
     check_distill_setup(cfg, student, teachers, tokenizer, [t for _, t in loaded], names)
-    causal = is_causal(student)
+    prepare_teachers(cfg, student, teachers, names, acc.device)
+    module = with_projections(cfg, student, teachers)
 
-    dtype = resolve_teacher_dtype(cfg.teacher_dtype, acc.device)
+    encoded = encode_splits(ctx, tokenizer)
+    if len(teachers) == 1 and not cfg.cross_tokenizer:  # an ensemble or another tokenizer's teacher decodes otherwise
+        check_teacher_lead(ctx, cfg, teachers[0], names[0], tokenizer, encoded)
+    data_for_epoch, collate_fn, compute_loss = data_and_loss(ctx, cfg, student, tokenizer, loaded, names, encoded)
+    prepare, student_steps = None, []
+    seed = cfg.seed if cfg.seed is not None else ctx.seed  # a seed variant also samples other prefixes
+    if cfg.joint_teaching is not None:
+        prepare, student_steps = make_joint_teaching(cfg, tokenizer, seed, acc, is_causal(student))
+    result = train(model=module, train_data=data_for_epoch, prepare_window=prepare, collate_fn=collate_fn,
+                   compute_loss=compute_loss, evaluate=make_validator(student, tokenizer, encoded, ctx, cfg), args=cfg,
+                   accelerator=acc, out_dir=ctx.out_dir, seed=seed, log=ctx.log)
+    ctx.info["train"] = asdict(result)
+    record_convergence(ctx, result, cfg)
+    ctx.info["teachers"] = names
+    record_teacher_check(ctx, student, tokenizer, encoded, result.best, cfg)  # when it teaches later stages
+    if cfg.joint_teaching is not None:
+        per_process = list(gather_objects(acc, student_steps))
+        ctx.info["joint_teaching"] = {
+            "student_steps": len(student_steps),
+            "share": len(student_steps) / max(1, result.steps - (result.resumed_from or 0)),
+            "processes_agree": all(steps == per_process[0] for steps in per_process),
+            "student_step_list": student_steps,
+        }
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(module).student, tokenizer, ctx.out_dir)
+
+
+def prepare_teachers(cfg, student, teachers: list, names: list[str], device: torch.device) -> None:
+    """The teachers on the device in teacher_dtype, frozen; in train mode with noise_dropout for noisy KD (Sun
+    et al.'s "noisy teacher" keeps its dropout on); eager attention where TinyBERT reads the probabilities."""
+    dtype = resolve_teacher_dtype(cfg.teacher_dtype, device)
     for name, teacher in zip(names, teachers):
-        teacher.to(acc.device, dtype=dtype)
+        teacher.to(device, dtype=dtype)
         teacher.requires_grad_(False)
-        # noisy KD (Sun et al.'s "noisy teacher"): the teacher keeps its dropout on
         teacher.train(cfg.objective == "noisy_kd")
         if cfg.objective == "noisy_kd":
             set_teacher_noise(teacher, cfg.noise_dropout, f"teacher {name!r}")
@@ -228,17 +257,24 @@ def run(ctx) -> None:
         for model in [student, *teachers]:
             model.set_attn_implementation("eager")  # attention probabilities are only returned by eager
 
+
+def with_projections(cfg, student, teachers: list) -> StudentWithProjections:
+    """The trained module: the student, plus TinyBERT's learned width projections for each mapped layer."""
     projections = {}
     if cfg.hidden and cfg.hidden.loss in HIDDEN_PROJECTED:
         for side in cfg.hidden.sides:
             for s_layer, t_layer in layer_pairs(cfg.hidden.layer_map, num_layers(student, side),
                                                 num_layers(teachers[0], side)):
                 projections[f"{side}_{s_layer}"] = nn.Linear(width(student), width(teachers[0]))
-    module = StudentWithProjections(student, projections)
+    return StudentWithProjections(student, projections)
 
-    encoded = encode_splits(ctx, tokenizer)
-    if len(teachers) == 1 and not cfg.cross_tokenizer:  # an ensemble or another tokenizer's teacher decodes otherwise
-        check_teacher_lead(ctx, cfg, teachers[0], names[0], tokenizer, encoded)
+
+def data_and_loss(ctx, cfg, student, tokenizer, loaded: list, names: list[str], encoded: dict):
+    """(epoch -> examples, collate_fn, compute_loss): from a top-k cache, denoising pairs, or the gold targets
+    and pseudo-targets; the loss of one teacher, an ensemble, per-task teachers or another tokenizer's teacher."""
+    tasks = list(ctx.recipe.data.tasks)
+    teachers = [m for m, _ in loaded]
+    causal = is_causal(student)
     collate_fn = make_collator(student, tokenizer, tasks=tuple(tasks) if cfg.teachers_by_task else ())
     if cfg.cached_teacher is not None:
         from ..logit_cache import LogitCache
@@ -262,37 +298,4 @@ def run(ctx) -> None:
         collate_fn = with_texts(collate_fn)
     else:
         compute_loss = make_loss(cfg, teachers, causal, vocab_width=len(tokenizer))
-    prepare, student_steps = None, []
-    if cfg.joint_teaching is not None:
-        # the stage's seed (a seed variant samples other prefixes), as the loop's batches use
-        seed = cfg.seed if cfg.seed is not None else ctx.seed
-        prepare, student_steps = make_joint_teaching(cfg, tokenizer, seed, acc, causal)
-    result = train(
-        model=module,
-        train_data=data_for_epoch,
-        prepare_window=prepare,
-        collate_fn=collate_fn,
-        compute_loss=compute_loss,
-        evaluate=make_validator(student, tokenizer, encoded, ctx, cfg),
-        args=cfg,
-        accelerator=acc,
-        out_dir=ctx.out_dir,
-        seed=cfg.seed if cfg.seed is not None else ctx.seed,
-        log=ctx.log,
-    )
-    ctx.info["train"] = asdict(result)
-    record_convergence(ctx, result, cfg)
-    ctx.info["teachers"] = names
-    record_teacher_check(ctx, student, tokenizer, encoded, result.best, cfg)  # when it teaches later stages
-    if cfg.joint_teaching is not None:
-        per_process = list(gather_objects(acc, student_steps))
-        ctx.info["joint_teaching"] = {
-            "student_steps": len(student_steps),
-            "share": len(student_steps) / max(1, result.steps - (result.resumed_from or 0)),
-            "processes_agree": all(steps == per_process[0] for steps in per_process),
-            "student_step_list": student_steps,
-        }
-    if acc.is_main_process:
-        save_model(acc.unwrap_model(module).student, tokenizer, ctx.out_dir)
-
-
+    return data_for_epoch, collate_fn, compute_loss
