@@ -117,20 +117,16 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
     """compute_loss(model, batch, normalizer) -> (loss, logs) for the loop. `soft_targets(batch)`, when
     given, adds teacher_topk_ids / teacher_topk_logprobs to each batch (cross_tokenizer), like a cache.
     `vocab_width`: the shared tokenizer's size; wider logits are cut to it (`in_vocabulary`)."""
-    want_hidden = cfg.hidden is not None
-    want_attn_probs = cfg.attention is not None and cfg.attention.loss == "tinybert"
+    kwargs = {}
+    if cfg.hidden is not None:
+        kwargs["output_hidden_states"] = True
+    if cfg.attention is not None and cfg.attention.loss == "tinybert":
+        kwargs["output_attentions"] = True
     minilm = cfg.attention is not None and cfg.attention.loss == "minilm"
 
     def compute_loss(model, batch, normalizer):
         if soft_targets is not None:
             batch = {**batch, **soft_targets(batch)}
-        mask = batch["labels"] != -100
-        local_tokens = mask.sum()
-        kwargs = {}
-        if want_hidden:
-            kwargs["output_hidden_states"] = True
-        if want_attn_probs:
-            kwargs["output_attentions"] = True
         unwrapped = getattr(model, "module", model)
         with ExitStack() as hooks:
             s_cap = t_caps = None
@@ -149,45 +145,10 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
                     logits, out = forward_on_targets(teacher, batch, **kwargs)
                     t_logits.append(in_vocabulary(logits, vocab_width))
                     t_outs.append(out)
-
-            logs = {}
-            on_student_prefix = bool(batch.get("student_prefix", False))
-            ce = None
-            if not on_student_prefix:  # gold cross-entropy; meaningless on the student's own samples
-                ce = cross_entropy_loss(s_logits, batch["labels"], num_tokens=normalizer,
-                                        label_smoothing=cfg.label_smoothing)
-                logs["ce"] = ce.detach()
-            if "teacher_topk_ids" in batch:
-                # KD from a top-k cache: no teacher forward at all
-                word = sparse_kd_loss(s_logits, batch["teacher_topk_logprobs"], batch["teacher_topk_ids"], mask,
-                                      temperature=cfg.temperature, tail=cfg.cache_tail, num_tokens=normalizer,
-                                      chunk_size=cfg.kd_chunk_size)
-                logs[cfg.objective] = word.detach()
-                loss = (1 - cfg.alpha) * word + cfg.alpha * ce
-                agree = (s_logits.argmax(-1) == batch["teacher_topk_ids"][..., 0]) & mask
-                logs["agreement"] = agree.sum() / normalizer
-            elif on_student_prefix:
-                # Joint-Teaching: the targets are the student's own samples, so gold cross-entropy on them
-                # means nothing; the teacher's word-level distribution is the only signal
-                word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
-                loss = word
-                logs["kd_student_prefix"] = word.detach()
-                with torch.no_grad():
-                    logs["teacher_nll_student_pt"] = cross_entropy_loss(t_logits[0], batch["labels"],
-                                                                         num_tokens=normalizer)
-            elif OBJECTIVES[cfg.objective] is None:
-                loss = ce
-            else:
-                word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
-                logs[cfg.objective] = word.detach()
-                if cfg.joint_teaching is not None:
-                    logs["kd_teacher_prefix"] = word.detach()
-                loss = (1 - cfg.alpha) * word + cfg.alpha * ce
-                agree = (s_logits.argmax(-1) == t_logits[0].argmax(-1)) & mask
-                logs["agreement"] = agree.sum() / normalizer
+            loss, logs = word_level_terms(cfg, batch, s_logits, t_logits, normalizer)
             # mean-per-position terms are weighted by this batch's share of the window's tokens
-            share = local_tokens / normalizer
-            if want_hidden:
+            share = (batch["labels"] != -100).sum() / normalizer
+            if cfg.hidden is not None:
                 term = hidden_term(cfg.hidden, unwrapped, s_out, t_outs[0], batch, causal)
                 logs["hidden"] = term.detach()
                 loss = loss + cfg.hidden.weight * share * term
@@ -200,6 +161,44 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
         return loss, {k: float(v) for k, v in logs.items()}
 
     return compute_loss
+
+
+def word_level_terms(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor], normalizer) -> tuple[Tensor, dict]:
+    """(loss, logs) of the word-level part: gold cross-entropy mixed by `alpha` with the objective (from the
+    teachers' logits, or a top-k cache in the batch); on a Joint-Teaching student prefix the objective alone."""
+    mask = batch["labels"] != -100
+    logs = {}
+    on_student_prefix = bool(batch.get("student_prefix", False))
+    ce = None
+    if not on_student_prefix:  # gold cross-entropy; meaningless on the student's own samples
+        ce = cross_entropy_loss(s_logits, batch["labels"], num_tokens=normalizer, label_smoothing=cfg.label_smoothing)
+        logs["ce"] = ce.detach()
+    if "teacher_topk_ids" in batch:
+        # KD from a top-k cache: no teacher forward at all
+        word = sparse_kd_loss(s_logits, batch["teacher_topk_logprobs"], batch["teacher_topk_ids"], mask,
+                              temperature=cfg.temperature, tail=cfg.cache_tail, num_tokens=normalizer,
+                              chunk_size=cfg.kd_chunk_size)
+        logs[cfg.objective] = word.detach()
+        agree = (s_logits.argmax(-1) == batch["teacher_topk_ids"][..., 0]) & mask
+        logs["agreement"] = agree.sum() / normalizer
+        return (1 - cfg.alpha) * word + cfg.alpha * ce, logs
+    if on_student_prefix:
+        # Joint-Teaching: the targets are the student's own samples, so gold cross-entropy on them means
+        # nothing; the teacher's word-level distribution is the only signal
+        word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
+        logs["kd_student_prefix"] = word.detach()
+        with torch.no_grad():
+            logs["teacher_nll_student_pt"] = cross_entropy_loss(t_logits[0], batch["labels"], num_tokens=normalizer)
+        return word, logs
+    if OBJECTIVES[cfg.objective] is None:
+        return ce, logs
+    word = OBJECTIVES[cfg.objective](s_logits, t_logits, mask, normalizer, cfg)
+    logs[cfg.objective] = word.detach()
+    if cfg.joint_teaching is not None:
+        logs["kd_teacher_prefix"] = word.detach()
+    agree = (s_logits.argmax(-1) == t_logits[0].argmax(-1)) & mask
+    logs["agreement"] = agree.sum() / normalizer
+    return (1 - cfg.alpha) * word + cfg.alpha * ce, logs
 
 
 def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[int]], vocab_width: int | None = None):
