@@ -37,6 +37,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):  # null is "none", never "the default settings"
+            return None
         errors = []
         for member in typing.get_args(tp):
             try:

@@ -349,3 +349,16 @@ def test_bad_templates_and_numbers_are_named_when_the_recipe_is_read(tiny_recipe
         node[path[-1]] = value
         with pytest.raises(RecipeError, match=words):
             parse_recipe(recipe)
+
+
+def test_null_turns_an_optional_block_off_in_a_recipe_a_set_and_a_variant():
+    """`denoising: null` means no denoising (not a denoising block of default settings), however it is given."""
+    from nlgkd.recipe import load_recipe
+
+    template = ROOT / "recipes" / "own_data.yaml"
+    assert load_recipe(template).stage("teacher").config.denoising is not None
+    assert load_recipe(template, ["stages.teacher.denoising=null"]).stage("teacher").config.denoising is None
+    raw = yaml.safe_load(template.read_text())
+    raw["stages"] = [{**raw["stages"][0], "variants": {"mixed": {}, "gold": {"denoising": None}}}]
+    variants = parse_recipe(raw).stage("teacher").variants
+    assert variants["gold"].denoising is None and variants["mixed"].denoising is not None

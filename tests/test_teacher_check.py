@@ -246,11 +246,19 @@ def test_a_teacher_cut_short_by_its_step_cap_is_reported_as_not_converged():
     # the held-out translation teacher: 11.6 / 15.2 / 17.3 / 19.1 at steps 500-2000, then the cap
     rising = [{"step": 500 * (i + 1), "bleu": b} for i, b in enumerate([11.6, 15.2, 17.3, 19.1])]
     record, lines = recorded(rising, stopped_early=False)
-    assert record == {"converged": False, "stopped_by": "max_steps", "metric": "bleu", "last_evaluations": rising}
+    assert record == {"converged": False, "stopped_by": "max_steps", "evaluations_after_best": 0, "metric": "bleu",
+                      "last_evaluations": rising}
     assert len(lines) == 1 and "WARNING not converged" in lines[0] and "17.30 -> 19.10" in lines[0]
     assert "Raise max_steps" in lines[0] and "distill" in lines[0]
-    # stopped by patience, or past its best when the cap came: converged, and nothing to warn about
-    assert recorded(rising[:2] + [{"step": 1500, "bleu": 14.0}], stopped_early=True)[0]["converged"] is True
-    assert recorded(rising[:2] + [{"step": 1500, "bleu": 14.0}], stopped_early=False)[1] == []
+    # stopped by patience: converged, and nothing to warn about
+    dipped = rising[:2] + [{"step": 1500, "bleu": 14.0}]
+    assert recorded(dipped, stopped_early=True)[0]["converged"] is True
+    # the cap one evaluation after the best, with patience 3: patience had not run out, it may still improve
+    cut, warned = recorded(dipped, stopped_early=False)
+    assert cut["converged"] is False and cut["evaluations_after_best"] == 1 and "1 evaluation(s) after its best" in \
+        warned[0]
+    # the cap 3 evaluations after the best: as good as stopped by patience
+    flat = dipped + [{"step": 2000, "bleu": 14.5}, {"step": 2500, "bleu": 13.9}]
+    assert recorded(flat, stopped_early=False)[0]["converged"] is True and recorded(flat, False)[1] == []
     # a stage no later stage learns from is recorded, not warned about
     assert recorded(rising, stopped_early=False, users=())[1] == []

@@ -182,29 +182,33 @@ def teacher_args(ctx, args):
 
 
 def record_convergence(ctx, result, args) -> None:
-    """stage.json's `convergence`: whether validation stopped improving before training ended. When the step cap
-    ended a stage whose last evaluation was its best and its model teaches later stages, a warning says so: a
-    teacher cut short can trail the students it teaches (as one did by 0.56 BLEU on held-out data)."""
+    """stage.json's `convergence`: whether validation had stopped improving before training ended. It has when
+    patience stopped the stage, or when the step cap came `patience` (at least 1) evaluations after the best one;
+    otherwise the cap cut it short, and when its model teaches later stages a warning says so: a teacher cut
+    short can trail the students it teaches (as one did by 0.56 BLEU on held-out data)."""
     metric = args.early_stopping_metric
     evals = [h for h in result.history if metric in h]
     if not evals:
         return
-    improving = not result.stopped_early and len(evals) > 1 and result.best is not None and \
-        result.best["step"] == evals[-1]["step"]
+    best_step = result.best["step"] if result.best is not None else evals[-1]["step"]
+    since_best = sum(h["step"] > best_step for h in evals)
+    needed = args.patience or 1
+    converged = result.stopped_early or since_best >= needed
     ctx.info["convergence"] = {
-        "converged": None if len(evals) < 2 and not result.stopped_early else not improving,
+        "converged": None if len(evals) < 2 and not result.stopped_early else converged,
         "stopped_by": "patience" if result.stopped_early else "max_steps",
+        "evaluations_after_best": since_best,
         "metric": metric,
         "last_evaluations": [{"step": h["step"], metric: round(h[metric], 4)} for h in evals[-4:]],
     }
     users = ctx.teacher_users
-    if improving and users:
+    if not converged and len(evals) > 1 and users:
         trail = " -> ".join(f"{h[metric]:.2f}" for h in evals[-4:])
         steps = " / ".join(str(h["step"]) for h in evals[-4:])
-        ctx.log(f"WARNING not converged: the step cap ({result.steps} steps) ended {ctx.stage.key!r} while validation "
-                f"{metric} was still improving ({trail} at steps {steps}); a teacher cut short can trail the students "
-                f"{', '.join(users)} learn from it. Raise max_steps (or epochs): with patience set it stops on "
-                "validation by itself; then run the recipe again")
+        ctx.log(f"WARNING not converged: the step cap ({result.steps} steps) ended {ctx.stage.key!r} {since_best} "
+                f"evaluation(s) after its best, before {needed} without improvement (validation {metric} {trail} at "
+                f"steps {steps}); a teacher cut short can trail the students {', '.join(users)} learn from it. Raise "
+                "max_steps (or epochs): with patience set it stops on validation by itself; then run the recipe again")
 
 
 def check_teacher_lead(ctx, cfg, teacher, teacher_name: str, tokenizer, encoded: dict) -> None:
