@@ -41,7 +41,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
             --set stages.pts.decoding.num_return_sequences=1 --set stages.eval.timing_passes=0)
   OWN=(--set models.teacher.d_model=32 --set models.teacher.ffn_dim=64 --set models.teacher.attention_heads=2
        --set models.teacher.vocab_size=300
-       --set stages.teacher.max_steps=4 --set stages.teacher.eval_every=2 --set stages.teacher.eval_samples=4
+       --set stages.teachers.max_steps=4 --set stages.teachers.eval_every=2 --set stages.teachers.eval_samples=4
        --set stages.student_ft.max_steps=2 --set stages.student_ft.eval_every=2 --set stages.distill.max_steps=2
        --set stages.distill.eval_every=2 --set stages.best.max_examples=4 --set stages.eval.timing_passes=0
        --set stages.pts.decoding.num_beams=1)

@@ -4,9 +4,9 @@
 #   bash eval/own_data_cpu.sh DATA_DIR [RUNS_DIR [--set KEY=VALUE ...]]
 #   e.g. bash eval/own_data_cpu.sh ../shared/data/shakespeare          (extra --set lines go to every run)
 #
-# Seed 0 runs the whole template (teacher, student, student_ft, pts, distill, best, eval) in RUNS_DIR/seed0:
-# the teacher alone on the free cores, then the rest two stages at a time (--jobs 2, a thread each).
-# Seeds 1 and 2 reuse its teacher, pruned student and PTs (copied: their stages are unchanged, so nlgkd skips
+# Seed 0 runs the whole template (the two teachers and the choice between them, student, student_ft, pts,
+# distill, best, eval) in RUNS_DIR/seed0, two stages at a time (--jobs 2, a thread each).
+# Seeds 1 and 2 reuse its teachers, pruned student and PTs (copied: their stages are unchanged, so nlgkd skips
 # them) and train student_ft and the distill candidates again with their own seed, then choose and evaluate,
 # two seeds at a time with one thread each. Last, eval/own_data_seeds.py prints the per-seed table (test BLEU of
 # student_ft and of the chosen student), the mean gain, and the wall and CPU seconds of every stage.
@@ -22,20 +22,19 @@ RECIPE=recipes/own_data.yaml
 CPU=(--set "data.dir=$DATA"
      --set models.teacher.d_model=256 --set models.teacher.encoder_layers=3 --set models.teacher.decoder_layers=3
      --set models.teacher.attention_heads=4 --set models.teacher.ffn_dim=1024 --set models.teacher.vocab_size=4000
-     --set stages.teacher.batch_size=64 --set stages.teacher.eval_every=500 --set stages.teacher.eval_samples=200
+     --set stages.teachers.batch_size=64 --set stages.teachers.eval_every=500 --set stages.teachers.eval_samples=200
      --set stages.student_ft.max_steps=600 --set stages.student_ft.batch_size=64 --set stages.student_ft.eval_every=600
      --set stages.pts.decoding.batch_size=64
      --set stages.distill.max_steps=600 --set stages.distill.batch_size=64 --set stages.distill.eval_every=600
-     --set stages.best.decoding.batch_size=64 "$@")
+     --set stages.teacher.decoding.batch_size=64 "$@")   # (best and eval share that decoding block)
 
-"$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed0" --stage teacher "${CPU[@]}"   # alone, on the free cores
 "$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed0" --jobs 2 "${CPU[@]}"
 
 NAME=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$RECIPE")
 pids=()
 for seed in 1 2; do
   mkdir -p "$RUNS/seed$seed/$NAME"
-  for stage in teacher student pts; do
+  for stage in teachers@mixed teachers@gold teacher student pts; do
     [ -d "$RUNS/seed$seed/$NAME/$stage" ] || cp -r "$RUNS/seed0/$NAME/$stage" "$RUNS/seed$seed/$NAME/$stage"
   done
   OMP_NUM_THREADS=1 "$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed$seed" "${CPU[@]}" \

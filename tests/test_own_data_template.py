@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "recipes" / "own_data.yaml"
 # the template at toy sizes (the flow, not the numbers), as eval/gpu_check.sh's SMOKE mode shrinks it
 TINY = ["models.teacher.d_model=32", "models.teacher.ffn_dim=64", "models.teacher.attention_heads=2",
-        "models.teacher.vocab_size=300", "stages.teacher.max_steps=4", "stages.teacher.eval_every=2",
-        "stages.teacher.eval_samples=4", "stages.student_ft.max_steps=2", "stages.student_ft.eval_every=2",
+        "models.teacher.vocab_size=300", "stages.teachers.max_steps=4", "stages.teachers.eval_every=2",
+        "stages.teachers.eval_samples=4", "stages.student_ft.max_steps=2", "stages.student_ft.eval_every=2",
         "stages.distill.max_steps=2", "stages.distill.eval_every=2", "stages.best.max_examples=4",
         "stages.eval.timing_passes=0", "stages.pts.decoding.num_beams=1"]
 
@@ -36,11 +36,12 @@ def write_labeled_splits(folder: Path) -> None:
 
 def test_without_unlabeled_inputs_the_template_reads_the_splits_it_has():
     recipe = load_recipe(TEMPLATE, ["data.unlabeled=null"])
-    by_name = {s.name: s.config for s in recipe.instances}
-    assert by_name["teacher"].denoising.splits == ["train"] and by_name["pts"].inputs == ["train"]
+    by_key = {s.key: s.config for s in recipe.instances}
+    assert by_key["teachers@mixed"].denoising.splits == ["train"] and by_key["pts"].inputs == ["train"]
+    assert by_key["teachers@gold"].denoising is None
     assert any("stages.pts.inputs" in note and "no unlabeled inputs" in note for note in recipe.notes)
     with_them = load_recipe(TEMPLATE)
-    assert {s.name: s.config for s in with_them.instances}["pts"].inputs == ["train", "unlabeled"]
+    assert {s.key: s.config for s in with_them.instances}["pts"].inputs == ["train", "unlabeled"]
     assert not with_them.notes
 
 
@@ -73,3 +74,7 @@ def test_the_template_runs_without_unlabeled_inputs_and_logs_no_carriage_return(
     assert json.loads((run / "pts" / "stage.json").read_text())["config"]["inputs"] == ["train"]
     assert set(load_pseudo_targets(run / "pts")["origin"]) == {"train"}
     assert json.loads((run / "eval" / "stage.json").read_text())["status"] == "done"
+    # the teacher was chosen on validation between the two candidates, with or without denoising pairs
+    choice = json.loads((run / "teacher" / "stage.json").read_text())["select"]
+    assert set(choice["scores"]) == {"teachers@mixed", "teachers@gold"} and choice["split"] == "validation"
+    assert json.loads((run / "teachers@gold" / "stage.json").read_text())["config"]["denoising"] is None
