@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .config import STAGE_CONFIGS, DataConfig, ModelConfig, RecipeError
 from .field_help import TOP_LEVEL_FIELDS, config_help
@@ -131,16 +132,22 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, collect, summary, write_report
+    from .report import ReportError, collect, stale_note, summary, write_report
 
+    if str(args.run_dir).endswith((".yaml", ".yml")) and Path(args.run_dir).is_file():
+        name = load_recipe(args.run_dir).name
+        print(f"error: {args.run_dir} is a recipe; `nlgkd report` reads the folder a run wrote: "
+              f"nlgkd report runs/{name}", file=sys.stderr)
+        return 2
     try:
         paths = write_report(args.run_dir, out_dir=args.out, teacher=args.teacher, metric=args.metric)
-        text = summary(collect(args.run_dir, metric=args.metric, teacher=args.teacher))
+        report = collect(args.run_dir, metric=args.metric, teacher=args.teacher)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if text:
-        print(text)
+    for text in (summary(report), stale_note(report)):
+        if text:
+            print(text)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -264,8 +264,9 @@ class EvaluateConfig:
 
 @dataclass(kw_only=True)
 class SelectConfig:
-    """Choose on validation: every candidate decodes the same validation examples and the best becomes this
-    stage's model (the study picks each stage's setting so, never on test); stage.json keeps every score."""
+    """Choose a model on validation: the candidate that scores best becomes this stage's model.
+    Every candidate decodes the same validation examples (the study picks each stage's setting so, never on
+    test); stage.json keeps every score."""
 
     produces: ClassVar[str] = "model"
 

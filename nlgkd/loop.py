@@ -84,11 +84,12 @@ def train(*, model: torch.nn.Module, train_data, collate_fn: Callable, compute_l
     # wherever the process happens to be after loading models and data (a resumed run restores their state)
     set_seed(seed, device_specific=True)
     state, resumed_from = resume(accelerator, out_dir / "checkpoints", plan.total_steps, log)
+    stage = out_dir.name.strip(".").removesuffix(".partial")  # the stage's folder: runs/<recipe>/.<stage>.partial
     if args.report_to:
         # trackers named by the stage folder (runs/<recipe>/logs/<stage>); metrics.jsonl is always written
-        accelerator.init_trackers(out_dir.name.strip(".").removesuffix(".partial"))
-    # leave=False: when the stage ends its "finished" line replaces the bar
-    bar = progress_bar(total=plan.total_steps, initial=state["step"], desc="train",
+        accelerator.init_trackers(stage)
+    # leave=False: when the stage ends its "finished" line replaces the bar; a log line names the stage
+    bar = progress_bar(total=plan.total_steps, initial=state["step"], desc=f"{stage} train",
                        disable=not accelerator.is_main_process, leave=False)
     clock = Clock(earlier=dict(state.get("elapsed", {"wall": 0.0, "cpu": 0.0})))
     guard, running, stopped_early = NonfiniteGuard(args), RunningLogs(), False

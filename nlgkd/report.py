@@ -500,7 +500,9 @@ def quality_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header = ["model", "evaluation", *shown, "teacher", f"% teacher ({m})"]
     body = []
     for r in report.rows:
-        name = r["model"] + (" (weak teacher)" if r["weak"] else "") + (" (stale)" if r["stale"] else "")
+        chosen = (report.stages.get(r["model"], {}).get("select") or {}).get("chosen")  # a select stage's pick
+        name = r["model"] + (f" (= {chosen})" if chosen else "") + (" (weak teacher)" if r["weak"] else "") + \
+            (" (stale)" if r["stale"] else "")
         pct = fmt(r.get("pct_teacher"), 1) + ("*" if r["teacher_weak"] and r.get("pct_teacher") is not None else "")
         body.append([name, r["evaluation"], *[fmt(r.get(q)) for q in shown], r.get("teacher") or "n/a", pct])
     return header, body

@@ -446,6 +446,8 @@ class Runner:
         from .stages import DRY_RUNS
 
         for stage, action in self.plan(only, start_from, force, variant):
+            if action == "skip":
+                self.say(f"[{stage.key}] would be skipped: done earlier with the same inputs and config")
             if action != "run":
                 continue
             if stage.kind not in DRY_RUNS:

@@ -386,11 +386,14 @@ class ServedModel:
         entries = []
         if top:
             top_values, top_ids = logprobs[: len(tokens)].topk(top, dim=-1)
+        # the answer's text is stripped (`stripped`): so are the alternatives up to its first visible token
+        first_visible = next((t for t, piece in enumerate(pieces) if piece), len(pieces))
         for t, (token_id, piece) in enumerate(zip(tokens, pieces)):
             alternatives = []
             if top:
                 for value, alt in zip(top_values[t].tolist(), top_ids[t].tolist()):
                     alt_text = self.tokenizer.decode([alt])
+                    alt_text = alt_text.lstrip() if t <= first_visible else alt_text
                     alternatives.append({"token": alt_text, "logprob": value, "bytes": list(alt_text.encode())})
             entries.append({"token": piece, "logprob": logprobs[t, token_id].item(), "bytes": list(piece.encode()),
                             "top_logprobs": alternatives})

@@ -69,7 +69,7 @@ def test_the_template_runs_without_unlabeled_inputs_and_logs_no_carriage_return(
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=880)
     text = log.read_text()
     assert done.returncode == 0, done.stdout[-2000:] + text[-2000:]
-    assert "\r" not in text and "train:" in text  # the bars are there, as whole lines
+    assert "\r" not in text and "teachers@mixed train:" in text  # the bars are there, as whole lines, named
     run = tmp_path / "runs" / "own_data"
     assert json.loads((run / "pts" / "stage.json").read_text())["config"]["inputs"] == ["train"]
     assert set(load_pseudo_targets(run / "pts")["origin"]) == {"train"}

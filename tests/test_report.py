@@ -166,6 +166,10 @@ def test_report_errors(tmp_path, run_dir, capsys):
         collect(run_dir, metric="meteor")
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"  # a recipe given for its run folder
+    assert cli_main(["report", str(recipe)]) == 2
+    assert "is a recipe; `nlgkd report` reads the folder a run wrote: nlgkd report runs/demo" in \
+        capsys.readouterr().err
 
 
 def test_the_summary_says_when_cross_entropy_wins(run_dir):

@@ -254,7 +254,7 @@ def test_a_stage_reruns_only_when_what_it_reads_changes_and_says_why(tmp_path, t
     planned = capsys.readouterr().out
     assert "[eval] would run (evaluate): finished before, runs again and replaces it: decoding.batch_size 8 -> 4; " \
            "decoding.max_new_tokens 24 -> 12" in planned
-    assert "[teacher]" not in planned
+    assert "[teacher] would be skipped: done earlier with the same inputs and config" in planned
     outcome = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=runs).run()
     assert outcome == {"teacher": "skipped", "eval": "ran", "pts": "ran"}
     out = capsys.readouterr().out

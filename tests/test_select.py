@@ -56,3 +56,7 @@ def test_the_candidate_best_on_validation_becomes_the_model_and_the_test_split_i
     stages = stage_records(runner.run_dir)
     assert stage_chain("best", stages)[:2] == ["best", choice["chosen"]]
     assert is_distilled("best", stages) == (choice["chosen"] != "student")
+    from nlgkd.report import collect, quality_table
+
+    names = [row[0] for row in quality_table(collect(runner.run_dir))[1]]
+    assert f"best (= {choice['chosen']})" in names  # the table says which candidate the row is

@@ -125,8 +125,9 @@ def run(ctx) -> None:
         "truncated_sources": truncated["source"],
         **stats,
     }
-    ctx.log(f"wrote {len(rows)} pseudo-targets for {len(inputs)} inputs ({empty} empty and {duplicates} "
-            f"duplicate outputs dropped) in {stats['seconds']:.1f}s")
+    dropped = (f"{empty} empty and {duplicates} duplicate outputs dropped" if cfg.decoding.dedup else
+               f"{empty} empty outputs dropped; duplicates kept, as decoding.dedup is off")
+    ctx.log(f"wrote {len(rows)} pseudo-targets for {len(inputs)} inputs ({dropped}) in {stats['seconds']:.1f}s")
     log_examples(ctx, inputs, outputs)
 
 
