@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from nlgkd.config import DecodingConfig, ModelConfig
+from nlgkd.config import DecodingConfig, ModelConfig, RecipeError
 
 from nlgkd.recipe import parse_recipe
 from nlgkd.runner import Runner, StageError
@@ -159,10 +159,13 @@ def test_pts_need_inputs_and_known_splits(trained, tmp_path):
     recipe["stages"] = [{"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "inputs": []}]
     with pytest.raises(StageError, match=r"inputs and augmented are both empty; list splits in inputs"):
         Runner(parse_recipe(recipe), runs_root=tmp_path).run()
+    # a split the data lacks is refused when the recipe is read; unlabeled alone is optional in a list
     recipe["data"]["demo"]["unlabeled"] = 0
+    recipe["stages"][0]["inputs"] = ["unlabeled"]
+    with pytest.raises(RecipeError, match=r"stages\.pts\.inputs: 'unlabeled' is not in the data"):
+        parse_recipe(recipe)
     recipe["stages"][0]["inputs"] = ["train", "unlabeled"]
-    with pytest.raises(StageError, match=r"inputs: split 'unlabeled' is not in the data"):
-        Runner(parse_recipe(recipe), runs_root=tmp_path).run()
+    assert parse_recipe(recipe).instances[0].config.inputs == ["train"]
 
 
 # ---------------------------------------------------------------------------------------- augment

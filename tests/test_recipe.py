@@ -356,9 +356,9 @@ def test_null_turns_an_optional_block_off_in_a_recipe_a_set_and_a_variant():
     from nlgkd.recipe import load_recipe
 
     template = ROOT / "recipes" / "own_data.yaml"
-    assert load_recipe(template).stage("teacher").config.denoising is not None
-    assert load_recipe(template, ["stages.teacher.denoising=null"]).stage("teacher").config.denoising is None
+    assert load_recipe(template).stage("teachers").config.denoising is not None
+    assert load_recipe(template, ["stages.teachers.denoising=null"]).stage("teachers").config.denoising is None
     raw = yaml.safe_load(template.read_text())
     raw["stages"] = [{**raw["stages"][0], "variants": {"mixed": {}, "gold": {"denoising": None}}}]
-    variants = parse_recipe(raw).stage("teacher").variants
+    variants = parse_recipe(raw).stage("teachers").variants
     assert variants["gold"].denoising is None and variants["mixed"].denoising is not None
