@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# recipes/own_data.yaml on a CPU, exactly as its "CPU:" comments size it, with the students trained under 3 seeds.
+# recipes/own_data.yaml on a CPU, at its CPU sizes (--profile cpu), with the students trained under 3 seeds.
 #
 #   bash eval/own_data_cpu.sh DATA_DIR [RUNS_DIR [--set KEY=VALUE ...]]
 #   e.g. bash eval/own_data_cpu.sh ../shared/data/shakespeare          (extra --set lines go to every run)
@@ -18,15 +18,8 @@ shift $(( $# < 2 ? $# : 2 ))
 PY=${PYTHON:-python}
 RECIPE=recipes/own_data.yaml
 
-# the template's "CPU:" values, one --set each
-CPU=(--set "data.dir=$DATA"
-     --set models.teacher.d_model=256 --set models.teacher.encoder_layers=3 --set models.teacher.decoder_layers=3
-     --set models.teacher.attention_heads=4 --set models.teacher.ffn_dim=1024 --set models.teacher.vocab_size=4000
-     --set stages.teachers.batch_size=64 --set stages.teachers.eval_every=500 --set stages.teachers.eval_samples=200
-     --set stages.student_ft.max_steps=600 --set stages.student_ft.batch_size=64 --set stages.student_ft.eval_every=600
-     --set stages.pts.decoding.batch_size=64
-     --set stages.distill.max_steps=600 --set stages.distill.batch_size=64 --set stages.distill.eval_every=600
-     --set stages.teacher.decoding.batch_size=64 "$@")   # (best and eval share that decoding block)
+# the template's CPU sizes (its `profiles: cpu`), then any extra --set lines
+CPU=(--profile cpu --set "data.dir=$DATA" "$@")
 
 "$PY" -m nlgkd run "$RECIPE" --runs-dir "$RUNS/seed0" --jobs 2 "${CPU[@]}"
 

@@ -25,7 +25,7 @@ from .recipe import load_recipe
 def cmd_run(args) -> int:
     from .runner import Runner
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set, args.profile)
     runner = Runner(recipe, runs_root=args.runs_dir)
     runner.command = " ".join(["nlgkd", *args.argv])
     for note in recipe.notes:
@@ -64,7 +64,8 @@ def run_jobs(runner, args) -> dict[str, str]:
     runner.check_writable()
     runner.record_plan()
     plan = runner.plan(only=args.stage, start_from=args.start_from, force=args.force, variant=args.variant)
-    start = subprocess_starter(runner, args.recipe, args.runs_dir, args.set,
+    # the children get the profile's assignments as --set lines, before the user's own (recipe.assignments)
+    start = subprocess_starter(runner, args.recipe, args.runs_dir, runner.recipe.assignments,
                                force=bool(args.force or args.start_from), jobs=args.jobs)
     return run_in_parallel(runner, plan, args.jobs, start)
 
@@ -81,7 +82,7 @@ def data_files_ok(recipe) -> bool:
 
 
 def cmd_validate(args) -> int:
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set, args.profile)
     if not data_files_ok(recipe):
         return 2
     print(f"{args.recipe}: valid recipe {recipe.name!r} with {len(recipe.stages)} stage(s):")
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", help="run one variant (NAME or STAGE@NAME), what reads it and the shared stages")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe field, e.g. stages.teacher.epochs=3 (repeatable)")
+    run.add_argument("--profile", metavar="NAME", help="apply the recipe's profiles.NAME first, e.g. cpu")
     run.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                      help="run up to N independent stages at once, each in its own process (default 1); "
                           "small models leave a GPU mostly idle, so the variants of a study overlap")
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--profile", metavar="NAME", help="apply the recipe's profiles.NAME first, e.g. cpu")
     validate.set_defaults(func=cmd_validate)
 
     stages = sub.add_parser("stages", help="list the stage kinds, or the fields of one kind, of the recipe's top "

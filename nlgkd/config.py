@@ -649,6 +649,7 @@ class Recipe:
     # it, with references pinned to `name@variant` (see `expand_variants`); other stages as they are
     instances: list[Stage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # said by validate and run: what reading the recipe decided
+    assignments: list[str] = field(default_factory=list)  # a profile's and --set's, in the order applied
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -99,4 +99,7 @@ TOP_LEVEL_FIELDS = [
     ("models", "mapping of name -> model", "models the stages start from: `nlgkd stages models`"),
     ("stages", "list of stage (required)", "what runs, in order; each has name, kind and the kind's fields: "
      "`nlgkd stages KIND`"),
+    ("profiles", "mapping of name -> list of string",
+     "named sets of --set assignments, e.g. cpu: [stages.teacher.batch_size=64, ...]; `nlgkd run RECIPE --profile "
+     "cpu` applies one before any --set"),
 ]

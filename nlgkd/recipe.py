@@ -226,7 +226,7 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), profile: str | None = None) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"{path}: recipe file not found")
@@ -238,13 +238,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
-    return parse_recipe(raw, source=str(path), overrides=overrides)
+    return parse_recipe(raw, source=str(path), overrides=overrides, profile=profile)
 
 
-def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) -> Recipe:
+def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = (), profile: str | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with name, data, models and stages")
-    for assignment in overrides:
+    assignments = [*profile_assignments(raw, profile, source), *overrides]  # --set wins over the profile
+    for assignment in assignments:
         apply_override(raw, assignment)
     allowed = {name for name, _, _ in TOP_LEVEL_FIELDS}
     for key in raw:
@@ -271,7 +272,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
             raise RecipeError("stages: expected a non-empty list of stages")
         stages = [_build_stage(s, i) for i, s in enumerate(raw_stages)]
         recipe = Recipe(name=name, seed=seed, data=data, models=models, stages=stages, source=source, raw=raw,
-                        on_weak_teacher=on_weak_teacher)
+                        on_weak_teacher=on_weak_teacher, assignments=assignments)
         resolve_decoding_defaults(recipe)
         find_ce_students(recipe)
         check_references(recipe)
@@ -281,6 +282,18 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] = ()) 
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     return recipe
+
+
+def profile_assignments(raw: dict, profile: str | None, source: str) -> list[str]:
+    """The `key.path=value` assignments of the recipe's profile `profile` (`profiles:`, e.g. a `cpu` profile
+    holding a template's CPU sizes), applied before any --set; [] without a profile."""
+    profiles = _convert(dict[str, list[str]], raw.get("profiles") or {}, "profiles")
+    if profile is None:
+        return []
+    if profile not in profiles:
+        have = f"the profiles {', '.join(sorted(profiles))}" if profiles else "no profiles: section"
+        raise RecipeError(f"{source}: --profile {profile}: the recipe has {have}")
+    return list(profiles[profile])
 
 
 def resolve_decoding_defaults(recipe: Recipe) -> None:

@@ -362,3 +362,23 @@ def test_null_turns_an_optional_block_off_in_a_recipe_a_set_and_a_variant():
     raw["stages"] = [{**raw["stages"][0], "variants": {"mixed": {}, "gold": {"denoising": None}}}]
     variants = parse_recipe(raw).stage("teachers").variants
     assert variants["gold"].denoising is None and variants["mixed"].denoising is not None
+
+
+def test_a_profile_applies_its_assignments_before_any_set():
+    """`--profile cpu`: the template's CPU sizes, from its `profiles:` list; a --set still wins; the applied
+    assignments (what --jobs children get) keep that order; an unknown profile names the ones there are."""
+    from nlgkd.recipe import load_recipe
+
+    template = ROOT / "recipes" / "own_data.yaml"
+    gpu = load_recipe(template)
+    cpu = load_recipe(template, ["stages.distill.max_steps=5"], profile="cpu")
+    assert gpu.models["teacher"].d_model == 384 and cpu.models["teacher"].d_model == 256
+    assert cpu.stage("student_ft").config.max_steps == 600 and cpu.stage("distill").config.max_steps == 5
+    assert cpu.assignments[-1] == "stages.distill.max_steps=5" and "models.teacher.d_model=256" in cpu.assignments
+    # no field written twice in the profile
+    raw = yaml.safe_load(template.read_text())
+    assert len(raw["profiles"]["cpu"]) == len(set(raw["profiles"]["cpu"]))
+    with pytest.raises(RecipeError, match=r"--profile laptop: the recipe has the profiles cpu"):
+        load_recipe(template, profile="laptop")
+    with pytest.raises(RecipeError, match=r"--profile cpu: the recipe has no profiles: section"):
+        load_recipe(ROOT / "recipes" / "demo.yaml", profile="cpu")
