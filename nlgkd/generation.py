@@ -282,18 +282,10 @@ def generate_batch(model, tokenizer, source_ids: list[list[int]], decoding: Deco
     return grouped
 
 
-def generate(
-    model,
-    tokenizer,
-    source_ids: list[list[int]],
-    decoding: DecodingConfig,
-    accelerator,
-    seed: int = 0,
-    done: dict[int, list[list[str]]] | None = None,
-    on_batch: Callable[[int, list[int], list[list[str]]], None] | None = None,
-    desc: str = "generate",
-    progress: bool = True,
-) -> list[list[str]]:
+def generate(model, tokenizer, source_ids: list[list[int]], decoding: DecodingConfig, accelerator, seed: int = 0,
+             done: dict[int, list[list[str]]] | None = None,
+             on_batch: Callable[[int, list[int], list[list[str]]], None] | None = None, desc: str = "generate",
+             progress: bool = True) -> list[list[str]]:
     """Generate K outputs for every source, sharded over processes, returned in input order.
 
     done: batch index -> outputs already made (a resumed run skips them).
@@ -306,7 +298,7 @@ def generate(
     done = done or {}
     batches = length_buckets([len(s) for s in source_ids], decoding.batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    # a PyTorch model, or an inference engine's exported folder (nlgkd/export.py: EngineModel)
+    # a PyTorch model, or an inference engine's exported folder (nlgkd/engine.py: EngineModel)
     engine = not isinstance(model, torch.nn.Module)
     unwrapped = model if engine else accelerator.unwrap_model(model)
     was_training = False if engine else unwrapped.training

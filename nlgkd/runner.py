@@ -532,27 +532,44 @@ class Runner:
         return users
 
     def run_stage(self, stage: Stage) -> None:
-        import torch
-
-        from .stages import STAGES
-
+        """Run one stage in its partial folder (resuming what a killed run left there), then write its
+        stage.json and rename the folder to the stage's: a crash never leaves a half artifact that looks done."""
         acc = self.accelerator
         fingerprint = self.fingerprint(stage)
         partial = self.partial_dir(stage)
         if acc.is_main_process:
-            marker = partial / "fingerprint"
-            if partial.exists() and (not marker.exists() or marker.read_text() != fingerprint):
-                shutil.rmtree(partial)  # left by a different config: nothing to resume
-            if partial.exists():
-                acc.print(f"[{stage.key}] found an unfinished run of this stage; resuming it")
-            partial.mkdir(parents=True, exist_ok=True)
-            marker.write_text(fingerprint)
+            self.open_partial(stage, partial, fingerprint)
         acc.wait_for_everyone()
         acc.print(f"[{stage.key}] running ({stage.kind})")
         ctx = StageContext(runner=self, stage=stage, out_dir=partial, fingerprint=fingerprint)
-        started = time.time()
-        cpu_started = time.process_time()
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        clock = {"wall": time.time(), "cpu": time.process_time(),
+                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            self.call_stage(stage, ctx)
+        finally:
+            self.release_stage_state()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            record = self.finished_record(stage, fingerprint, ctx, clock)
+            self.publish(stage, partial, record)
+            acc.print(f"[{stage.key}] finished in {record['wall_seconds']:.1f}s -> {self.finished_dir(stage)}")
+        acc.wait_for_everyone()
+
+    def open_partial(self, stage: Stage, partial: Path, fingerprint: str) -> None:
+        """The stage's partial folder: kept (resumed) when a killed run of the same fingerprint left it."""
+        marker = partial / "fingerprint"
+        if partial.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+            shutil.rmtree(partial)  # left by a different config: nothing to resume
+        if partial.exists():
+            self.accelerator.print(f"[{stage.key}] found an unfinished run of this stage; resuming it")
+        partial.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+
+    @staticmethod
+    def call_stage(stage: Stage, ctx: StageContext) -> None:
+        """The stage kind's function; its errors name the stage, and a full disk says so whatever wrapped it."""
+        from .stages import STAGES
+
         try:
             STAGES[stage.kind](ctx)
         except (ValueError, KeyError) as err:  # bad input found by the stage: say where, keep what is done
@@ -565,44 +582,47 @@ class Runner:
                 raise
             raise OSError(28, f"stage {stage.key!r} ({stage.kind}): the disk is full ({str(err)[:160]}); free some "
                               "space or pass --runs-dir on another disk; finished stages are kept") from err
-        finally:
-            self.release_stage_state()
-        acc.wait_for_everyone()
+
+    def finished_record(self, stage: Stage, fingerprint: str, ctx: StageContext, clock: dict) -> dict:
+        """stage.json: what made the artifact (config, inputs, data, seed, versions), its time and its facts."""
+        import torch
+
+        acc = self.accelerator
+        parts = self.fingerprint_parts(stage)
+        # this run, plus what killed earlier runs of the stage spent up to their last checkpoint
         earlier = (ctx.info.get("train") or {}).get("earlier_seconds") or {}
-        if acc.is_main_process:
-            parts = self.fingerprint_parts(stage)
-            record = {
-                "name": stage.name,
-                "kind": stage.kind,
-                "behaviour": parts.get("behaviour", 1),
-                "status": "done",
-                "fingerprint": fingerprint,
-                "config": to_dict(stage.config),
-                "inputs": parts["inputs"],
-                "data_fingerprint": parts["data"],
-                "seed": self.recipe.seed,
-                "world_size": acc.num_processes,
-                **({"cpu_threads": torch.get_num_threads()} if acc.device.type == "cpu" else {}),
-                "started": started_at,
-                "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                # this run, plus what killed earlier runs of the stage spent up to their last checkpoint
-                "wall_seconds": round(time.time() - started + earlier.get("wall", 0.0), 2),
-                "cpu_seconds": round(time.process_time() - cpu_started + earlier.get("cpu", 0.0), 2),  # all threads
-                "wall_seconds_this_run": round(time.time() - started, 2),
-                **({"variant": stage.variant, "variant_of": stage.varied} if stage.variant else {}),
-                "versions": package_versions(),
-                **ctx.info,
-            }
-            shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-            (partial / "fingerprint").unlink(missing_ok=True)
-            record["files"] = file_checksums(partial)  # what later stages verify before they read it
-            (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
-            final = self.finished_dir(stage)
-            if final.exists():
-                trash = self.run_dir / f".{stage.key}.old"
-                shutil.rmtree(trash, ignore_errors=True)
-                final.rename(trash)
-                shutil.rmtree(trash)
-            partial.rename(final)
-            acc.print(f"[{stage.key}] finished in {record['wall_seconds']:.1f}s -> {final}")
-        acc.wait_for_everyone()
+        return {
+            "name": stage.name,
+            "kind": stage.kind,
+            "behaviour": parts.get("behaviour", 1),
+            "status": "done",
+            "fingerprint": fingerprint,
+            "config": to_dict(stage.config),
+            "inputs": parts["inputs"],
+            "data_fingerprint": parts["data"],
+            "seed": self.recipe.seed,
+            "world_size": acc.num_processes,
+            **({"cpu_threads": torch.get_num_threads()} if acc.device.type == "cpu" else {}),
+            "started": clock["started"],
+            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(time.time() - clock["wall"] + earlier.get("wall", 0.0), 2),
+            "cpu_seconds": round(time.process_time() - clock["cpu"] + earlier.get("cpu", 0.0), 2),  # all threads
+            "wall_seconds_this_run": round(time.time() - clock["wall"], 2),
+            **({"variant": stage.variant, "variant_of": stage.varied} if stage.variant else {}),
+            "versions": package_versions(),
+            **ctx.info,
+        }
+
+    def publish(self, stage: Stage, partial: Path, record: dict) -> None:
+        """Checkpoints go, stage.json with the files' checksums comes, and the folder becomes the stage's."""
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        (partial / "fingerprint").unlink(missing_ok=True)
+        record["files"] = file_checksums(partial)  # what later stages verify before they read it
+        (partial / "stage.json").write_text(json.dumps(record, indent=2, default=str))
+        final = self.finished_dir(stage)
+        if final.exists():
+            trash = self.run_dir / f".{stage.key}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
+            shutil.rmtree(trash)
+        partial.rename(final)

@@ -174,7 +174,7 @@ class ServedModel:
     def __init__(self, model, tokenizer, name: str, max_source_length: int = 512, default_max_tokens: int = 256,
                  max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20, max_batch: int = 16,
                  batch_wait_ms: float = 5.0):
-        # a PyTorch model, or an inference engine's export (nlgkd/export.py: EngineModel)
+        # a PyTorch model, or an inference engine's export (nlgkd/engine.py: EngineModel)
         self.engine = not isinstance(model, torch.nn.Module)
         self.model = model if self.engine else model.eval()
         self.tokenizer = tokenizer

@@ -140,6 +140,19 @@ def dry_run(ctx) -> None:
             f"teacher {ctx.config.teacher!r} (no API, no cost)")
 
 
+def resumed_parts(ctx, parts, batches: list[list[int]]) -> dict[int, dict]:
+    """Batch index -> what an earlier, killed run of the stage wrote for it (its parts folder), on every process."""
+    acc = ctx.accelerator
+    if acc.is_main_process:
+        parts.mkdir(exist_ok=True)
+    acc.wait_for_everyone()
+    resumed = read_parts(parts, batches)
+    acc.wait_for_everyone()  # every process has read the old parts before any new one appears
+    if resumed:
+        ctx.log(f"resuming: {len(resumed)} of {len(batches)} batches were written by an earlier run")
+    return resumed
+
+
 def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
     """K outputs and their scores per input, in input order, on every process; finished batches are read
     from and written to `ctx.out_dir / "parts"` (see the module docstring). Also returns counts for stage.json."""
@@ -148,13 +161,7 @@ def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
     max_target_length = ctx.recipe.data.max_target_length
     batches = length_buckets([len(s) for s in source_ids], decoding.batch_size)
     parts = ctx.out_dir / "parts"
-    if acc.is_main_process:
-        parts.mkdir(exist_ok=True)
-    acc.wait_for_everyone()
-    resumed = read_parts(parts, batches)
-    acc.wait_for_everyone()  # every process has read the old parts before any new one appears
-    if resumed:
-        ctx.log(f"resuming: {len(resumed)} of {len(batches)} batches were written by an earlier run")
+    resumed = resumed_parts(ctx, parts, batches)
 
     pending: dict[int, dict] = {}  # made here, not yet on disk
     made_scores: dict[int, list[list[float | None]]] = {}
@@ -190,7 +197,7 @@ def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
     scores_by_batch = {j: b["scores"] for j, b in resumed.items()}
     for part in gather_objects(acc, made_scores):
         scores_by_batch.update(part)
-    scores: list[list[float | None]] = [[] for _ in source_ids]
+    scores: list[list[float | None]] = [[] for _ in source_ids]  # in input order
     for j, indices in enumerate(batches):
         for i, s in zip(indices, scores_by_batch[j]):
             scores[i] = s

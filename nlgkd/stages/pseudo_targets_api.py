@@ -154,58 +154,8 @@ def write_outputs(ctx, inputs, per_input, answers, stats: ApiStats) -> None:
     import datasets
 
     cfg = ctx.config
-    api = cfg.teacher_api
-    unanswered = [(item, r) for item, requests in zip(inputs, per_input) for r in requests
-                  if not isinstance(answers.get(r.key), Answer)]
-    failed = [(item, r) for item, r in unanswered if isinstance(answers.get(r.key), Failure)]
-    if failed:
-        with open(ctx.out_dir / "failures.jsonl", "w", encoding="utf-8") as f:
-            for item, r in failed:
-                f.write(json.dumps({"origin": item["origin"], "input_index": item["input_index"],
-                                    "source": item["source"], "key": r.key, "error": answers[r.key].error,
-                                    "attempts": answers[r.key].attempts}, ensure_ascii=False) + "\n")
-    unsent = len(unanswered) - len(failed)
-    if stats.budget_reached and api.on_budget == "stop":
-        raise ValueError(
-            f"teacher_api budget reached (max_cost {api.max_cost}, max_total_tokens {api.max_total_tokens}): this run "
-            f"spent {stats.cost:.4f} on {stats.answered} answers, kept in {cache_path(ctx)}; {unsent} request(s) "
-            "were not sent. Raise the budget and re-run (only those are sent), or set on_budget: finish to write "
-            "the PTs paid for so far")
-    if len({r.key for _, r in failed}) > api.allow_failures:
-        raise ValueError(
-            f"{len({r.key for _, r in failed})} request(s) failed after {api.max_retries} retries (more than "
-            f"teacher_api.allow_failures = {api.allow_failures}); see {ctx.out_dir / 'failures.jsonl'}. Answers "
-            "are cached: a re-run sends only the failed requests. Raise allow_failures to finish without them")
-
-    rows, pieces_of_rows, empty, duplicates = [], [], 0, 0
-    outputs_per_input = []
-    strategy = cfg.decoding.strategy
-    for item, requests in zip(inputs, per_input):
-        texts, pieces = [], []
-        for r in requests:
-            answer = answers.get(r.key)
-            if isinstance(answer, Answer):
-                texts += answer.texts
-                pieces += answer.pieces
-        outputs_per_input.append([t.strip() for t in texts])
-        seen, kept = set(), 0
-        for text, text_pieces in zip(texts, pieces):
-            pt = text.strip()
-            if not pt:
-                empty += 1
-                continue
-            if cfg.decoding.dedup and pt in seen:
-                duplicates += 1
-                continue
-            seen.add(pt)
-            # score: mean token log-probability under the teacher, from the API's logprobs (no EOS: the API
-            # does not report the stop token)
-            score = sum(p[1] for p in text_pieces) / len(text_pieces) if text_pieces else None
-            rows.append({"source": item["source"], "pt": pt, "pt_index": kept, "origin": item["origin"],
-                         "input_index": item["input_index"], "teacher": api.model, "decoding": strategy,
-                         "score": score, "task": item.get("task", "")})
-            pieces_of_rows.append(text_pieces)  # of the unstripped text: the alignment places them on the PT
-            kept += 1
+    failed, unsent = check_unanswered(ctx, inputs, per_input, answers, stats)
+    rows, pieces_of_rows, empty, duplicates, outputs_per_input = answer_rows(cfg, inputs, per_input, answers)
     if not rows:
         raise ValueError(f"teacher_api: no pseudo-targets: {len(inputs)} inputs got no non-empty answer")
     target = ctx.out_dir / "dataset"
@@ -230,6 +180,67 @@ def write_outputs(ctx, inputs, per_input, answers, stats: ApiStats) -> None:
             f"answers dropped); {stats.http_requests} HTTP requests, {stats.retries} retries, {stats.failures} "
             f"failures, {stats.cache_hits} cache hits, cost {stats.cost:.4f}")
     log_examples(ctx, inputs, outputs_per_input)
+
+
+def check_unanswered(ctx, inputs, per_input, answers, stats: ApiStats) -> tuple[list, int]:
+    """(failed (input, request) pairs, requests not sent): failures go to failures.jsonl; a spent budget with
+    on_budget: stop, or more failures than allow_failures, stop the stage saying what a re-run sends."""
+    api = ctx.config.teacher_api
+    unanswered = [(item, r) for item, requests in zip(inputs, per_input) for r in requests
+                  if not isinstance(answers.get(r.key), Answer)]
+    failed = [(item, r) for item, r in unanswered if isinstance(answers.get(r.key), Failure)]
+    if failed:
+        with open(ctx.out_dir / "failures.jsonl", "w", encoding="utf-8") as f:
+            for item, r in failed:
+                f.write(json.dumps({"origin": item["origin"], "input_index": item["input_index"],
+                                    "source": item["source"], "key": r.key, "error": answers[r.key].error,
+                                    "attempts": answers[r.key].attempts}, ensure_ascii=False) + "\n")
+    unsent = len(unanswered) - len(failed)
+    if stats.budget_reached and api.on_budget == "stop":
+        raise ValueError(
+            f"teacher_api budget reached (max_cost {api.max_cost}, max_total_tokens {api.max_total_tokens}): this run "
+            f"spent {stats.cost:.4f} on {stats.answered} answers, kept in {cache_path(ctx)}; {unsent} request(s) "
+            "were not sent. Raise the budget and re-run (only those are sent), or set on_budget: finish to write "
+            "the PTs paid for so far")
+    if len({r.key for _, r in failed}) > api.allow_failures:
+        raise ValueError(
+            f"{len({r.key for _, r in failed})} request(s) failed after {api.max_retries} retries (more than "
+            f"teacher_api.allow_failures = {api.allow_failures}); see {ctx.out_dir / 'failures.jsonl'}. Answers "
+            "are cached: a re-run sends only the failed requests. Raise allow_failures to finish without them")
+    return failed, unsent
+
+
+def answer_rows(cfg, inputs, per_input, answers):
+    """(PT rows, each row's logprob pieces, empty answers, duplicates dropped, each input's stripped answers)."""
+    rows, pieces_of_rows, empty, duplicates = [], [], 0, 0
+    outputs_per_input = []
+    for item, requests in zip(inputs, per_input):
+        texts, pieces = [], []
+        for r in requests:
+            answer = answers.get(r.key)
+            if isinstance(answer, Answer):
+                texts += answer.texts
+                pieces += answer.pieces
+        outputs_per_input.append([t.strip() for t in texts])
+        seen, kept = set(), 0
+        for text, text_pieces in zip(texts, pieces):
+            pt = text.strip()
+            if not pt:
+                empty += 1
+                continue
+            if cfg.decoding.dedup and pt in seen:
+                duplicates += 1
+                continue
+            seen.add(pt)
+            # score: mean token log-probability under the teacher, from the API's logprobs (no EOS: the API
+            # does not report the stop token)
+            score = sum(p[1] for p in text_pieces) / len(text_pieces) if text_pieces else None
+            rows.append({"source": item["source"], "pt": pt, "pt_index": kept, "origin": item["origin"],
+                         "input_index": item["input_index"], "teacher": cfg.teacher_api.model,
+                         "decoding": cfg.decoding.strategy, "score": score, "task": item.get("task", "")})
+            pieces_of_rows.append(text_pieces)  # of the unstripped text: the alignment places them on the PT
+            kept += 1
+    return rows, pieces_of_rows, empty, duplicates, outputs_per_input
 
 
 def write_soft_targets_of(ctx, rows: list[dict], pieces_of_rows: list) -> None:
