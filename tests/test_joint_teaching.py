@@ -152,14 +152,23 @@ def test_ratio_zero_equals_plain_logits_kd(trained):
 
 
 def test_joint_teaching_logs_both_prefix_kinds(trained):
-    runner, _ = with_stage(trained, distill_stage("jt", objective="logits_kd", max_steps=4, log_every=4,
+    """Step by step (log_every 1): a student step trains on the student's prefix with KD alone (no gold
+    cross-entropy), a teacher step on the gold prefix with both; the list in stage.json is the steps that did."""
+    runner, _ = with_stage(trained, distill_stage("jt", objective="logits_kd", max_steps=4, log_every=1,
                                                   joint_teaching={"student_ratio": 0.5}))
     runner.run(only="jt")
-    record = json.loads((runner.run_dir / "jt" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["student_step"] == 0.5
-    assert {"kd_student_prefix", "kd_teacher_prefix", "teacher_nll_student_pt", "student_pt_len"} <= set(record)
+    rows = [json.loads(line) for line in (runner.run_dir / "jt" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]  # the training steps, not the evaluation
     info = json.loads((runner.run_dir / "jt" / "stage.json").read_text())["joint_teaching"]
-    assert info["student_step_list"] == [1, 3]
+    assert info["student_step_list"] == [1, 3] and len(rows) == 4
+    for row in rows:
+        on_student_prefix = row["step"] - 1 in info["student_step_list"]  # the list holds 0-based steps
+        assert row["student_step"] == float(on_student_prefix)
+        if on_student_prefix:
+            assert "ce" not in row and row["loss"] == pytest.approx(row["kd_student_prefix"])
+            assert row["student_pt_len"] > 0 and "teacher_nll_student_pt" in row
+        else:
+            assert {"ce", "kd_teacher_prefix"} <= set(row) and "kd_student_prefix" not in row
 
 
 def test_two_processes_agree_on_student_steps(two_processes):

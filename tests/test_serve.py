@@ -284,28 +284,33 @@ def test_requests_that_cannot_share_a_batch_are_answered_apart(served):
 
 
 def test_the_worker_outlives_cancelled_requests_and_failed_batches(served, monkeypatch):
-    """A request whose client has gone (its future cancelled) is skipped; a batch that fails is retried one
-    request at a time; the worker thread keeps serving."""
+    """A request whose client has gone (its future cancelled) is never decoded; a batch that fails is retried
+    one request at a time, with the answers those requests get alone; the worker thread keeps serving."""
     from nlgkd.serve import ChatRequest, ServedModel
 
     model, tokenizer = served[0].model, served[0].tokenizer
     batched = ServedModel(model, tokenizer, "m", max_batch=16, batch_wait_ms=300)
     requests = [ChatRequest(messages=[{"role": "user", "content": s}], temperature=0, max_tokens=6) for s in SOURCES]
-    first = batched.submit(requests[0])
-    gone = batched.submit(requests[1])
-    assert gone.cancel()  # still queued: the worker is waiting for company for the first one
-    assert first.result(timeout=120)["choices"][0]["message"]["content"] is not None
-    real = batched.answer_batch
+    decoded, real = [], batched.answer_batch
 
-    def fails_in_company(batch, abandoned):
-        if len(batch) > 1:
-            raise RuntimeError("out of memory")
+    def recording(batch, abandoned):
+        decoded.append([request for request, _ in batch])
+        if len(batch) > 1 and requests[2] in decoded[-1]:
+            raise RuntimeError("out of memory")  # the later batch fails in company
         return real(batch, abandoned)
 
-    monkeypatch.setattr(batched, "answer_batch", fails_in_company)
+    monkeypatch.setattr(batched, "answer_batch", recording)
+    first = batched.submit(requests[0])
+    gone = batched.submit(requests[1])
+    gone.cancel()  # still queued: the worker is waiting for company for the first one
+    assert first.result(timeout=120)["choices"][0]["message"]["content"] is not None
+    assert not any(requests[1] in batch for batch in decoded)  # the cancelled request cost no decoding
     answers = concurrent_answers(batched, requests[2:])
-    assert all(a["choices"][0]["message"]["content"] is not None for a in answers)
-    assert batched.worker.is_alive()
+    alone = ServedModel(model, tokenizer, "m", max_batch=1)
+    expected = [alone.submit(r).result(timeout=120) for r in requests[2:]]
+    assert [a["choices"][0]["message"]["content"] for a in answers] == \
+        [e["choices"][0]["message"]["content"] for e in expected]
+    assert any(len(batch) > 1 for batch in decoded) and batched.worker.is_alive()
 
 
 # ----------------------------------------------------------------------------- the server's contract

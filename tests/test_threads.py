@@ -34,11 +34,20 @@ def test_omp_num_threads_wins(monkeypatch):
     assert threads.choose_cpu_threads() == (3, "OMP_NUM_THREADS")
 
 
-def test_busy_cores_reads_the_running_tasks_of_proc_loadavg():
-    busy = threads.busy_cores_now(samples=3, interval_s=0.0)
-    if busy is None:
-        pytest.skip("no /proc/loadavg on this system")
-    assert busy >= 0
+def test_busy_cores_is_the_median_of_the_other_running_tasks_of_proc_loadavg(monkeypatch):
+    """/proc/loadavg's fourth field is running/total tasks; the reader itself is one of the running ones."""
+    import io
+
+    samples = iter(["0.52 0.58 0.59 3/412 9999\n", "0.52 0.58 0.59 6/412 9999\n", "0.52 0.58 0.59 2/412 9999\n"])
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/proc/loadavg"
+        return io.StringIO(next(samples))
+
+    monkeypatch.setattr(threads, "open", fake_open, raising=False)
+    assert threads.busy_cores_now(samples=3, interval_s=0.0) == 2  # median of 2, 5 and 1 other tasks
+    monkeypatch.setattr(threads, "open", lambda *a, **k: io.StringIO("garbled\n"), raising=False)
+    assert threads.busy_cores_now(samples=3, interval_s=0.0) is None  # unreadable: unknown, not zero
 
 
 def test_a_cpu_run_says_its_thread_count_and_records_it(tmp_path, tiny_recipe, capsys, monkeypatch):
