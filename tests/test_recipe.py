@@ -382,3 +382,18 @@ def test_a_profile_applies_its_assignments_before_any_set():
         load_recipe(template, profile="laptop")
     with pytest.raises(RecipeError, match=r"--profile cpu: the recipe has no profiles: section"):
         load_recipe(ROOT / "recipes" / "demo.yaml", profile="cpu")
+
+
+def test_the_templates_sizes_are_consistent_in_each_profile():
+    """The own-data template at its GPU sizes and with each profile: every training stage evaluates within its
+    steps (a CPU value forgotten beside a changed one would evaluate once, at the end, without saying so)."""
+    from nlgkd.recipe import load_recipe
+
+    path = ROOT / "recipes" / "own_data.yaml"
+    profiles = [None, *(yaml.safe_load(path.read_text()).get("profiles") or {})]
+    assert "cpu" in profiles
+    for profile in profiles:
+        for stage in load_recipe(path, profile=profile).instances:
+            config = stage.config
+            if getattr(config, "max_steps", None) and getattr(config, "eval_every", None):
+                assert config.eval_every <= config.max_steps, (profile, stage.key)
