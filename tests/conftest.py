@@ -170,7 +170,7 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> None:
 # Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests
 # compare each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
 # tokenizer trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student
-# steps). The suite starts the process group once.
+# steps; test_distill: gradient accumulation and TinyBERT projections). The suite starts the process group once.
 TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
 TWO_PROCESS_STAGES = [
     # batch 24 on 320 examples: 13 whole batches and a partial one, at step 14 (topped up with ignored rows)
@@ -183,6 +183,10 @@ TWO_PROCESS_STAGES = [
                                       "max_new_tokens": 12, "batch_size": 2}},
     distill_stage("jt2", objective="logits_kd", max_steps=6,
                   joint_teaching={"student_ratio": 0.4, "schedule": "random"}),
+    # DDP's no_sync path: 2 micro-batches per step, gradients synchronized on the last one only
+    distill_stage("accum2", objective="logits_kd", max_steps=3, batch_size=8, grad_accum=2),
+    # TinyBERT's learned projections train with the student, synchronized like its own weights
+    distill_stage("tinybert2", objective="logits_kd", max_steps=3, hidden={"loss": "tinybert", "sides": ["encoder"]}),
 ]
 
 

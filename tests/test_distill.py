@@ -216,3 +216,49 @@ def test_a_teacher_with_a_padded_vocabulary_distills_as_the_unpadded_one(trained
         losses[name] = [json.loads(line) for line in
                         (runner.run_dir / f"kd_{name}" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in row for row in losses["plain"]) == 3 and losses["padded"] == losses["plain"]
+
+
+# the weights' tolerance: TinyBERT's encoder-side term is a mean over encoder positions, weighted across
+# micro-batches and processes by their share of *target* tokens (the loop's normalizer), so 2 processes
+# weight the halves of a batch slightly otherwise than 1 (AdamW then moves rarely used embedding rows apart by
+# up to ~lr); the losses still agree step by step
+@pytest.mark.parametrize("stage, atol", [("accum2", 1e-5), ("tinybert2", 2e-3)])
+def test_two_processes_distill_as_one_with_accumulation_and_projections(trained, two_processes, stage, atol):
+    """Gradient accumulation under DDP (no_sync on all but the last micro-batch) and TinyBERT's projections on
+    2 processes: the same losses at every step and the same student as on 1 process."""
+    from safetensors.torch import load_file
+
+    from conftest import with_two_process_stages
+    from nlgkd.runner import Runner
+
+    runner = Runner(parse_recipe(with_two_process_stages(trained)), runs_root=trained[1])
+    runner.run(only=stage)
+    assert json.loads((two_processes / stage / "stage.json").read_text())["world_size"] == 2
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    assert len(losses(two_processes)) == 3  # float sums in another order: KD losses here are ~1e-4
+    assert losses(two_processes) == pytest.approx(losses(runner.run_dir), rel=1e-4, abs=1e-8)
+    ours, theirs = (load_file(str(d / stage / "model.safetensors")) for d in (two_processes, runner.run_dir))
+    assert all(torch.allclose(ours[k], theirs[k], atol=atol) for k in theirs)
+
+
+def test_tinybert_projections_start_from_the_stage_seed(trained):
+    """The learned projections are initialized from the stage's seed, whatever the global generator holds after
+    loading the models (which differs between runs and processes)."""
+    from nlgkd.config import DistillConfig, HiddenKD
+    from nlgkd.stages.distill import with_projections
+
+    student, _ = load_pretrained(str(trained[1] / "tiny" / "student"))
+    teacher, _ = load_pretrained(str(trained[1] / "tiny" / "teacher"))
+    cfg = DistillConfig(student="student", teacher="teacher", hidden=HiddenKD(loss="tinybert", sides=["encoder"]))
+    made = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # another state of the global generator
+        made.append(with_projections(cfg, student, [teacher], seed=0).projections.state_dict())
+    assert made[0].keys() and all(torch.equal(made[0][k], made[1][k]) for k in made[0])
+    other = with_projections(cfg, student, [teacher], seed=1).projections.state_dict()
+    assert not all(torch.equal(made[0][k], other[k]) for k in made[0])
+

@@ -214,14 +214,14 @@ def run(ctx) -> None:
     teachers = [m for m, _ in loaded]
     check_distill_setup(cfg, student, teachers, tokenizer, [t for _, t in loaded], names)
     prepare_teachers(cfg, student, teachers, names, acc.device)
-    module = with_projections(cfg, student, teachers)
+    seed = cfg.seed if cfg.seed is not None else ctx.seed  # a seed variant also samples other prefixes
+    module = with_projections(cfg, student, teachers, seed)
 
     encoded = encode_splits(ctx, tokenizer)
     if len(teachers) == 1 and not cfg.cross_tokenizer:  # an ensemble or another tokenizer's teacher decodes otherwise
         check_teacher_lead(ctx, cfg, teachers[0], names[0], tokenizer, encoded)
     data_for_epoch, collate_fn, compute_loss = data_and_loss(ctx, cfg, student, tokenizer, loaded, names, encoded)
     prepare, student_steps = None, []
-    seed = cfg.seed if cfg.seed is not None else ctx.seed  # a seed variant also samples other prefixes
     if cfg.joint_teaching is not None:
         prepare, student_steps = make_joint_teaching(cfg, tokenizer, seed, acc, is_causal(student))
     result = train(model=module, train_data=data_for_epoch, prepare_window=prepare, collate_fn=collate_fn,
@@ -258,14 +258,18 @@ def prepare_teachers(cfg, student, teachers: list, names: list[str], device: tor
             model.set_attn_implementation("eager")  # attention probabilities are only returned by eager
 
 
-def with_projections(cfg, student, teachers: list) -> StudentWithProjections:
-    """The trained module: the student, plus TinyBERT's learned width projections for each mapped layer."""
+def with_projections(cfg, student, teachers: list, seed: int) -> StudentWithProjections:
+    """The trained module: the student, plus TinyBERT's learned width projections for each mapped layer,
+    initialized from the stage's seed (not from wherever loading the models left the global generator, which
+    differs between runs and between processes)."""
     projections = {}
     if cfg.hidden and cfg.hidden.loss in HIDDEN_PROJECTED:
-        for side in cfg.hidden.sides:
-            for s_layer, t_layer in layer_pairs(cfg.hidden.layer_map, num_layers(student, side),
-                                                num_layers(teachers[0], side)):
-                projections[f"{side}_{s_layer}"] = nn.Linear(width(student), width(teachers[0]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for side in cfg.hidden.sides:
+                for s_layer, t_layer in layer_pairs(cfg.hidden.layer_map, num_layers(student, side),
+                                                    num_layers(teachers[0], side)):
+                    projections[f"{side}_{s_layer}"] = nn.Linear(width(student), width(teachers[0]))
     return StudentWithProjections(student, projections)
 
 
