@@ -78,3 +78,6 @@ def test_the_template_runs_without_unlabeled_inputs_and_logs_no_carriage_return(
     choice = json.loads((run / "teacher" / "stage.json").read_text())["select"]
     assert set(choice["scores"]) == {"teachers@mixed", "teachers@gold"} and choice["split"] == "validation"
     assert json.loads((run / "teachers@gold" / "stage.json").read_text())["config"]["denoising"] is None
+    # the chosen teacher's check travels with it, so on_weak_teacher: stop judges the teacher the students get
+    chosen = json.loads((run / choice["chosen"] / "stage.json").read_text())["teacher_check"]
+    assert json.loads((run / "teacher" / "stage.json").read_text())["teacher_check"] == chosen

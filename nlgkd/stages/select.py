@@ -7,9 +7,12 @@ with the same decoding, and later stages (an evaluate stage on test) read the wi
 """
 from __future__ import annotations
 
+import json
+
 from ..data import encode
 from ..models import save_model
 from ..recipe import to_dict
+from ..stage_context import StageError
 from .training import decoded_score
 
 
@@ -37,5 +40,16 @@ def run(ctx) -> None:
                           "scores": scores, "decoding": to_dict(cfg.decoding)}
     ctx.log(f"chose {chosen} ({cfg.metric} {scores[chosen]:.2f}; "
             + ", ".join(f"{n} {s:.2f}" for n, s in scores.items() if n != chosen) + ")")
+    if (check := candidate_teacher_check(ctx, chosen)) is not None:
+        ctx.info["teacher_check"] = check  # later stages judge the chosen teacher by it (on_weak_teacher: stop)
     if ctx.accelerator.is_main_process:
         save_model(*best, ctx.out_dir)
+
+
+def candidate_teacher_check(ctx, name: str) -> dict | None:
+    """The teacher check a candidate's stage recorded (it teaches later stages through this one), or None."""
+    try:
+        folder = ctx.artifact_dir(name)
+    except StageError:  # a models: entry, not a stage
+        return None
+    return json.loads((folder / "stage.json").read_text()).get("teacher_check")
