@@ -107,15 +107,15 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _reset_rss_peak() -> bool:
-    """Reset the process's resident-set high-water mark (Linux >= 4.0: writing 5 to /proc/self/clear_refs),
-    so the next reading of VmHWM covers only what runs after this; False where that is not possible."""
+def _reset_rss_peak() -> int | None:
+    """Reset the process's resident-set high-water mark (Linux >= 4.0: writing 5 to /proc/self/clear_refs), so
+    later readings of VmHWM cover only what runs after this; the reading right after, or None where impossible."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-        return _rss_peak_since_reset() is not None
     except OSError:
-        return False
+        return None
+    return _rss_peak_since_reset()
 
 
 def _rss_peak_since_reset() -> int | None:
@@ -167,9 +167,9 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
-        elif _reset_rss_peak():
+        elif (start := _reset_rss_peak()) is not None:
             self.kind = "cpu_peak_rss"  # the process's RSS peak inside this block only
-            self.start_bytes = _rss_peak_since_reset()
+            self.start_bytes = start
         else:
             self.start_bytes = _max_rss_bytes()
         return self

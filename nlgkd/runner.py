@@ -388,8 +388,8 @@ class Runner:
     def record_plan(self) -> None:
         """runs/<recipe>/plan.json: every stage's fingerprint under the recipe as it is now, so `nlgkd report`
         can mark results whose stage has changed since they were made (a re-run that was interrupted)."""
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
+        if int(os.environ.get("RANK", "0")) != 0 or os.environ.get("NLGKD_LOCK_OWNER"):
+            return  # another rank, or a --jobs child: its parent wrote the plan of the same recipe
         plan = {"recipe": self.recipe.source, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "fingerprints": {stage.key: self.fingerprint(stage) for stage in self.recipe.instances}}
         staged = self.run_dir / f".plan.json.{os.getpid()}"
