@@ -141,8 +141,8 @@ def cmd_report(args) -> int:
               f"nlgkd report runs/{name}", file=sys.stderr)
         return 2
     try:
-        paths = write_report(args.run_dir, out_dir=args.out, teacher=args.teacher, metric=args.metric)
         report = collect(args.run_dir, metric=args.metric, teacher=args.teacher)
+        paths = write_report(report, out_dir=args.out)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -93,7 +93,6 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
     from transformers import AutoTokenizer
 
     from .generation import position_limit
-    from .metrics import count_parameters
     from .models import load_pretrained
 
     model, tokenizer = load_pretrained(str(model_dir))
@@ -116,7 +115,7 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
     except PackageNotFoundError:
         engine_version = getattr(ctranslate2, "__version__", "unknown")
     manifest = {"format": fmt, "quantization": quantization, "source": str(model_dir), "model_type": family,
-                "is_encoder_decoder": encoder_decoder, "params": count_parameters(model),
+                "is_encoder_decoder": encoder_decoder, "params": model.num_parameters(),
                 # the checkpoint's forced BOS (mBART-50's language code, BART's <s>), which nlgkd's decoding keeps
                 "forced_bos_token_id": getattr(model.generation_config, "forced_bos_token_id", None),
                 "position_limit": position_limit(model),

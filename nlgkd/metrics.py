@@ -1,7 +1,7 @@
-"""Quality and cost metrics: BLEU/chrF/ROUGE, lengths, parameter counts, peak memory, tables.
+"""Quality and cost metrics: BLEU/chrF/ROUGE, lengths, peak memory, tables.
 
-``text_metrics`` is what every evaluation reports; ``count_parameters`` and ``PeakMemory`` are the
-cost side of the study's tables; ``format_table`` prints them.
+``text_metrics`` is what every evaluation reports; ``PeakMemory`` (with transformers' ``num_parameters()``)
+is the cost side of the study's tables; ``format_table`` prints them.
 """
 
 from __future__ import annotations
@@ -75,30 +75,6 @@ def text_metrics(predictions: list[str], references: list[str] | list[list[str]]
         "ref_len": sum(len(r[0].split()) for r in refs) / n,
         "n": n,
     }
-
-
-def count_parameters(model, trainable_only: bool = False) -> int:
-    """Number of parameters of a torch module, each shared (tied) tensor counted once.
-
-    Tied weights (e.g. input embeddings and LM head) are usually the same Parameter, which
-    ``parameters()`` already yields once; we also de-duplicate by storage pointer to catch
-    separate Parameter objects that view the same memory.
-    """
-    seen = set()
-    total = 0
-    for parameter in model.parameters():
-        if trainable_only and not parameter.requires_grad:
-            continue
-        # Meta-device and empty tensors have no real storage pointer: fall back to identity.
-        if parameter.numel() == 0 or parameter.device.type == "meta":
-            key = id(parameter)
-        else:
-            key = (parameter.data_ptr(), tuple(parameter.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        total += parameter.numel()
-    return total
 
 
 def _max_rss_bytes() -> int:

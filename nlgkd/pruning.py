@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .metrics import count_parameters
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ def prune_model(model: PreTrainedModel, encoder_layers, decoder_layers) -> tuple
     if family is _T5_LIKE:
         set_t5_stack_depths(student, kept, model_type)
 
-    teacher_params, student_params = count_parameters(model), count_parameters(student)
+    teacher_params, student_params = model.num_parameters(), student.num_parameters()
     info = {
         "family": model_type,
         "encoder_layers": kept["encoder_layers"],

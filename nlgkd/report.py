@@ -594,11 +594,9 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;p
        "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:1px 3px}")
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, teacher: str | None = None,
-                 metric: str = "bleu") -> list[Path]:
-    """Write report.md, report.html and the PNGs; returns their paths (the summary paragraph is in
-    report.md after the title)."""
-    report = collect(run_dir, metric=metric, teacher=teacher)
+def write_report(report: Report, out_dir: str | Path | None = None) -> list[Path]:
+    """Write a collected report's report.md, report.html and PNGs (default folder: RUN_DIR/report); returns
+    their paths (the summary paragraph is in report.md after the title)."""
     out = Path(out_dir) if out_dir else report.run_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)

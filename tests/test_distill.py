@@ -42,24 +42,40 @@ OBJECTIVES = {
     "tinybert_hidden": {"hidden": {"loss": "tinybert", "sides": ["encoder"]}},
     "minilm": {"attention": {"loss": "minilm", "sides": ["encoder_self", "decoder_self", "cross"],
                              "relation_heads": 4}},
-    "tinybert_attention": {"attention": {"loss": "tinybert", "sides": ["encoder_self", "cross"]}},
+    "tinybert_attention": {"attention": {"loss": "tinybert", "sides": ["decoder_self", "cross"]}},
 }
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_every_objective_runs_and_logs_its_terms(trained, name):
-    runner, _ = with_stage(trained, distill_stage(f"kd_{name}", **OBJECTIVES[name]))
+    # alpha and the feature weights away from their defaults, so the test sees each one applied
+    spec = with_weights(OBJECTIVES[name], alpha=0.3, weight=0.5)
+    runner, _ = with_stage(trained, distill_stage(f"kd_{name}", log_every=1, **spec))
     runner.run(only=f"kd_{name}")
     folder = runner.run_dir / f"kd_{name}"
-    logs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs if "loss" in r)
-    spec = OBJECTIVES[name]
+    first = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
     objective = spec.get("objective", "logits_kd")
-    expected = {"ce"} | ({objective} if objective != "finetune" else set())
-    expected |= {"hidden"} if "hidden" in spec else set()
-    expected |= {"attention"} if "attention" in spec else set()
-    assert expected <= set(logs[0]), logs[0]
+    # step 1 is one batch, so the logged loss is exactly the sum of the logged terms with the recipe's weights
+    terms = {"ce": 1.0 if objective == "finetune" else 0.3}
+    if objective != "finetune":
+        terms[objective] = 0.7
+    terms.update({side: 0.5 for side in ("hidden", "attention") if side in spec})
+    assert set(terms) <= set(first), first
+    assert first["loss"] == pytest.approx(sum(w * first[t] for t, w in terms.items()), rel=1e-5), first
+    # every term measures a real difference: the pruned student is not its teacher
+    assert all(first[t] > 1e-5 for t in terms), first
     load_pretrained(str(folder))  # a plain student artifact, without projection layers
+
+
+def with_weights(spec: dict, alpha: float, weight: float) -> dict:
+    """`spec` with gold cross-entropy mixed by `alpha` and every hidden/attention term weighted by `weight`."""
+    spec = copy.deepcopy(spec)
+    if spec.get("objective", "logits_kd") != "finetune":
+        spec["alpha"] = alpha
+    for side in ("hidden", "attention"):
+        if side in spec:
+            spec[side]["weight"] = weight
+    return spec
 
 
 def agreement(student_dir, teacher_dir, recipe) -> float:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nlgkd.metrics import PeakMemory, count_parameters, format_table, text_metrics
+from nlgkd.metrics import PeakMemory, format_table, text_metrics
 
 SENTENCES = [
     "the eagle is a cheap pub in the riverside area near the mill",
@@ -53,23 +53,6 @@ def test_empty_predictions_do_not_crash():
     assert text_metrics([], [])["n"] == 0
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         text_metrics(["a", "b"], ["a"])
-
-
-def test_count_parameters_counts_tied_weights_once():
-    assert count_parameters(torch.nn.Linear(3, 4)) == 16
-
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.embed.weight  # same Parameter
-            self.alias = torch.nn.Parameter(self.embed.weight.data)  # another Parameter, same storage
-            self.bias = torch.nn.Parameter(torch.zeros(10), requires_grad=False)
-
-    model = Tied()
-    assert count_parameters(model) == 40 + 10
-    assert count_parameters(model, trainable_only=True) == 40
 
 
 def test_peak_memory_cpu_is_the_blocks_own_peak():

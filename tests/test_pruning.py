@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from nlgkd.hf_compat import CACHE_KWARG
-from nlgkd.pruning import SUPPORTED_FAMILIES, count_parameters, layer_counts, prune_model, select_layers
+from nlgkd.pruning import SUPPORTED_FAMILIES, layer_counts, prune_model, select_layers
 
 LAYERS = 4  # teacher depth per side: enough to drop layers from the middle, the start and the end
 VOCAB = 64
@@ -196,7 +196,7 @@ def test_pruned_model_generates_saves_and_reloads(family, tmp_path):
     assert getattr(student.config, family_spec.decoder_field) == 2
     if is_seq2seq:
         assert getattr(student.config, family_spec.encoder_field) == 2
-    assert info["student_params"] == count_parameters(student) < info["teacher_params"]
+    assert info["student_params"] == student.num_parameters() < info["teacher_params"]
     assert info["compression"] == info["teacher_params"] / info["student_params"] > 1
 
     # Student layer i holds teacher layer keep[i], weight for weight (T5's position bias lives in block 0)
@@ -297,13 +297,6 @@ def test_t5_with_a_shallow_encoder_warns_and_generates_with_a_lazy_cache():
         cached = student.generate(**batch, max_new_tokens=4, do_sample=False, **{CACHE_KWARG: cache})
         uncached = student.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
-
-
-def test_count_parameters_counts_tied_weights_once():
-    model = build("bart")  # shared embeddings tied to both stacks and the LM head
-    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    state_total = sum(t.numel() for t in model.state_dict().values())  # repeats tied tensors
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) < state_total
 
 
 # ------------------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def test_rows_whose_stage_changed_since_the_last_run_are_marked_stale(run_dir, t
     assert not any(r["stale"] for r in collect(run_dir).rows)
     (run_dir / "plan.json").write_text(json.dumps({"fingerprints": {**plan, "ce": "fp-ce-wider"}}))
     assert [r["model"] for r in collect(run_dir).rows if r["stale"]] == ["ce"]
-    text = write_report(run_dir, tmp_path / "out")[0].read_text()
+    text = write_report(collect(run_dir), tmp_path / "out")[0].read_text()
     assert "| ce (stale) |" in text and "STALE: the rows marked (stale) (ce) were measured before" in text
     (run_dir / "plan.json").write_text(json.dumps({"fingerprints": {**plan, "eval": "fp-eval-beam"}}))
     assert all(r["stale"] for r in collect(run_dir).rows)  # the evaluation itself changed: every row of it

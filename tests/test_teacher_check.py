@@ -199,7 +199,7 @@ def test_a_teacher_that_trails_its_students_ce_twin_is_named_before_distill_trai
     # the report puts the lead beside the distilled student's gain over the same CE student
     from nlgkd.report import write_report
 
-    report = write_report(tmp_path / "tiny")[0].read_text()
+    report = write_report(collect(tmp_path / "tiny"))[0].read_text()
     metrics = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())
     gain = metrics["distill"]["bleu"] - metrics["student_ft"]["bleu"]
     row = next(line for line in report.splitlines() if line.startswith("| distill | teacher |"))

@@ -9,7 +9,7 @@ import torch
 
 from ..data import encode
 from ..generation import effective_settings, generate, length_buckets
-from ..metrics import PeakMemory, count_parameters, format_table, text_metrics
+from ..metrics import PeakMemory, format_table, text_metrics
 from ..recipe import to_dict
 
 TABLE_COLUMNS = ["model", "backend", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "pred_len", "params", "weights_mb",
@@ -30,7 +30,7 @@ def load_for_decoding(ctx, name: str):
     model.to(ctx.accelerator.device).eval()
     # the model's own bytes (weights and buffers, tied ones once): comparable across models on any device
     weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
-    return model, tokenizer, {"params": count_parameters(model), "weights_mb": weights / 2**20, "backend": "pytorch"}
+    return model, tokenizer, {"params": model.num_parameters(), "weights_mb": weights / 2**20, "backend": "pytorch"}
 
 
 def timed_pass(model, tokenizer, sources, decoding, acc, seed: int) -> float:
