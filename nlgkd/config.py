@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 
+from .engine_decoding import ctranslate2_refusal
 from .schema import RecipeError, bounds, doc, ref
 
 
@@ -142,6 +143,10 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------- stages
+# CTranslate2's weight types (export stages, engine pseudo-targets)
+Quantization = Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32"]
+
+
 @dataclass(kw_only=True)
 class DecodingConfig:
     """How text is generated on every path; `nlgkd.generation.generation_config` makes it one explicit
@@ -536,10 +541,24 @@ class PseudoTargetsConfig:
     max_examples: Optional[int] = field(default=None, metadata=doc("cap on inputs per split", ge=1))
     save_every: int = field(default=10, metadata=doc(
         "batches between writes to disk (a kill loses at most these)", ge=1))
+    engine: Literal["transformers", "ctranslate2"] = field(default="transformers", metadata=doc(
+        "what decodes and scores: the PyTorch teacher (transformers' generate), or a CTranslate2 copy of it made "
+        "in the stage's folder (an encoder-decoder teacher; the same decoding fields; faster; a teacher that is "
+        "an export stage is used as it is)"))
+    engine_quantization: Quantization = field(default="float32", metadata=doc(
+        "engine: ctranslate2: the copy's weight type; float32 writes what the PyTorch teacher writes, int8 (CPU) "
+        "or int8_float16 (GPU) is faster and may pick other tokens where two are nearly tied"))
 
     def __post_init__(self):
         if (self.teacher is None) == (self.teacher_api is None):
             raise RecipeError("give teacher: (a model) or teacher_api: (an OpenAI-compatible endpoint), one of them")
+        if self.engine == "ctranslate2":
+            if self.teacher_api is not None:
+                raise RecipeError("engine: ctranslate2 decodes a local teacher; an API teacher (teacher_api:) "
+                                  "takes engine: transformers (the default)")
+            refusal = ctranslate2_refusal(self.decoding)
+            if refusal:
+                raise RecipeError(f"engine: ctranslate2: {refusal}, or use engine: transformers")
         if self.align_to is not None and (self.teacher_api is None or not self.teacher_api.logprobs
                                           or not self.teacher_api.top_logprobs):
             raise RecipeError("align_to: needs teacher_api with logprobs: true and top_logprobs: 1..20")
@@ -575,8 +594,7 @@ class ExportConfig:
     format: Literal["ctranslate2", "onnx"] = field(default="ctranslate2", metadata=doc(
         "ctranslate2: bart, mbart, pegasus, marian, t5, mt5, gpt2, opt, llama (pip install -e \".[export]\"); "
         "onnx: not available yet"))
-    quantization: Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16",
-                          "float32"] = field(default="int8", metadata=doc(
+    quantization: Quantization = field(default="int8", metadata=doc(
         "weights' type: int8 for a CPU; int8_float16 or float16 for a GPU; float32 decodes as PyTorch does"))
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .config import DecodingConfig
+from .engine_decoding import ctranslate2_refusal
 from .errors import ModelLoadError
 from .models import EXPORT_FILE
 
@@ -37,12 +38,12 @@ class EngineModel:
     """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
     `nlgkd.generation.generate` calls for it, batch by batch.
 
-    Sampling reseeds CTranslate2's generator with the seed it is given at every call (the caller passes the
+    Sampling draws from an engine made for the call and seeded with the seed it is given (the caller passes the
     run's seed plus the batch's number), so the same batch with the same seed draws the same samples on one
-    machine; greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
+    machine, whatever ran before; greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
     inside a padded batch can differ slightly from the same input decoded alone."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, device_index: int = 0):
         from transformers import AutoTokenizer
 
         ctranslate2 = require_ctranslate2()
@@ -54,9 +55,16 @@ class EngineModel:
             import torch
 
             threads = torch.get_num_threads()  # the count nlgkd chose for this run (nlgkd/threads.py)
-        engine = ctranslate2.Translator if self.encoder_decoder else ctranslate2.Generator
-        self.engine = engine(str(self.folder), device=device, compute_type="default", intra_threads=threads)
         self._ctranslate2 = ctranslate2
+        # device_index: this process's GPU (a sharded run decodes on every process's own card)
+        self._engine_args = {"device": device, "device_index": device_index, "compute_type": "default",
+                             "intra_threads": threads}
+        self.engine = self.new_engine()
+
+    def new_engine(self):
+        """A Translator (encoder-decoder) or Generator (decoder-only) on this folder, with its own worker threads."""
+        kind = self._ctranslate2.Translator if self.encoder_decoder else self._ctranslate2.Generator
+        return kind(str(self.folder), **self._engine_args)
 
     @property
     def backend(self) -> str:
@@ -67,18 +75,11 @@ class EngineModel:
         `nlgkd.generation.generation_config` gives transformers; what the engine cannot do is refused."""
         from .generation import within_positions
 
-        if decoding.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError(f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use "
-                             "greedy, beam or sample")
-        if decoding.from_checkpoint:
-            raise ValueError(f"decoding.from_checkpoint: {decoding.from_checkpoint} is not available on a CTranslate2 "
-                             "export (it keeps no generation_config); write those settings into the decoding block")
+        refusal = ctranslate2_refusal(decoding)
+        if refusal:
+            raise ValueError(refusal)
         if decoding.max_new_tokens is None:
             raise ValueError("decoding.max_new_tokens: not resolved; recipes fill it from data.max_target_length")
-        if decoding.repetition_penalty != 1.0:  # measured: the float32 engine then ended outputs earlier
-            raise ValueError("decoding.repetition_penalty: transformers also penalizes the decoder's start token or "
-                             "the prompt, CTranslate2 only generated tokens, so an export would decode otherwise; "
-                             "set it to 1.0 for an exported model, or evaluate the PyTorch folder")
         k = decoding.num_return_sequences
         max_new = decoding.max_new_tokens
         if self.encoder_decoder:  # the decoder start token takes the first position
@@ -89,9 +90,6 @@ class EngineModel:
         if decoding.strategy == "greedy":
             return {**common, "beam_size": 1}
         if decoding.strategy == "beam":
-            if not decoding.early_stopping:  # CTranslate2 ends a beam search once beam_size outputs have ended
-                raise ValueError("decoding.early_stopping: false has no CTranslate2 equivalent (its beam search "
-                                 "ends once num_beams outputs have ended); set it to true for an exported model")
             return {**common, "beam_size": max(decoding.num_beams, k), "length_penalty": decoding.length_penalty}
         # sample; nlgkd's top_k 0 (no top-k) is CTranslate2's 0 (the whole vocabulary)
         return {**common, "beam_size": 1, "sampling_topk": decoding.top_k, "sampling_topp": decoding.top_p,
@@ -111,13 +109,18 @@ class EngineModel:
         """K generated token-id rows per source (continuations only, EOS kept where the model wrote it)."""
         tok = self.tokenizer
         options = self.options(decoding)
+        engine = self.engine
         if decoding.strategy == "sample":
+            # CTranslate2 seeds a worker thread's generator once, when the thread first samples; a new engine has
+            # new threads, so these samples depend on `seed` alone, not on what was decoded before (a resumed or
+            # sharded run draws what an uninterrupted one does). Making one costs ~10-20 ms on a CPU.
             self._ctranslate2.set_random_seed(seed)
+            engine = self.new_engine()
         if self.encoder_decoder:
             tokens = [tok.convert_ids_to_tokens(ids) for ids in source_ids]
             forced = self.forced_bos(decoding)
             prefix = {"target_prefix": [[forced]] * len(tokens)} if forced is not None else {}
-            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
+            results = engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
         else:
             from .data import causal_prompt
             from .generation import within_positions
@@ -126,12 +129,33 @@ class EngineModel:
             # the positions left after the longest prompt
             max_length = within_positions(options.pop("max_decoding_length"), self.manifest.get("position_limit"),
                                           max(len(p) for p in prompts))
-            results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
+            results = engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
                                                  min_length=options.pop("min_decoding_length"),
                                                  include_prompt_in_result=False, **options)
         # a Translator's results hold hypotheses, a Generator's sequences
         outputs = [result.hypotheses if self.encoder_decoder else result.sequences for result in results]
         return [[tok.convert_tokens_to_ids(tokens) for tokens in rows] for rows in outputs]
+
+    def mean_logprobs(self, source_ids: list[list[int]], texts: list[str], max_target_length: int,
+                      chunk: int) -> list[float | None]:
+        """Mean token log-probability of each text (then EOS) as the target of its source, the engine's twin of
+        `nlgkd.stages.pseudo_targets.mean_logprobs` (same truncation, EOS counted); None for ''."""
+        if not self.encoder_decoder:
+            raise ValueError("engine scoring is for encoder-decoder models; a decoder-only teacher decodes with "
+                             "engine: transformers")
+        tok = self.tokenizer
+        scores: list[float | None] = [None] * len(texts)
+        todo = [i for i, t in enumerate(texts) if t]
+        if not todo:
+            return scores
+        targets = tok([texts[i] for i in todo], add_special_tokens=False)["input_ids"]
+        # CTranslate2 appends EOS itself: keep the first max_target_length - 1 tokens, as `truncate` does
+        target_tokens = [tok.convert_ids_to_tokens(ids[: max_target_length - 1]) for ids in targets]
+        sources = [tok.convert_ids_to_tokens(source_ids[i]) for i in todo]
+        results = self.engine.score_batch(sources, target_tokens, max_batch_size=chunk, max_input_length=0)
+        for i, result in zip(todo, results):
+            scores[i] = sum(result.log_probs) / len(result.log_probs)
+        return scores
 
     def generate_texts(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[str]]:
         """K texts per source, decoded and cleaned as `nlgkd.generation.generate_batch` does."""

@@ -450,7 +450,8 @@ def check_references(recipe: Recipe) -> None:
     for stage in recipe.stages:
         # the stage as written and each of its variants (a variant may point a reference elsewhere)
         configs = [(stage.name, stage.config)] + [(f"{stage.name}@{v}", c) for v, c in stage.variants.items()]
-        for label, where, kind, target in [(label, *r) for label, config in configs for r in references(config)]:
+        for label, config, where, kind, target in [(label, config, *r) for label, config in configs
+                                                   for r in references(config)]:
             path = f"stages[{stage.index}] ({label}).{where}"
             try:
                 # `name@variant` pins one variant; which variants exist is checked by expand_variants
@@ -469,9 +470,11 @@ def check_references(recipe: Recipe) -> None:
             got = produces(resolved)
             if kind == "logits" and got == "dataset" and getattr(resolved[1].config, "align_to", None):
                 continue  # pseudo_targets from an API with align_to also writes the cache_logits layout
+            if got == "exported model" and where == "teacher" and getattr(config, "engine", None) == "ctranslate2":
+                continue  # pseudo_targets decode through the engine: an export stage is that engine's model
             if got != kind and got not in ACCEPTS.get(kind, ()):
-                hint = ("; an export is evaluated or served, not trained: use the stage it was exported from"
-                        if got == "exported model" else "")
+                hint = ("; an export is evaluated or served (or writes pseudo-targets with engine: ctranslate2), "
+                        "not trained: use the stage it was exported from" if got == "exported model" else "")
                 article = "an" if got[0] in "aeiou" else "a"
                 raise RecipeError(f"{path}: {target!r} gives {article} {got}, but a {kind} is needed here{hint}")
 

@@ -181,6 +181,11 @@ TWO_PROCESS_STAGES = [
     {"name": "pts2", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],
      "max_examples": 16, "decoding": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 3,
                                       "max_new_tokens": 12, "batch_size": 2}},
+    # the same through CTranslate2: each process converts nothing twice and samples batch j with seed + j
+    {"name": "pts2_engine", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train", "unlabeled"],
+     "engine": "ctranslate2", "max_examples": 16,
+     "decoding": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 3, "max_new_tokens": 12,
+                  "batch_size": 2}},
     distill_stage("jt2", objective="logits_kd", max_steps=6,
                   joint_teaching={"student_ratio": 0.4, "schedule": "random"}),
     # DDP's no_sync path: 2 micro-batches per step, gradients synchronized on the last one only

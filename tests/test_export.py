@@ -131,6 +131,21 @@ def test_an_int8_export_mostly_agrees_and_decodes_every_strategy(trained, demo_d
                    DecodingConfig(strategy="beam", early_stopping=False, max_new_tokens=8))
 
 
+def test_engine_samples_depend_on_the_seed_alone(demo_data, tmp_path):
+    # CTranslate2 seeds a worker thread once; without a fresh engine per call, a batch's samples would depend
+    # on what was decoded before it (a resumed or sharded PT stage would draw other samples)
+    fresh_model("mbart", demo_data, tmp_path / "model")
+    export_model(tmp_path / "model", tmp_path / "ct2", quantization="float32")
+    engine = EngineModel(tmp_path / "ct2")
+    sources = [engine.tokenizer(text)["input_ids"] for text in demo_data["test"]["source"][:4]]
+    sample = DecodingConfig(strategy="sample", top_p=0.95, num_return_sequences=3, max_new_tokens=12)
+    first = engine.generate_texts(sources, sample, seed=5)
+    engine.generate_texts(sources[:2], sample, seed=7)
+    assert engine.generate_texts(sources, sample, seed=5) == first
+    assert engine.generate_texts(sources, sample, seed=6) != first
+    assert len({text for texts in first for text in texts}) > 6  # the samples vary
+
+
 def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):
     from nlgkd.cli import main
 
@@ -207,7 +222,7 @@ def test_an_export_is_for_evaluate_and_serve_and_a_recipe_says_so_before_running
     parse_recipe(tiny_recipe)  # evaluate takes models and exports
     tiny_recipe["stages"].append({"name": "student", "kind": "prune", "from": "teacher_int8"})
     with pytest.raises(RecipeError, match=r"'teacher_int8' gives an exported model, but a model is needed here; "
-                                          r"an export is evaluated or served, not trained"):
+                                          r"an export is evaluated or served \(or writes pseudo-targets with engine: ctranslate2\), not trained"):
         parse_recipe(tiny_recipe)
     tiny_recipe["stages"] = tiny_recipe["stages"][:2]
     tiny_recipe["stages"][1]["format"] = "onnx"

@@ -117,14 +117,15 @@ def test_sampled_pts_columns_and_k_differ(sampled):
     assert not (folder / "parts").exists()  # part files go once the dataset is written
 
 
-def test_two_processes_give_the_same_pts_as_one(tiny_trained, two_processes):
-    # pts2: sampled, 3 per input, 32 inputs in batches of 2; `tiny_trained` is conftest's run directory (this
-    # module's `trained` is another), where the 1-process run reads the same teacher
-    assert json.loads((two_processes / "pts2" / "stage.json").read_text())["world_size"] == 2
+@pytest.mark.parametrize("stage", ["pts2", "pts2_engine"])
+def test_two_processes_give_the_same_pts_as_one(tiny_trained, two_processes, stage):
+    # sampled, 3 per input, 32 inputs in batches of 2, by PyTorch and by CTranslate2; `tiny_trained` is
+    # conftest's run directory (this module's `trained` is another), where the 1-process run reads the same teacher
+    assert json.loads((two_processes / stage / "stage.json").read_text())["world_size"] == 2
     runner = Runner(parse_recipe(with_two_process_stages(tiny_trained)), runs_root=tiny_trained[1])
-    runner.run(only="pts2")
-    one = load_pseudo_targets(runner.run_dir / "pts2").to_list()
-    two = load_pseudo_targets(two_processes / "pts2").to_list()
+    runner.run(only=stage)
+    one = load_pseudo_targets(runner.run_dir / stage).to_list()
+    two = load_pseudo_targets(two_processes / stage).to_list()
     assert len(two) == len(one) > 0
     for a, b in zip(one, two):
         assert {k: v for k, v in a.items() if k != "score"} == {k: v for k, v in b.items() if k != "score"}
@@ -166,6 +167,96 @@ def test_pts_need_inputs_and_known_splits(trained, tmp_path):
         parse_recipe(recipe)
     recipe["stages"][0]["inputs"] = ["train", "unlabeled"]
     assert parse_recipe(recipe).instances[0].config.inputs == ["train"]
+
+
+# ------------------------------------------------------------------------------ through CTranslate2
+def without(rows: list[dict], *columns: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in columns} for r in rows]
+
+
+RANDOM_TEACHER = {"init": "fresh", "arch": "mbart", "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+                  "attention_heads": 2, "ffn_dim": 64, "vocab_size": 300}
+
+
+def test_float32_engine_pts_equal_transformers_pts(trained, tmp_path):
+    pytest.importorskip("ctranslate2")
+    # a teacher with random weights (a models: entry, so also the path that saves it before converting): long,
+    # arbitrary outputs, so any difference in decoding or scoring shows
+    recipe, root = copy.deepcopy(trained[0]), tmp_path / "runs"
+    recipe["models"]["rand"] = RANDOM_TEACHER
+    decodings = {"greedy": {"strategy": "greedy"},
+                 "beam": {"strategy": "beam", "num_beams": 3, "num_return_sequences": 2}}
+    for name, decoding in decodings.items():
+        common = {"kind": "pseudo_targets", "inputs": ["train"], "max_examples": 24,
+                  "decoding": {**decoding, "max_new_tokens": 16, "batch_size": 8}}
+        recipe["stages"] = [
+            {"name": f"{name}_torch", "teacher": "rand", **common},
+            {"name": f"{name}_engine", "teacher": "rand", "engine": "ctranslate2", **common},
+            {"name": "rand_ct2", "kind": "export", "model": "rand", "quantization": "float32"},
+            {"name": f"{name}_export", "teacher": "rand_ct2", "engine": "ctranslate2", **common}]
+        runner = Runner(parse_recipe(recipe), runs_root=root)
+        runner.run()
+        torch_rows = load_pseudo_targets(runner.run_dir / f"{name}_torch").to_list()
+        assert len(torch_rows) == 24 * (2 if name == "beam" else 1)
+        assert min(len(r["pt"]) for r in torch_rows) > 10  # long outputs: the comparison means something
+        for stage in (f"{name}_engine", f"{name}_export"):
+            rows = load_pseudo_targets(runner.run_dir / stage).to_list()
+            assert {r["teacher"] for r in rows} == {"rand_ct2" if stage.endswith("_export") else "rand"}
+            same = [a == b for a, b in zip(without(rows, "score", "teacher"), without(torch_rows, "score", "teacher"))]
+            if name == "greedy":
+                assert all(same), stage
+                # the engine scores each PT itself: the same mean token log-probability (EOS counted)
+                assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in torch_rows], abs=1e-4)
+            else:  # random weights tie often; a beam's second output may then end on another token
+                assert sum(same) >= 0.9 * len(same) and all(s for s, r in zip(same, rows) if r["pt_index"] == 0)
+                assert len(rows) == len(torch_rows), stage
+            record = json.loads((runner.run_dir / stage / "stage.json").read_text())["pseudo_targets"]
+            assert record["engine"] == "ctranslate2 float32"
+            assert not (runner.run_dir / stage / "engine").exists()  # the teacher's copy goes with the part files
+        assert json.loads((runner.run_dir / f"{name}_torch" / "stage.json").read_text())[
+            "pseudo_targets"]["engine"] == "transformers"
+
+
+ENGINE_SAMPLED = {**SAMPLED, "name": "pts_engine", "engine": "ctranslate2"}
+
+
+def test_killed_engine_run_resumes_to_the_same_pts(trained, tmp_path):
+    pytest.importorskip("ctranslate2")
+    whole = with_stages(trained, ENGINE_SAMPLED, root=tmp_path / "whole")
+    copy_teacher(trained, tmp_path / "whole")
+    whole.run(only="pts_engine")
+    expected = load_pseudo_targets(whole.run_dir / "pts_engine").to_list()
+    assert len({r["pt"] for r in expected}) > len(expected) // 3  # sampled: the outputs vary
+
+    root = tmp_path / "runs"
+    copy_teacher(trained, root)
+    write_recipe(trained, tmp_path / "r.yaml", ENGINE_SAMPLED)
+    parts = root / "tiny" / ".pts_engine.partial" / "parts"
+    kill_once(["run", str(tmp_path / "r.yaml"), "--stage", "pts_engine", "--runs-dir", str(root)], tmp_path,
+              ready=lambda: bool(list(parts.glob("part-*.json"))), what="give it more batches")
+    written = len(list(parts.glob("part-*.json")))
+    assert 1 <= written < 16
+    runner = with_stages(trained, ENGINE_SAMPLED, root=root)
+    runner.run(only="pts_engine")
+    info = json.loads((root / "tiny" / "pts_engine" / "stage.json").read_text())["pseudo_targets"]
+    assert info["resumed_batches"] >= written and info["resumed_batches"] + info["made_batches"] == 16
+    resumed = load_pseudo_targets(root / "tiny" / "pts_engine").to_list()
+    assert without(resumed, "score") == without(expected, "score")
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_the_engine_refuses_what_it_cannot_decode_when_the_recipe_is_read(trained):
+    recipe = copy.deepcopy(trained[0])
+    stage = {"name": "pts", "kind": "pseudo_targets", "teacher": "teacher", "engine": "ctranslate2",
+             "decoding": {"strategy": "diverse_beam", "num_beams": 4}}
+    recipe["stages"] = [stage]
+    with pytest.raises(RecipeError, match=r"engine: ctranslate2: decoding.strategy: 'diverse_beam' is not available"):
+        parse_recipe(recipe)
+    stage["decoding"] = {"strategy": "sample", "repetition_penalty": 1.2}
+    with pytest.raises(RecipeError, match=r"decoding.repetition_penalty: .* or use engine: transformers"):
+        parse_recipe(recipe)
+    stage["decoding"] = {"strategy": "sample", "top_k": 20, "top_p": 0.9, "temperature": 0.8}
+    assert parse_recipe(recipe).instances[0].config.engine == "ctranslate2"
 
 
 # ---------------------------------------------------------------------------------------- augment

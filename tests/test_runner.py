@@ -340,8 +340,9 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
 
     tiny_recipe["stages"].append({"name": "distill", "kind": "distill", "student": "teacher", "teacher": "teacher",
                                   "objective": "logits_kd", "joint_teaching": {"student_ratio": 0.5}})
+    tiny_recipe["stages"].append({"name": "pts", "kind": "pseudo_targets", "teacher": "teacher"})
     runner = Runner(parse_recipe(copy.deepcopy(tiny_recipe)), runs_root=tmp_path)
-    teacher, evaluate, distill = runner.recipe.stages
+    teacher, evaluate, distill, pts = runner.recipe.stages
     # what an earlier nlgkd hashed: the same config without the added fields
     before = {name: to_dict(stage.config) for name, stage in (("teacher", teacher), ("distill", distill))}
     decoding_fields = ("early_stopping", "min_new_tokens", "repetition_penalty", "forced_bos_token", "from_checkpoint")
@@ -351,13 +352,16 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     jt = before["distill"]["joint_teaching"]
     del jt["steps_per_draw"], jt["stop_share"]
     before["evaluate"] = to_dict(evaluate.config)
-    for decoding in (jt["decoding"], before["evaluate"]["decoding"]):
+    before["pts"] = to_dict(pts.config)
+    del before["pts"]["engine"], before["pts"]["engine_quantization"]
+    for decoding in (jt["decoding"], before["evaluate"]["decoding"], before["pts"]["decoding"]):
         for key in decoding_fields:
             del decoding[key]
     assert runner.fingerprint_parts(teacher)["config"] == before["teacher"]
     assert runner.fingerprint_parts(distill)["config"] == before["distill"]
     assert runner.fingerprint_parts(evaluate)["config"] == before["evaluate"]
-    assert len(ADDED_FIELDS_AT_DEFAULT) == 2 + 2 + 2 * len(decoding_fields)
+    assert runner.fingerprint_parts(pts)["config"] == before["pts"]
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 2 + 2 + 2 + 2 * len(decoding_fields)
     # speed settings are never hashed
     for key, value in (("compile", True), ("fused_adamw", "no")):
         changed = copy.deepcopy(tiny_recipe)
@@ -368,13 +372,15 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     for path in ADDED_FIELDS_AT_DEFAULT:
         changed = copy.deepcopy(tiny_recipe)
         *parents, leaf = path.split(".")
-        index = 1 if path.startswith("decoding.") else 2  # the evaluate stage's decoding, else the distill stage
+        # the PT stage's engine fields, the evaluate stage's decoding, else the distill stage
+        index = 3 if path.startswith("engine") else 1 if path.startswith("decoding.") else 2
         node = changed["stages"][index]
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = {"group_by_length": True, "steps_per_draw": 2, "stop_share": 0.9, "early_stopping": False,
                       "validation_decoding": {"strategy": "beam"}, "min_new_tokens": 2, "repetition_penalty": 1.2,
-                      "forced_bos_token": "<s>", "from_checkpoint": ["min_length"]}[leaf]
+                      "forced_bos_token": "<s>", "from_checkpoint": ["min_length"], "engine": "ctranslate2",
+                      "engine_quantization": "int8"}[leaf]
         other = Runner(parse_recipe(changed), runs_root=tmp_path)
         assert short_hash(other.fingerprint_parts(other.recipe.stages[index])) != \
             short_hash(runner.fingerprint_parts(runner.recipe.stages[index])), path

@@ -14,6 +14,13 @@ rename, so a part file is whole or absent). A re-run with the same fingerprint f
 the missing batches; since batch j is always seeded with seed + j, the result equals an uninterrupted run.
 The part files are removed once the final dataset is written.
 
+With `engine: ctranslate2` a CTranslate2 copy of the teacher (converted into the stage's folder as `engine/`,
+`engine_quantization` float32 by default; a teacher that is an export stage is used as it is) decodes and scores
+instead of PyTorch, through the same `generate`, batches, seeds and part files. What repeats: float32 greedy and
+beam PTs are the PyTorch teacher's (ties apart), and their scores agree to 1e-4; sampled ones are CTranslate2's
+own draws, the same for a given seed on one machine whatever the process count or a resume (`EngineModel`
+samples each batch from a freshly seeded engine), but not PyTorch's draws.
+
 The artifact, `dataset/`, and reading it back: `nlgkd/pseudo_target_data.py`. With `teacher_api:` an LLM
 behind an OpenAI-compatible API writes the same dataset (`nlgkd/stages/pseudo_targets_api.py`).
 """
@@ -93,8 +100,12 @@ def run(ctx) -> None:
         return run_api(ctx)
     acc = ctx.accelerator
     inputs = collect_inputs(ctx)
-    model, tokenizer = ctx.load_model(cfg.teacher)
-    model.to(acc.device).eval()
+    if cfg.engine == "ctranslate2":
+        model = engine_teacher(ctx)
+        tokenizer = model.tokenizer
+    else:
+        model, tokenizer = ctx.load_model(cfg.teacher)
+        model.to(acc.device).eval()
     data_cfg = ctx.recipe.data
     encoded, truncated = encode(datasets.Dataset.from_list([{"source": r["source"]} for r in inputs]), tokenizer,
                                 data_cfg.max_source_length, data_cfg.max_target_length)
@@ -112,6 +123,7 @@ def run(ctx) -> None:
         shutil.rmtree(target, ignore_errors=True)  # left by a run killed while saving
         datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(target))
         shutil.rmtree(ctx.out_dir / "parts")
+        shutil.rmtree(ctx.out_dir / ENGINE_COPY, ignore_errors=True)  # the teacher's engine copy, if made here
     per_origin = {}
     for r in inputs:
         per_origin[r["origin"]] = per_origin.get(r["origin"], 0) + 1
@@ -119,6 +131,7 @@ def run(ctx) -> None:
         "inputs": per_origin,
         "outputs_per_input": decoding.num_return_sequences,
         "generation_settings": effective_settings(decoding, model, tokenizer),
+        "engine": "transformers" if isinstance(model, torch.nn.Module) else model.backend,
         "pts_written": len(rows),
         "empty_dropped": empty,
         "duplicates_dropped": duplicates,
@@ -129,6 +142,38 @@ def run(ctx) -> None:
                f"{empty} empty outputs dropped; duplicates kept, as decoding.dedup is off")
     ctx.log(f"wrote {len(rows)} pseudo-targets for {len(inputs)} inputs ({dropped}) in {stats['seconds']:.1f}s")
     log_examples(ctx, inputs, outputs)
+
+
+ENGINE_COPY = "engine"  # the teacher's CTranslate2 copy, in the stage's folder while it runs
+
+
+def engine_teacher(ctx):
+    """The teacher as a CTranslate2 model (nlgkd/engine.py): the export stage it names, or a copy converted into
+    the stage's folder (`engine/`; a resumed run finds it whole or converts again; removed with the part files)."""
+    from ..engine import EngineModel, is_export
+    from .export import convert_named
+
+    cfg, acc = ctx.config, ctx.accelerator
+    kind, _ = ctx.recipe.resolve(cfg.teacher, before=ctx.stage.index)
+    if kind == "stage" and is_export(ctx.artifact_dir(cfg.teacher)):
+        folder = ctx.artifact_dir(cfg.teacher)
+    else:
+        folder = ctx.out_dir / ENGINE_COPY
+        if acc.is_main_process and not is_export(folder):
+            staging = ctx.out_dir / f".{ENGINE_COPY}.partial"  # renamed once whole: a kill leaves no half copy
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            manifest = convert_named(ctx, cfg.teacher, staging, "ctranslate2", cfg.engine_quantization)
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+            ctx.log(f"teacher {cfg.teacher!r} converted to CTranslate2 {cfg.engine_quantization} "
+                    f"({manifest['weights_mb']:.1f} MB) for decoding")
+        acc.wait_for_everyone()
+    engine = EngineModel(folder, device=acc.device.type, device_index=acc.device.index or 0)
+    if not engine.encoder_decoder:
+        raise ValueError(f"engine: ctranslate2: teacher {cfg.teacher!r} is a decoder-only model, which the engine "
+                         "path does not score yet; use engine: transformers for it")
+    return engine
 
 
 def dry_run(ctx) -> None:
@@ -177,8 +222,10 @@ def generate_with_parts(ctx, model, tokenizer, source_ids, decoding):
         started = time.perf_counter()
         flat = [text for texts in outputs for text in texts]
         flat_sources = [source_ids[i] for i in indices for _ in range(k)]
-        flat_scores = mean_logprobs(model, tokenizer, flat_sources, flat, max_target_length,
-                                    chunk=max(1, decoding.batch_size))
+        chunk = max(1, decoding.batch_size)
+        flat_scores = (mean_logprobs(model, tokenizer, flat_sources, flat, max_target_length, chunk)
+                       if isinstance(model, torch.nn.Module) else
+                       model.mean_logprobs(flat_sources, flat, max_target_length, chunk))
         scores = [flat_scores[n * k : (n + 1) * k] for n in range(len(indices))]
         score_seconds += time.perf_counter() - started
         made_scores[j] = scores

@@ -1,0 +1,153 @@
+"""Pseudo-targets through CTranslate2 vs transformers: generation speed side by side, and the student distilled
+from each engine's PTs with the same steps (speed at equal quality).
+
+    python eval/bench_pt_engine.py                                  # the demo: speed, then the three students
+    python eval/bench_pt_engine.py --speed-only --teacher runs/own_data/teacher \\
+        --data ../shared/data/shakespeare --source-column original  # speed on another teacher and its inputs
+
+Speed. The teacher (default: the demo's, from RUNS_DIR/demo, trained first if missing) writes PTs for --inputs
+sources (the demo's train and unlabeled inputs, or the --data folder's train.jsonl and unlabeled.jsonl) with the
+two PT decodings the shipped recipes use: sampling (top_p 0.95, K = 2: recipes/demo.yaml) and beam search (4
+beams, K = 1: recipes/own_data.yaml). Methods: transformers (PyTorch `generate`), CTranslate2 float32 and
+CTranslate2 int8 (the teacher converted with `nlgkd export`), all through `nlgkd.generation.generate` (the
+PT stage's length-bucketed batches). They take turns for --rounds rounds, so background load hits them alike;
+the median sequences/s and the ratio to transformers are printed, and the share of PTs equal to transformers'
+(beam; float32 should be ~100%). Threads: --threads (default 2), the same for both engines.
+
+Quality (the demo, skipped with --speed-only). Three pseudo_targets stages with the demo's PT decoding (engine
+transformers, ctranslate2 float32, ctranslate2 int8), a distill stage from each with the demo's distill settings
+(same student, steps, batch and lr), one evaluate stage of the three on the test split. Goal (issue 31): engine
+PTs >= 4x transformers at 2 threads, and the student from them within 0.5 BLEU of the one from transformers PTs.
+Needs the export extra (pip install -e ".[export]").
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from common import ROOT, demo_with
+
+DECODINGS = {
+    "sample K=2": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 2, "batch_size": 64,
+                   "max_new_tokens": 48},
+    "beam 4": {"strategy": "beam", "num_beams": 4, "num_return_sequences": 1, "batch_size": 64,
+               "max_new_tokens": 48},
+}
+QUANTIZATIONS = ("float32", "int8")
+
+
+def read_sources(data: Path, column: str, n: int) -> list[str]:
+    """The first `n` sources of data/train.jsonl then data/unlabeled.jsonl (`column` holds the input)."""
+    texts = []
+    for name in ("train.jsonl", "unlabeled.jsonl"):
+        path = data / name
+        if path.exists():
+            texts += [json.loads(line)[column] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return texts[:n]
+
+
+def demo_sources(runner, n: int) -> list[str]:
+    """The first `n` of the demo's train then unlabeled sources (as the demo's PT stage reads them)."""
+    data = runner.data()
+    return (list(data["train"]["source"]) + list(data["unlabeled"]["source"]))[:n]
+
+
+def speed(teacher_dir: Path, sources: list[str], rounds: int) -> None:
+    from accelerate import Accelerator
+
+    from nlgkd.config import DecodingConfig
+    from nlgkd.data import truncate
+    from nlgkd.engine import EngineModel
+    from nlgkd.export import export_model
+    from nlgkd.generation import generate
+    from nlgkd.models import load_pretrained
+
+    model, tokenizer = load_pretrained(str(teacher_dir))
+    model.eval()
+    source_ids = [truncate(ids, 64) for ids in tokenizer(sources)["input_ids"]]
+    accelerator = Accelerator(cpu=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        methods = {"transformers": model}
+        for quantization in QUANTIZATIONS:
+            export_model(teacher_dir, Path(tmp) / quantization, quantization=quantization)
+            methods[f"ctranslate2 {quantization}"] = EngineModel(Path(tmp) / quantization)
+        print(f"teacher {teacher_dir} ({model.num_parameters():,} parameters), {len(source_ids)} inputs, "
+              f"{torch.get_num_threads()} thread(s)")
+        for label, fields in DECODINGS.items():
+            decoding = DecodingConfig(**fields)
+            seconds: dict[str, list[float]] = {name: [] for name in methods}
+            outputs = {}
+            for _ in range(rounds):
+                for name, decoder in methods.items():  # the methods take turns
+                    started = time.perf_counter()
+                    outputs[name] = generate(decoder, tokenizer, source_ids, decoding, accelerator, seed=0,
+                                             progress=False)
+                    seconds[name].append(time.perf_counter() - started)
+            sequences = len(source_ids) * decoding.num_return_sequences
+            base = sequences / statistics.median(seconds["transformers"])
+            print(f"\n{label}:")
+            for name in methods:
+                rate = sequences / statistics.median(seconds[name])
+                same = sum(a == b for a, b in zip(outputs[name], outputs["transformers"])) / len(source_ids)
+                agreement = f"  {100 * same:5.1f}% of inputs' PTs equal transformers'" if decoding.strategy != "sample" else ""
+                print(f"  {name:20s} {rate:8.1f} seq/s  {rate / base:5.2f}x{agreement}")
+
+
+def quality(runs_dir: str, overrides: list[str]) -> None:
+    raw = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    by_name = {s["name"]: s for s in raw["stages"]}
+    stages, students = [], []
+    for engine in ("transformers", *(f"ctranslate2 {q}" for q in QUANTIZATIONS)):
+        suffix = "" if engine == "transformers" else "_" + engine.split()[1]
+        pts = {**copy.deepcopy(by_name["pts"]), "name": f"pts{suffix}"}
+        if engine != "transformers":
+            pts.update(engine="ctranslate2", engine_quantization=engine.split()[1])
+        distill = {**copy.deepcopy(by_name["distill"]), "name": f"distill{suffix}", "pseudo_targets": [pts["name"]]}
+        stages += [pts, distill]
+        students.append(distill["name"])
+    stages.append({"name": "bench_pt_engine_eval", "kind": "evaluate", "models": students, "timing_passes": 0,
+                   "decoding": copy.deepcopy(by_name["eval"]["decoding"])})
+    runner = demo_with(stages, runs_dir=runs_dir, overrides=overrides)
+    metrics = json.loads((runner.run_dir / "bench_pt_engine_eval" / "metrics.json").read_text())
+    print("\nstudents distilled from each engine's PTs (demo distill settings, same steps), test split:")
+    for pts_name, student in zip([s["name"] for s in stages if s["kind"] == "pseudo_targets"], students):
+        record = json.loads((runner.run_dir / pts_name / "stage.json").read_text())["pseudo_targets"]
+        print(f"  {student:17s} BLEU {metrics[student]['bleu']:6.2f} ({metrics[student]['bleu'] - metrics[students[0]]['bleu']:+.2f})"
+              f"   its PTs: {record.get('engine', 'transformers'):20s} {record['seconds']:7.1f} s "
+              f"({record['sequences_per_s']:.1f} seq/s, generation and scoring, as the stage ran)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--teacher", help="a teacher folder (default: RUNS_DIR/demo/teacher)")
+    parser.add_argument("--data", type=Path, help="a data folder whose train/unlabeled.jsonl sources to decode")
+    parser.add_argument("--source-column", default="source")
+    parser.add_argument("--inputs", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override the demo recipe (a smoke run shrinks it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runner = None
+    if args.teacher is None or args.data is None or not args.speed_only:
+        runner = demo_with([], runs_dir=args.runs_dir, overrides=args.set)  # the demo's teacher, trained if missing
+    teacher = Path(args.teacher) if args.teacher else runner.run_dir / "teacher"
+    sources = read_sources(args.data, args.source_column, args.inputs) if args.data else demo_sources(runner, args.inputs)
+    speed(teacher, sources, args.rounds)
+    if not args.speed_only:
+        quality(args.runs_dir, args.set)
+
+
+if __name__ == "__main__":
+    main()
