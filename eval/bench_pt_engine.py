@@ -18,6 +18,9 @@ Quality (the demo, skipped with --speed-only). Three pseudo_targets stages with 
 transformers, ctranslate2 float32, ctranslate2 int8), a distill stage from each with the demo's distill settings
 (same student, steps, batch and lr), one evaluate stage of the three on the test split. Goal (issue 31): engine
 PTs >= 4x transformers at 2 threads, and the student from them within 0.5 BLEU of the one from transformers PTs.
+Encoder reuse (the demo's student and teacher). A distill step (logits KD and gold cross-entropy, forward and
+backward) on 32 targets, K = 1, 2, 4 per source: every target re-encodes its source (pt_schedule: all) vs each
+source encoded once (all_together); the methods take turns, median ms and the ratio. Goal: <= 0.6x at K = 4.
 Needs the export extra (pip install -e ".[export]").
 """
 from __future__ import annotations
@@ -125,6 +128,47 @@ def quality(runs_dir: str, overrides: list[str]) -> None:
               f"({record['sequences_per_s']:.1f} seq/s, generation and scoring, as the stage ran)")
 
 
+def encoder_reuse(run_dir: Path, rounds: int, rows: int = 32) -> None:
+    """A distill step (logits KD + gold CE, forward and backward, the demo's student and teacher) on `rows`
+    targets, K per source, each source re-encoded per target (pt_schedule: all) vs encoded once (all_together)."""
+    from nlgkd.config import DistillConfig
+    from nlgkd.data import collate, encode
+    from nlgkd.models import load_pretrained
+    from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
+
+    student, tokenizer = load_pretrained(str(run_dir / "student"))
+    teacher, _ = load_pretrained(str(run_dir / "teacher"))
+    teacher.eval()
+    import datasets
+
+    from nlgkd.demo_task import make_demo_splits
+
+    pairs = make_demo_splits({"train": 4 * rows, "validation": 0, "test": 0, "unlabeled": 0}, seed=1)["train"]
+    encoded = list(encode(datasets.Dataset.from_list(pairs), tokenizer, 64, 64)[0])
+    model = StudentWithProjections(student, {})
+    print(f"\ndistill step, {rows} targets per batch, K per source (student {student.num_parameters():,}, "
+          f"teacher {teacher.num_parameters():,} parameters):")
+    for k in (1, 2, 4):
+        examples = [{"source_ids": encoded[i // k]["source_ids"], "target_ids": encoded[rows + i]["target_ids"]}
+                    for i in range(rows)]
+        batch = collate(examples, pad_id=tokenizer.pad_token_id, causal=False)
+        normalizer = (batch["labels"] != -100).sum()
+        losses = {schedule: make_loss(DistillConfig(student="student", teacher="teacher", objective="logits_kd",
+                                                    pt_schedule=schedule), [teacher], causal=False)
+                  for schedule in ("all", "all_together")}
+        seconds: dict[str, list[float]] = {schedule: [] for schedule in losses}
+        for _ in range(rounds * 5):
+            for schedule, compute_loss in losses.items():  # the two take turns
+                started = time.perf_counter()
+                loss, _ = compute_loss(model, batch, normalizer)
+                loss.backward()
+                seconds[schedule].append(time.perf_counter() - started)
+                model.zero_grad(set_to_none=True)
+        ratio = statistics.median(seconds["all_together"]) / statistics.median(seconds["all"])
+        print(f"  K = {k}: re-encoding {1000 * statistics.median(seconds['all']):7.1f} ms, encoded once "
+              f"{1000 * statistics.median(seconds['all_together']):7.1f} ms: {ratio:.2f}x (goal at K = 4: <= 0.6x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", default="runs")
@@ -145,6 +189,8 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else runner.run_dir / "teacher"
     sources = read_sources(args.data, args.source_column, args.inputs) if args.data else demo_sources(runner, args.inputs)
     speed(teacher, sources, args.rounds)
+    if runner is not None:
+        encoder_reuse(runner.run_dir, args.rounds)
     if not args.speed_only:
         quality(args.runs_dir, args.set)
 

@@ -440,8 +440,8 @@ class DistillConfig(TrainArgs):
     gold: bool = field(default=True, metadata=doc("train on the gold targets"))
     pseudo_targets: list[str] = field(
         default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
-    pt_schedule: Literal["cycle", "all"] = field(
-        default="cycle", metadata=doc("cycle: epoch e uses PT number e mod K (the study); all: every PT each epoch"))
+    pt_schedule: Literal["cycle", "all", "all_together"] = field(default="cycle", metadata=doc(
+        "cycle: epoch e uses PT e mod K (the study); all: every PT each epoch; all_together: all, an input's PTs in one batch, its source encoded once"))
     joint_teaching: Optional[JointTeachingConfig] = field(default=None, metadata=doc(
         "Joint-Teaching (study stage S8): also KD on prefixes the student samples itself; off when absent"))
     cached_teacher: Optional[str] = field(

@@ -314,7 +314,9 @@ def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn,
     real examples from the epoch's start (`even_batches`), which then count twice, and N processes would no
     longer train like 1."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    if group_by_length:
+    if len(train_data) and isinstance(train_data[0], dict) and "group" in train_data[0]:
+        order = grouped_order(train_data, batch_size, generator, group_by_length)
+    elif group_by_length:
         lengths = [len(ex["source_ids"]) + len(ex["target_ids"]) for ex in train_data]
         order = length_grouped_order(lengths, batch_size, generator)
     else:
@@ -323,6 +325,25 @@ def epoch_loader(train_data, epoch: int, seed: int, batch_size: int, collate_fn,
     data = ToppedUp(Subset(train_data, order), missing)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     return accelerator.prepare_data_loader(loader)
+
+
+def grouped_order(train_data: list[dict], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool) -> list[int]:
+    """A shuffled order that keeps the examples of one `group` (an input's pseudo-targets, `pt_schedule:
+    all_together`) side by side, so that a batch holds them together and their source is encoded once; with
+    `group_by_length`, neighbouring groups have similar lengths (`length_grouped_order` over whole groups)."""
+    members: dict[int, list[int]] = {}
+    for i, example in enumerate(train_data):
+        members.setdefault(example["group"], []).append(i)
+    groups = list(members.values())
+    if group_by_length:
+        lengths = [max(len(train_data[i]["source_ids"]) + len(train_data[i]["target_ids"]) for i in g)
+                   for g in groups]
+        groups_per_batch = max(1, round(batch_size * len(groups) / len(train_data)))
+        picked = length_grouped_order(lengths, groups_per_batch, generator)
+    else:
+        picked = torch.randperm(len(groups), generator=generator).tolist()
+    return [i for g in picked for i in groups[g]]
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator,

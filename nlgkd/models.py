@@ -226,11 +226,45 @@ def forward_on_targets(model, batch: dict, **kwargs):
     if config.is_encoder_decoder:
         start = config.decoder_start_token_id
         decoder_input_ids = shift_right(labels, config.pad_token_id, start)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    decoder_input_ids=decoder_input_ids, use_cache=False, **kwargs)
+        sources = {"input_ids": batch["input_ids"]}
+        if "source_index" in batch:  # each distinct source encoded once (`with_shared_sources`)
+            sources = {"encoder_outputs": encoded_once(model, batch, **kwargs)}
+        out = model(**sources, attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids,
+                    use_cache=False, **kwargs)
         return out.logits, out
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
     return at_target_positions(out.logits, batch), out
+
+
+def with_shared_sources(batch: dict) -> dict:
+    """The batch plus what `forward_on_targets` needs to encode each distinct source once: `unique_input_ids` and
+    `unique_attention_mask` [U, S] (the first row of each distinct source) and `source_index` [B] (each row's
+    source among them). For several targets of one source (K pseudo-targets, `pt_schedule: all_together`)."""
+    input_ids = batch["input_ids"]
+    _, source_index = torch.unique(input_ids, dim=0, return_inverse=True)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    first = torch.full((int(source_index.max()) + 1,), input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    first = first.scatter_reduce(0, source_index, rows, reduce="amin")
+    return {**batch, "source_index": source_index, "unique_input_ids": input_ids[first],
+            "unique_attention_mask": batch["attention_mask"][first]}
+
+
+def encoded_once(model, batch: dict, output_hidden_states: bool = False, output_attentions: bool = False):
+    """The encoder's outputs for the batch's distinct sources, computed once and repeated for every row that
+    shares one ([U, S, D] -> [B, S, D], hidden states and attentions alike): gradients from every target of a
+    source add up in its one encoder pass, as they would over K separate passes."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = getattr(model, "module", model).get_encoder()
+    out = encoder(input_ids=batch["unique_input_ids"], attention_mask=batch["unique_attention_mask"],
+                  output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
+    index = batch["source_index"]
+
+    def repeat(tensors):
+        return None if tensors is None else tuple(t.index_select(0, index) for t in tensors)
+
+    return BaseModelOutput(last_hidden_state=out.last_hidden_state.index_select(0, index),
+                           hidden_states=repeat(out.hidden_states), attentions=repeat(out.attentions))
 
 
 def at_target_positions(sequence: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -2,6 +2,7 @@
 at matching the teacher, bad pairs are refused before training."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -278,3 +279,116 @@ def test_tinybert_projections_start_from_the_stage_seed(trained):
     other = with_projections(cfg, student, [teacher], seed=1).projections.state_dict()
     assert not all(torch.equal(made[0][k], other[k]) for k in made[0])
 
+
+
+# ------------------------------------------------------------------------------ each source encoded once
+def k_targets_per_source(trained, k: int = 4, sources: int = 3):
+    """A collated batch of `sources` sources with `k` different targets each (rows of one source side by side),
+    the tiny student and teacher, with dropout off so both paths compute the same function."""
+    from nlgkd.config import DistillConfig
+
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    teacher, _ = load_pretrained(str(root / "tiny" / "teacher"))
+    splits, _ = load_splits(parse_recipe(recipe).data)
+    encoded, _ = encode(splits["train"], tokenizer, 48, 48)
+    rows = list(encoded)
+    examples = [{"source_ids": rows[s]["source_ids"], "target_ids": rows[sources + s * k + j]["target_ids"]}
+                for s in range(sources) for j in range(k)]
+    batch = collate(examples, pad_id=tokenizer.pad_token_id, causal=False)
+    for model in (student, teacher):
+        model.eval()  # dropout off; gradients still flow
+    return student, teacher, batch, DistillConfig
+
+
+@pytest.mark.parametrize("hidden", [None, {"loss": "pkd", "sides": ["encoder", "decoder"], "layer_map": "last"}])
+def test_encoding_each_source_once_gives_the_re_encoding_gradients(trained, hidden):
+    from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
+
+    student, teacher, batch, DistillConfig = k_targets_per_source(trained)
+    normalizer = (batch["labels"] != -100).sum()
+    results = {}
+    for schedule in ("all", "all_together"):
+        from nlgkd.config import HiddenKD
+
+        cfg = DistillConfig(student="student", teacher="teacher", objective="logits_kd", alpha=0.3,
+                            temperature=2.0, pt_schedule=schedule, hidden=hidden and HiddenKD(**hidden))
+        model = StudentWithProjections(copy.deepcopy(student), {})
+        with encoder_rows(model.student) as student_rows, encoder_rows(teacher) as teacher_rows:
+            loss, logs = make_loss(cfg, [teacher], causal=False)(model, batch, normalizer)
+        # 3 sources with 4 targets each: 3 encoder rows when each source is encoded once, else 12
+        assert student_rows == teacher_rows == [3 if schedule == "all_together" else 12]
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[schedule] = (loss.detach(), logs, grads)
+    (loss_all, logs_all, grads_all), (loss_once, logs_once, grads_once) = results["all"], results["all_together"]
+    assert loss_once == pytest.approx(loss_all.item(), abs=1e-5)
+    assert logs_once == pytest.approx(logs_all, abs=1e-5)
+    encoder = [name for name in grads_all if ".encoder." in name]
+    assert encoder and set(grads_once) == set(grads_all)
+    for name in grads_all:  # the encoder's gradients sum the K targets' contributions, as K passes do
+        assert torch.allclose(grads_once[name], grads_all[name], atol=1e-5), name
+
+
+def test_with_shared_sources_encodes_each_distinct_source_once(trained):
+    from nlgkd.models import forward_on_targets, with_shared_sources
+
+    student, _, batch, _ = k_targets_per_source(trained, k=4, sources=3)
+    shared = with_shared_sources(batch)
+    assert shared["unique_input_ids"].shape[0] == 3
+    assert torch.equal(shared["unique_input_ids"][shared["source_index"]], batch["input_ids"])
+    with torch.no_grad(), encoder_rows(student) as rows:
+        logits_once, _ = forward_on_targets(student, shared)
+        logits_each, _ = forward_on_targets(student, batch)
+    assert rows == [3, 12]
+    assert torch.allclose(logits_once, logits_each, atol=1e-5)
+
+
+@contextlib.contextmanager
+def encoder_rows(model):
+    """The number of rows each pass of `model`'s encoder reads, as a list filled while the block runs."""
+    rows = []
+    handle = model.get_encoder().register_forward_hook(
+        lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def test_all_together_keeps_an_inputs_pts_side_by_side():
+    from nlgkd.loop import grouped_order
+    from nlgkd.stages.distill_data import with_pseudo_targets
+
+    groups = [[{"source_ids": [g] * (1 + g % 5), "target_ids": [g, j], "input": g} for j in range(3)] for g in range(40)]
+    gold = [{"source_ids": [100 + i], "target_ids": [i]} for i in range(10)]
+    data = with_pseudo_targets(lambda epoch: gold, groups, "all_together")(0)
+    assert len(data) == 10 + 40 * 3
+    for by_length in (False, True):
+        order = grouped_order(data, 12, torch.Generator().manual_seed(0), by_length)
+        assert sorted(order) == list(range(len(data)))  # each example once
+        seen = [data[i]["group"] for i in order]
+        runs = [g for i, g in enumerate(seen) if i == 0 or seen[i - 1] != g]
+        assert len(runs) == len(set(seen)) == 50  # every group in one run of neighbours
+        assert order != sorted(order)  # shuffled
+
+
+def test_a_distill_stage_trains_on_all_pts_together(trained):
+    pts = {"name": "pts_k3", "kind": "pseudo_targets", "teacher": "teacher", "inputs": ["train"], "max_examples": 32,
+           "decoding": {"strategy": "sample", "num_return_sequences": 3, "max_new_tokens": 12, "batch_size": 16}}
+    runner, _ = with_stage(trained, pts, distill_stage("kd_together", pseudo_targets=["pts_k3"], gold=False,
+                                                       pt_schedule="all_together", batch_size=12, max_steps=4))
+    runner.run(only="pts_k3")
+    runner.run(only="kd_together")
+    record = json.loads((runner.run_dir / "kd_together" / "stage.json").read_text())
+    assert record["status"] == "done" and record["train"]["steps"] == 4
+    # a decoder-only student has no encoder to share: refused before training, naming the field
+    from types import SimpleNamespace
+
+    from nlgkd.config import DistillConfig
+    from nlgkd.stages.distill import check_distill_setup
+
+    decoder_only = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False, model_type="gpt2"))
+    cfg = DistillConfig(student="student", objective="finetune", pt_schedule="all_together")
+    with pytest.raises(ValueError, match="pt_schedule: all_together encodes each source once, but student"):
+        check_distill_setup(cfg, decoder_only, [], None, [], [])

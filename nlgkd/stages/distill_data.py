@@ -31,10 +31,15 @@ def cached_training_data(cache, cfg, log):
 
 def with_pseudo_targets(gold_for_epoch, groups: list[list[dict]], pt_schedule: str):
     """epoch -> gold examples plus pseudo-targets; `groups` holds each input's K PTs. `cycle` gives each input
-    its PT number (epoch mod K), as in the study; `all` gives all K every epoch."""
+    its PT number (epoch mod K), as in the study; `all` gives all K every epoch; `all_together` too, with each
+    example's `group` (an input's PTs share one; the loop keeps a group side by side: `nlgkd.loop.grouped_order`)."""
     if pt_schedule == "all":
         every_pt = [row for rows in groups for row in rows]
         return lambda epoch: gold_for_epoch(epoch) + every_pt
+    if pt_schedule == "all_together":
+        grouped = [{**row, "group": g} for g, rows in enumerate(groups) for row in rows]
+        return lambda epoch: [{**row, "group": len(groups) + i} for i, row in enumerate(gold_for_epoch(epoch))] \
+            + grouped
     return lambda epoch: gold_for_epoch(epoch) + [rows[epoch % len(rows)] for rows in groups]
 
 

@@ -17,7 +17,7 @@ from ..feature_losses import (attention_score_mse, cosine_hidden_loss, layer_map
                               tinybert_hidden_loss)
 from ..hooks import QKVCapture, attentions, hidden_states
 from ..losses import cross_entropy_loss, kd_loss, logits_mse_loss, sparse_kd_loss
-from ..models import at_target_positions, forward_on_targets
+from ..models import at_target_positions, forward_on_targets, with_shared_sources
 
 
 # ------------------------------------------------------------------------- what each recipe word computes
@@ -127,6 +127,8 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
     def compute_loss(model, batch, normalizer):
         if soft_targets is not None:
             batch = {**batch, **soft_targets(batch)}
+        if cfg.pt_schedule == "all_together" and not causal:
+            batch = with_shared_sources(batch)  # the student and the teachers encode each source once
         unwrapped = getattr(model, "module", model)
         with ExitStack() as hooks:
             s_cap = t_caps = None
