@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 
+from .config_blocks import (AttentionKD, DecodingConfig, DenoisingConfig, HiddenKD, JointTeachingConfig,  # noqa: F401
+                            Quantization)
 from .engine_decoding import ctranslate2_refusal
 from .schema import RecipeError, bounds, doc, ref
 
@@ -143,46 +145,6 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------- stages
-# CTranslate2's weight types (export stages, engine pseudo-targets)
-Quantization = Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32"]
-
-
-@dataclass(kw_only=True)
-class DecodingConfig:
-    """How text is generated on every path; `nlgkd.generation.generation_config` makes it one explicit
-    GenerationConfig (the checkpoint's own contributes its token ids and what `from_checkpoint` names)."""
-
-    strategy: Literal["greedy", "beam", "diverse_beam", "sample"] = field(default="greedy", metadata=doc(
-        "greedy; beam (num_beams); diverse_beam (num_beams in num_beam_groups); sample (temperature, top_k, "
-        "top_p)"))
-    num_beams: int = field(default=4, metadata=doc("beam, diverse_beam: beams per input", ge=1))
-    num_beam_groups: int = field(default=2, metadata=doc("diverse beam: groups", ge=1))
-    diversity_penalty: float = field(default=0.5, metadata=doc("diverse beam: penalty", ge=0))
-    length_penalty: float = field(default=1.0, metadata=doc("beam: > 1 favours longer outputs, < 1 shorter"))
-    early_stopping: bool = field(default=True, metadata=doc(
-        "beam: end once num_beams outputs have ended (true); false: transformers' default heuristic, which goes on "
-        "while a better output is still likely"))
-    temperature: float = field(default=1.0, metadata=doc("sample: softmax temperature", gt=0))
-    top_k: int = field(default=0, metadata=doc("sample: keep the k likeliest tokens (0: off, the whole vocabulary)", ge=0))
-    top_p: float = field(default=1.0, metadata=doc("sample: nucleus; keep the likeliest tokens up to this mass", gt=0, le=1))
-    num_return_sequences: int = field(default=1, metadata=doc("K outputs per input", ge=1))
-    max_new_tokens: Optional[int] = field(default=None, metadata=doc(
-        "longest output in tokens (default: data.max_target_length), at most the model's positions", ge=1, le=100_000))
-    min_new_tokens: int = field(default=0, metadata=doc("shortest output in tokens before EOS may come (0: off)", ge=0))
-    no_repeat_ngram_size: int = field(default=0, metadata=doc("forbid repeating any n-gram of this size (0: off)", ge=0))
-    repetition_penalty: float = field(default=1.0, metadata=doc(
-        "divide the score of tokens already in the output by this (1.0: off; CTRL's penalty)", gt=0))
-    forced_bos_token: Optional[str] = field(default=None, metadata=doc(
-        "a token every output starts with, e.g. an mBART-50 language code (de_DE); default: the checkpoint's "
-        "forced_bos_token_id, if it has one"))
-    from_checkpoint: list[Literal["min_length", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
-                                  "num_beams", "forced_eos_token_id"]] = field(default_factory=list, metadata=doc(
-        "search settings taken from the model folder's generation_config.json (transformers' meaning) instead "
-        "of this block's, e.g. [min_length, no_repeat_ngram_size] of a summarizer; default: none"))
-    batch_size: int = field(default=32, metadata=doc("inputs per generate call (length-sorted)", ge=1, le=100_000))
-    dedup: bool = field(default=False, metadata=doc("drop duplicate outputs of one input"))
-
-
 @dataclass(kw_only=True)
 class TrainArgs:
     """Hyper-parameters of the one training loop (`nlgkd/loop.py`), shared by every training stage."""
@@ -306,95 +268,6 @@ class PruneConfig:
     encoder_layers: LayerSpec = field(default=None, metadata=doc(
         "layers to keep: a list like [0, -1], {first_last: N}, {first: N}, every_other, all (default)"))
     decoder_layers: LayerSpec = field(default=None, metadata=doc("as encoder_layers, for the decoder"))
-
-
-@dataclass(kw_only=True)
-class HiddenKD:
-    """Hidden-state distillation: PKD (normalized MSE), DistilBERT cosine, TinyBERT projected MSE."""
-
-    loss: Literal["pkd", "cosine", "tinybert"] = field(default="pkd", metadata=doc(
-        "pkd: squared distance of L2-normalized states; cosine: 1 - cos; tinybert: MSE after a projection learned "
-        "with the student (student and teacher widths may differ)"))
-    weight: float = field(default=1.0, metadata=doc("added to the loss times this", ge=0))
-    sides: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["decoder"], metadata=doc(
-        "the stacks whose hidden states are matched"))
-    layer_map: Union[Literal["last", "skip", "uniform"], list[list[int]]] = field(
-        default="skip", metadata=doc("strategy, or explicit [[student_layer, teacher_layer], ...]"))
-
-
-@dataclass(kw_only=True)
-class AttentionKD:
-    """Attention distillation: MiniLM-v2 Q/K/V relations, or TinyBERT attention-score MSE."""
-
-    loss: Literal["minilm", "tinybert"] = field(default="minilm", metadata=doc(
-        "minilm: KL between Q-Q, K-K, V-V relations (any head counts and widths); tinybert: MSE of the attention "
-        "probabilities (same head count)"))
-    weight: float = field(default=1.0, metadata=doc("added to the loss times this", ge=0))
-    sides: list[Literal["encoder_self", "decoder_self", "cross"]] = field(
-        default_factory=lambda: ["encoder_self", "decoder_self"], metadata=doc(
-            "attention blocks matched: encoder self-attention, decoder self-attention, cross-attention"))
-    relations: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"], metadata=doc(
-        "minilm: which self-relations (query-query, key-key, value-value)"))
-    relation_heads: int = field(default=4, metadata=doc("minilm: heads both sides are regrouped into", ge=1))
-    student_layer: int = field(default=-1, metadata=doc("the student's layer (negative: from the top)"))
-    teacher_layer: int = field(default=-1, metadata=doc("the teacher's layer it learns from (negative: from the top)"))
-
-
-@dataclass(kw_only=True)
-class JointTeachingConfig:
-    """Joint-Teaching (study stage S8): word-level KD also on prefixes the current student samples."""
-
-    student_ratio: float = field(default=0.5, metadata=doc(
-        "share of steps trained on student samples (1 = only)", ge=0, le=1))
-    schedule: Literal["alternate", "random"] = field(
-        default="alternate", metadata=doc("alternate: evenly spread; random: seeded coin per step"))
-    decoding: DecodingConfig = field(
-        default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95),
-        metadata=doc("how the student writes its prefixes, one per input of the training micro-batch "
-                     "(num_return_sequences 1, batch_size unused; steps_per_draw draws more at once)"))
-    steps_per_draw: int = field(default=1, metadata=doc(
-        "student steps served by one sampling call of k prefixes per input (the next k - 1 student steps train on "
-        "them instead of their own batches); prefixes are then about (k - 1) / student_ratio steps old, and a "
-        "resumed stage draws afresh. Needs decoding.strategy: sample", ge=1))
-    stop_share: float = field(default=1.0, metadata=doc(
-        "sampling ends once this share of the samples has written EOS; the others are cut there and train as the "
-        "prefixes they are (no EOS counted). 1.0: when every sample has ended or max_new_tokens is reached. "
-        "Below 1 (e.g. 0.9) one rambling sample no longer sets how long a whole batch decodes", gt=0, le=1))
-
-    def __post_init__(self):
-        if self.decoding.num_return_sequences != 1:
-            raise RecipeError(f"joint_teaching.decoding.num_return_sequences: the student writes one prefix per input "
-                              f"for each student step (it is {self.decoding.num_return_sequences}); set it to 1, and "
-                              "steps_per_draw to draw several at once")
-        if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
-            raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
-                              f"with different samples of the same inputs, so it needs decoding.strategy: sample "
-                              f"(it is {self.decoding.strategy!r}); set steps_per_draw: 1 or sample")
-
-
-@dataclass(kw_only=True)
-class DenoisingConfig:
-    """General distillation data (TinyBERT / DistilBERT's first stage): denoising pairs made from raw text
-    the way the teacher was pretrained; input = corrupted text, target = the original (nlgkd/denoising.py)."""
-
-    splits: list[Literal["train", "validation", "test", "unlabeled"]] = field(
-        default_factory=lambda: ["train", "unlabeled"], metadata=doc("splits whose text is used (unless file:)"))
-    columns: list[Literal["source", "target"]] = field(
-        default_factory=lambda: ["source"], metadata=doc("text of those splits: sources and/or targets"))
-    file: Optional[str] = field(default=None, metadata=doc(
-        "raw text instead of the splits: .txt (one text per line), .jsonl, .csv or .parquet"))
-    file_column: str = field(default="text", metadata=doc("column of file: holding the text (not for .txt)"))
-    family: Optional[Literal["bart", "t5"]] = field(default=None, metadata=doc(
-        "bart: sentence permutation + text infilling with <mask>; t5: span corruption with <extra_id_N> "
-        "sentinels; default: the teacher's family"))
-    noise: Optional[float] = field(default=None, metadata=doc(
-        "share of words (bart) or tokens (t5) corrupted; default 0.3 for bart, 0.15 for t5", gt=0, lt=1))
-    mean_span: float = field(default=3.0, metadata=doc(
-        "bart: Poisson lambda of span lengths; t5: mean span length", gt=0))
-    permute_sentences: bool = field(default=True, metadata=doc("bart: shuffle each text's sentences"))
-    seed: Optional[int] = field(default=None, metadata=doc(
-        "default: the recipe seed; the noise of text i in epoch e depends only on (seed, e, i)"))
-    max_examples: Optional[int] = field(default=None, metadata=doc("use the first N texts", ge=1))
 
 
 @dataclass(kw_only=True)
