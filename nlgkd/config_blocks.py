@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from .engine_decoding import ctranslate2_refusal
 from .schema import RecipeError, doc
 
 
@@ -102,12 +103,25 @@ class JointTeachingConfig:
         "sampling ends once this share of the samples has written EOS; the others are cut there and train as the "
         "prefixes they are (no EOS counted). 1.0: when every sample has ended or max_new_tokens is reached. "
         "Below 1 (e.g. 0.9) one rambling sample no longer sets how long a whole batch decodes", gt=0, le=1))
+    engine: Literal["transformers", "ctranslate2"] = field(default="transformers", metadata=doc(
+        "what samples the prefixes: the student itself (exact), or a CTranslate2 copy of it made every "
+        "engine_refresh_every optimizer steps (faster; the prefixes come from a student up to that many steps old)"))
+    engine_refresh_every: int = field(default=20, metadata=doc(
+        "engine: ctranslate2: optimizer steps between copies of the student (1: a fresh copy every student step)",
+        ge=1))
+    engine_quantization: Quantization = field(default="float32", metadata=doc(
+        "engine: ctranslate2: the copy's weight type (float32: the student's own numbers; int8: faster)"))
 
     def __post_init__(self):
         if self.decoding.num_return_sequences != 1:
             raise RecipeError(f"joint_teaching.decoding.num_return_sequences: the student writes one prefix per input "
                               f"for each student step (it is {self.decoding.num_return_sequences}); set it to 1, and "
                               "steps_per_draw to draw several at once")
+        if self.engine == "ctranslate2":
+            refusal = ctranslate2_refusal(self.decoding) or (
+                "stop_share: below 1 needs transformers' stopping criteria" if self.stop_share < 1 else None)
+            if refusal:
+                raise RecipeError(f"joint_teaching.engine: ctranslate2: {refusal}; or use engine: transformers")
         if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
             raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
                               f"with different samples of the same inputs, so it needs decoding.strategy: sample "

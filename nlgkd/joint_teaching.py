@@ -1,7 +1,8 @@
 """Joint-Teaching (study stage S8): on some optimizer steps the student trains on prefixes it samples itself.
 
 `make_joint_teaching` builds the training loop's prepare_window hook: which steps are student steps
-(`is_student_step`), the sampling (with `stop_share` and `steps_per_draw`, the two ways to make it cheaper),
+(`is_student_step`), the sampling (by the student, or a CTranslate2 copy of it; with `stop_share` and
+`steps_per_draw`, the two other ways to make it cheaper),
 and the labels made from the samples (`mask_after_eos`). The KD loss on those prefixes is the distill stage's.
 """
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -58,7 +63,10 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
 
     With `steps_per_draw` k > 1, one sampling call draws k prefixes per input and serves this student step
     and the next k - 1 (on the demo's CPU a batch 4 times as tall decoded in about 2.3 times the time of one).
-    The pending windows live in memory: a resumed stage draws afresh at its first student step."""
+    The pending windows live in memory: a resumed stage draws afresh at its first student step.
+
+    With `engine: ctranslate2` a CTranslate2 copy of the student samples instead (`StudentEngineCopy`, made again
+    every `engine_refresh_every` optimizer steps; `student_copy_age` logs how old it is)."""
     if causal:
         raise ValueError("joint_teaching: supported for encoder-decoder students only for now")
     jt = cfg.joint_teaching
@@ -70,6 +78,7 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         extra["stopping_criteria"] = StoppingCriteriaList([EndedShare(jt.stop_share, tokenizer.eos_token_id)])
     student_steps: list[int] = []
     pending: list[list[dict]] = []  # windows with sampled targets, for the next student steps
+    engine_copy = StudentEngineCopy(jt, acc) if jt.engine == "ctranslate2" else None
 
     def draw(student, window, step) -> list[list[dict]]:
         """steps_per_draw windows: window j holds sample j of every input of `window`."""
@@ -78,10 +87,16 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         was_training = student.training
         student.eval()
         for i, batch in enumerate(window):
-            torch.manual_seed(seed * 7919 + step * 131 + i * 17 + acc.process_index)
-            with torch.no_grad():
-                out = generate_ids(student, tokenizer, batch["input_ids"], batch["attention_mask"], decoding, **extra)
-            samples = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
+            draw_seed = seed * 7919 + step * 131 + i * 17 + acc.process_index
+            if engine_copy is not None:
+                engine = engine_copy.at(student, tokenizer, step)
+                samples = engine_samples(engine, batch, decoding, draw_seed, tokenizer.eos_token_id)
+            else:
+                torch.manual_seed(draw_seed)
+                with torch.no_grad():
+                    out = generate_ids(student, tokenizer, batch["input_ids"], batch["attention_mask"], decoding,
+                                       **extra)
+                samples = mask_after_eos(out[:, 1:], tokenizer.eos_token_id)  # drop the decoder start token
             filler = (batch["labels"] == -100).all(1)  # filler rows stay ignored (loop.epoch_loader)
             for j in range(k):
                 labels = samples[j::k].clone()  # generate returns the k samples of an input next to each other
@@ -100,6 +115,46 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
             pending.extend(draw(acc.unwrap_model(model).student, window, step))
         new_window = pending.pop(0)
         lengths = [(b["labels"] != -100).sum(1).float().mean().item() for b in new_window]
-        return new_window, {"student_step": 1.0, "student_pt_len": sum(lengths) / len(lengths)}
+        logs = {"student_step": 1.0, "student_pt_len": sum(lengths) / len(lengths)}
+        if engine_copy is not None:  # how many optimizer steps old the student that wrote these prefixes is
+            logs["student_copy_age"] = float(step - engine_copy.made_at)
+        return new_window, logs
 
     return prepare, student_steps
+
+
+class StudentEngineCopy:
+    """A CTranslate2 copy of the student (`joint_teaching.engine: ctranslate2`), made again once it is
+    `engine_refresh_every` optimizer steps old; `made_at` is the step of the copy in use. Each process makes its
+    own (DDP keeps the students equal), in a temporary folder removed with this object."""
+
+    def __init__(self, jt, acc):
+        self.jt, self.acc = jt, acc
+        self.folder = Path(tempfile.mkdtemp(prefix="nlgkd-jt-engine-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.engine, self.made_at = None, -1
+
+    def at(self, student, tokenizer, step: int):
+        from .engine import EngineModel
+        from .export import export_model
+        from .models import save_model
+
+        if self.engine is None or step - self.made_at >= self.jt.engine_refresh_every:
+            with tempfile.TemporaryDirectory() as saved:
+                save_model(student, tokenizer, saved)
+                export_model(saved, self.folder / "student", quantization=self.jt.engine_quantization)
+            device = self.acc.device
+            self.engine = EngineModel(self.folder / "student", device=device.type, device_index=device.index or 0)
+            self.made_at = step
+        return self.engine
+
+
+def engine_samples(engine, batch: dict, decoding, seed: int, eos_id: int) -> torch.Tensor:
+    """The engine's k samples per row of `batch` as labels [B * k, T] (an input's k samples side by side, as
+    `generate` returns them; everything after the first EOS, and the padding, is -100)."""
+    sources = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    rows = [row for per_source in engine.generate_ids(sources, decoding, seed) for row in per_source]
+    labels = torch.full((len(rows), max(1, max(len(r) for r in rows))), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return mask_after_eos(labels, eos_id).to(batch["input_ids"].device)

@@ -183,3 +183,49 @@ def test_steps_per_draw_needs_sampling():
     with pytest.raises(RecipeError, match="joint_teaching.steps_per_draw.*strategy: sample"):
         JointTeachingConfig(steps_per_draw=2, decoding=DecodingConfig(strategy="greedy"))
     assert JointTeachingConfig(steps_per_draw=2).steps_per_draw == 2  # the default decoding samples
+
+
+# ------------------------------------------------------------------------- rollouts from an engine copy
+def test_engine_rollouts_refreshed_every_step_train_as_the_student_itself(trained):
+    pytest.importorskip("ctranslate2")
+    # greedy prefixes, so both paths write the same ones: a float32 copy made at every student step is the student
+    greedy = {"strategy": "greedy", "max_new_tokens": 12, "no_repeat_ngram_size": 1}
+    common = {"objective": "logits_kd", "max_steps": 6, "log_every": 1}
+    runner, _ = with_stage(
+        trained,
+        distill_stage("jt_exact", **common, joint_teaching={"student_ratio": 0.5, "decoding": greedy}),
+        distill_stage("jt_engine", **common, joint_teaching={"student_ratio": 0.5, "decoding": greedy,
+                                                             "engine": "ctranslate2", "engine_refresh_every": 1}))
+    runner.run(only="jt_exact")
+    runner.run(only="jt_engine")
+    exact, engine = (step_rows(runner.run_dir / name) for name in ("jt_exact", "jt_engine"))
+    assert [r["student_step"] for r in engine] == [r["student_step"] for r in exact] == [0, 1] * 3
+    for a, b in zip(exact, engine):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b.get("student_pt_len") == a.get("student_pt_len")
+    assert [r["student_copy_age"] for r in engine if r["student_step"]] == [0.0] * 3
+
+
+def test_an_engine_copy_is_remade_once_it_is_refresh_every_steps_old(trained):
+    pytest.importorskip("ctranslate2")
+    runner, _ = with_stage(trained, distill_stage(
+        "jt_stale", objective="logits_kd", max_steps=8, log_every=1,
+        joint_teaching={"student_ratio": 1.0, "engine": "ctranslate2", "engine_refresh_every": 3,
+                        "engine_quantization": "int8", "decoding": {"strategy": "sample", "max_new_tokens": 8}}))
+    runner.run(only="jt_stale")
+    ages = [r["student_copy_age"] for r in step_rows(runner.run_dir / "jt_stale")]
+    assert ages == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0]  # copies made at steps 0, 3 and 6
+
+
+def test_the_engine_refuses_what_it_cannot_sample_when_the_recipe_is_read():
+    with pytest.raises(RecipeError, match=r"joint_teaching.engine: ctranslate2: stop_share: below 1"):
+        JointTeachingConfig(engine="ctranslate2", stop_share=0.9)
+    with pytest.raises(RecipeError, match=r"joint_teaching.engine: ctranslate2: decoding.strategy: 'diverse_beam'"):
+        JointTeachingConfig(engine="ctranslate2", decoding=DecodingConfig(strategy="diverse_beam"))
+    assert JointTeachingConfig(engine="ctranslate2", steps_per_draw=2).engine == "ctranslate2"
+
+
+def step_rows(folder) -> list[dict]:
+    """metrics.jsonl's training steps (not the evaluations), in order."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "loss" in row]
