@@ -69,8 +69,11 @@ def main() -> None:
         raise SystemExit(f"{args.runs_dir}: no seed*/{args.name}/eval folder yet; run eval/own_data_cpu.sh first")
 
     base_name, system_name = args.baseline, args.system
-    teacher = read_json(runs[0] / "teacher" / "stage.json")
-    print(f"teacher: convergence {json.dumps(teacher.get('convergence'))}")
+    teacher, name = read_json(runs[0] / "teacher" / "stage.json"), "teacher"
+    chosen = teacher.get("select", {}).get("chosen")
+    if chosen:  # the template's teacher is a select stage: the convergence is the chosen candidate's
+        teacher, name = read_json(runs[0] / chosen / "stage.json"), f"teacher (= {chosen})"
+    print(f"{name}: convergence {json.dumps(teacher.get('convergence'))}")
     rows = [seed_row(run, system_name) for run in runs]
     print(f"\nTest BLEU per seed (the eval stage's decoding); gain = {system_name} - {base_name}; "
           f"lead = teacher - {base_name} on validation (distill's check)")
