@@ -299,6 +299,9 @@ class RunningLogs:
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at optimizer step `step` (0-based): warmup to 1, then linear decay to 0 at `total`.
+    transformers' get_linear_schedule_with_warmup is the same but for the warmup, step / warmup, which spends the
+    first step at learning rate 0; ours starts at 1 / warmup (kept: every measured run used it)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -352,7 +355,9 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
 
     The examples are shuffled, cut into pools of `pool_batches` batches, each pool is sorted by length and cut
     into batches, and the whole batches are shuffled (the one partial batch stays last, so the loader's batch
-    boundaries are the blocks made here). Each example still appears once per epoch; padding mostly goes."""
+    boundaries are the blocks made here). Each example still appears once per epoch; padding mostly goes.
+    transformers' get_length_grouped_indices differs in what matters here: it keeps each pool's batches longest
+    first (lengths then trend within every 50 steps) and does not keep the partial batch last."""
     shuffled = torch.randperm(len(lengths), generator=generator).tolist()
     pool = batch_size * pool_batches
     batches = []

@@ -453,7 +453,9 @@ def cross_entropy_loss(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Token cross-entropy, ``sum over labelled tokens / num_tokens``.
+    """Token cross-entropy, ``sum over labelled tokens / num_tokens``. Not ``F.cross_entropy``: that keeps a
+    ``[B*T, V]`` fp32 log-softmax for the backward (gigabytes at a 250k vocabulary in bf16 training); this runs
+    in chunks like the KD losses and keeps only the gradient (a test checks it equals ``F.cross_entropy``).
 
     Args:
         logits: ``[B, T, V]`` (computed in fp32 one chunk at a time, like the KD losses).
