@@ -38,12 +38,14 @@ class EngineModel:
     """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
     `nlgkd.generation.generate` calls for it, batch by batch.
 
-    Sampling draws from an engine made for the call and seeded with the seed it is given (the caller passes the
-    run's seed plus the batch's number), so the same batch with the same seed draws the same samples on one
-    machine, whatever ran before; greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
+    With `reseed_per_call` (pseudo-target stages, Joint-Teaching) sampling draws from an engine made for the call
+    and seeded with the seed it is given (the caller passes the run's seed plus the batch's number), so the same
+    batch with the same seed draws the same samples on one machine, whatever ran before; without it (evaluate,
+    serve) the seed takes effect once, for the engine's first samples. Greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
     inside a padded batch can differ slightly from the same input decoded alone."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, device_index: int = 0):
+    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, device_index: int = 0,
+                 reseed_per_call: bool = False):
         from transformers import AutoTokenizer
 
         ctranslate2 = require_ctranslate2()
@@ -59,6 +61,7 @@ class EngineModel:
         # device_index: this process's GPU (a sharded run decodes on every process's own card)
         self._engine_args = {"device": device, "device_index": device_index, "compute_type": "default",
                              "intra_threads": threads}
+        self.reseed_per_call = reseed_per_call
         self.engine = self.new_engine()
 
     def new_engine(self):
@@ -109,18 +112,25 @@ class EngineModel:
         """K generated token-id rows per source (continuations only, EOS kept where the model wrote it)."""
         tok = self.tokenizer
         options = self.options(decoding)
-        engine = self.engine
+        k = decoding.num_return_sequences
         if decoding.strategy == "sample":
-            # CTranslate2 seeds a worker thread's generator once, when the thread first samples; a new engine has
-            # new threads, so these samples depend on `seed` alone, not on what was decoded before (a resumed or
-            # sharded run draws what an uninterrupted one does). Making one costs ~10-20 ms on a CPU.
             self._ctranslate2.set_random_seed(seed)
-            engine = self.new_engine()
+            if self.reseed_per_call:
+                # CTranslate2 seeds a worker thread's generator once, when the thread first samples; a new engine
+                # has new threads, so these samples depend on `seed` alone, not on what was decoded before (a
+                # resumed or sharded PT stage draws what an uninterrupted one does). The old one goes first: one
+                # copy of the weights resident.
+                self.engine = None
+                self.engine = self.new_engine()
+            # K copies of each input, one sample each: with num_hypotheses K CTranslate2 sorts an input's samples
+            # by score, and the K PTs of an input would come likeliest first instead of in the order drawn
+            source_ids = [ids for ids in source_ids for _ in range(k)]
+            options["num_hypotheses"] = 1
         if self.encoder_decoder:
             tokens = [tok.convert_ids_to_tokens(ids) for ids in source_ids]
             forced = self.forced_bos(decoding)
             prefix = {"target_prefix": [[forced]] * len(tokens)} if forced is not None else {}
-            results = engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
+            results = self.engine.translate_batch(tokens, max_batch_size=len(tokens), **prefix, **options)
         else:
             from .data import causal_prompt
             from .generation import within_positions
@@ -129,12 +139,15 @@ class EngineModel:
             # the positions left after the longest prompt
             max_length = within_positions(options.pop("max_decoding_length"), self.manifest.get("position_limit"),
                                           max(len(p) for p in prompts))
-            results = engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
+            results = self.engine.generate_batch(prompts, max_batch_size=len(prompts), max_length=max_length,
                                                  min_length=options.pop("min_decoding_length"),
                                                  include_prompt_in_result=False, **options)
         # a Translator's results hold hypotheses, a Generator's sequences
-        outputs = [result.hypotheses if self.encoder_decoder else result.sequences for result in results]
-        return [[tok.convert_tokens_to_ids(tokens) for tokens in rows] for rows in outputs]
+        rows = [[tok.convert_tokens_to_ids(tokens) for tokens in (r.hypotheses if self.encoder_decoder else r.sequences)]
+                for r in results]
+        if decoding.strategy == "sample":  # regroup the K single samples of each input
+            return [[row for copy in rows[i : i + k] for row in copy] for i in range(0, len(rows), k)]
+        return rows
 
     def mean_logprobs(self, source_ids: list[list[int]], texts: list[str], max_target_length: int,
                       chunk: int) -> list[float | None]:

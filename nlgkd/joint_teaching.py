@@ -144,7 +144,9 @@ class StudentEngineCopy:
                 save_model(student, tokenizer, saved)
                 export_model(saved, self.folder / "student", quantization=self.jt.engine_quantization)
             device = self.acc.device
-            self.engine = EngineModel(self.folder / "student", device=device.type, device_index=device.index or 0)
+            self.engine = None  # one copy resident at a time
+            self.engine = EngineModel(self.folder / "student", device=device.type, device_index=device.index or 0,
+                                      reseed_per_call=True)
             self.made_at = step
         return self.engine
 

@@ -335,9 +335,9 @@ def grouped_order(train_data: list[dict], batch_size: int, generator: torch.Gene
     """A shuffled order that keeps the examples of one `group` (an input's pseudo-targets, `pt_schedule:
     all_together`) side by side, so that a batch holds them together and their source is encoded once; with
     `group_by_length`, neighbouring groups have similar lengths (`length_grouped_order` over whole groups)."""
-    members: dict[int, list[int]] = {}
-    for i, example in enumerate(train_data):
-        members.setdefault(example["group"], []).append(i)
+    members: dict = {}
+    for i, example in enumerate(train_data):  # an example without a group (a denoising pair) is one of its own
+        members.setdefault(example.get("group", ("alone", i)), []).append(i)
     groups = list(members.values())
     if group_by_length:
         lengths = [max(len(train_data[i]["source_ids"]) + len(train_data[i]["target_ids"]) for i in g)

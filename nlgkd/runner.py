@@ -486,13 +486,14 @@ class Runner:
                     f"recipe; run it first: `nlgkd run RECIPE --stage {target.key}` (or run the whole recipe)"
                 )
             self.verify_artifact(target)
-            check = (self.stage_record(target) or {}).get("teacher_check") or {}
+            checked = self.exported_from(target)  # an export teaches as the model it was converted from
+            check = (self.stage_record(checked) or {}).get("teacher_check") or {}
             if is_teacher_field(where) and check.get("weak"):
                 if self.recipe.on_weak_teacher == "stop":
                     raise StageError(f"stage {stage.key!r}: " + weak_teacher_message(
-                        target.key, check, self.teacher_users(target), "stop", check.get("model_type")))
+                        checked.key, check, self.teacher_users(checked), "stop", check.get("model_type")))
                 metric = check["metric"]
-                self.say(f"[{stage.key}] note: its teacher {target.key!r} did not beat the trivial baselines "
+                self.say(f"[{stage.key}] note: its teacher {checked.key!r} did not beat the trivial baselines "
                          f"({metric.upper()} {check['teacher'][metric]:.2f}; see its stage.json, teacher_check)")
 
     def verify_artifact(self, stage: Stage) -> None:
@@ -527,9 +528,16 @@ class Runner:
                     chosen_from = [self.recipe.resolve(c, target.index) for c in target.config.candidates]
                     if any(k == "stage" and t.key == stage.key for k, t in chosen_from) and other.key not in users:
                         users.append(other.key)
-                if kind == "stage" and target.key == stage.key and other.key not in users:
+                if kind == "stage" and self.exported_from(target).key == stage.key and other.key not in users:
                     users.append(other.key)
         return users
+
+    def exported_from(self, stage: Stage) -> Stage:
+        """The stage whose model an export stage converted (an engine teacher teaches as that model); else `stage`."""
+        if stage.kind != "export":
+            return stage
+        kind, source = self.recipe.resolve(stage.config.model, stage.index)
+        return source if kind == "stage" else stage
 
     def run_stage(self, stage: Stage) -> None:
         """Run one stage in its partial folder (resuming what a killed run left there), then write its

@@ -362,14 +362,16 @@ def test_all_together_keeps_an_inputs_pts_side_by_side():
 
     groups = [[{"source_ids": [g] * (1 + g % 5), "target_ids": [g, j], "input": g} for j in range(3)] for g in range(40)]
     gold = [{"source_ids": [100 + i], "target_ids": [i]} for i in range(10)]
-    data = with_pseudo_targets(lambda epoch: gold, groups, "all_together")(0)
-    assert len(data) == 10 + 40 * 3
+    denoising = [{"source_ids": [7, 8], "target_ids": [8]} for _ in range(5)]  # pairs join without a group
+    data = with_pseudo_targets(lambda epoch: gold, groups, "all_together")(0) + denoising
+    assert len(data) == 10 + 40 * 3 + 5
     for by_length in (False, True):
         order = grouped_order(data, 12, torch.Generator().manual_seed(0), by_length)
         assert sorted(order) == list(range(len(data)))  # each example once
-        seen = [data[i]["group"] for i in order]
+        seen = [data[i].get("group") for i in order]
         runs = [g for i, g in enumerate(seen) if i == 0 or seen[i - 1] != g]
-        assert len(runs) == len(set(seen)) == 50  # every group in one run of neighbours
+        seen = [s for s in seen if s is not None]
+        assert len(runs) - sum(r is None for r in runs) == len(set(seen)) == 50  # each group in one run of neighbours
         assert order != sorted(order)  # shuffled
 
 

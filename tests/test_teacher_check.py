@@ -93,6 +93,21 @@ def test_on_weak_teacher_stop_keeps_the_teacher_and_refuses_its_students(tmp_pat
         again.run()
 
 
+def test_a_teacher_exported_for_engine_pts_is_checked_and_stopped_like_the_model_itself(tmp_path, tiny_recipe):
+    pytest.importorskip("ctranslate2")
+    recipe = three_step_teacher_recipe(tiny_recipe, "stop")
+    recipe["stages"] = recipe["stages"][:1] + [
+        {"name": "teacher_ct2", "kind": "export", "model": "teacher", "quantization": "float32"},
+        {"name": "pts", "kind": "pseudo_targets", "teacher": "teacher_ct2", "engine": "ctranslate2",
+         "decoding": {"strategy": "greedy", "max_new_tokens": 8}}]
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path)
+    assert runner.teacher_users(runner.recipe.stages[0]) == ["pts"]  # the export's user learns from the teacher
+    with pytest.raises(StageError, match=r"stage 'pts': weak teacher: 'teacher' scores BLEU .* will not start"):
+        runner.run()
+    record = json.loads((tmp_path / "tiny" / "teacher" / "stage.json").read_text())
+    assert record["teacher_check"]["weak"] and not (tmp_path / "tiny" / "pts").exists()
+
+
 def test_on_weak_teacher_takes_warn_or_stop_only(tiny_recipe):
     from nlgkd.config import RecipeError
 

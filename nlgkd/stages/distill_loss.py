@@ -99,8 +99,11 @@ def side_hidden(outputs, side: str, layer: int, batch: dict, causal: bool) -> to
 
 
 def side_mask(batch: dict, side: str, causal: bool) -> torch.Tensor:
+    """[B, L] positions a hidden-state or attention term counts on `side`. On the encoder side, the source tokens
+    of rows with a counted target: a filler row that tops up a last batch on several processes (`ignore`, every
+    label -100) teaches nothing on any side."""
     if side in ("encoder", "encoder_self"):
-        return batch["attention_mask"].bool()
+        return batch["attention_mask"].bool() & (batch["labels"] != -100).any(1)[:, None]
     if side == "decoder_self" and causal:
         return batch["attention_mask"].bool()
     return batch["labels"] != -100
