@@ -33,10 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# nlgkd (here through common) before torch: it loads CTranslate2's OpenMP runtime first (nlgkd/__init__.py)
+from common import ROOT, demo_with
+
 import torch
 import yaml
-
-from common import ROOT, demo_with
 
 DECODINGS = {
     "sample K=2": {"strategy": "sample", "top_p": 0.95, "num_return_sequences": 2, "batch_size": 64,
@@ -63,44 +64,66 @@ def demo_sources(runner, n: int) -> list[str]:
     return (list(data["train"]["source"]) + list(data["unlabeled"]["source"]))[:n]
 
 
-def speed(teacher_dir: Path, sources: list[str], rounds: int) -> None:
-    from accelerate import Accelerator
-
-    from nlgkd.config import DecodingConfig
-    from nlgkd.data import truncate
+def timed_decode(folder: str, engine: bool, source_ids: list[list[int]], fields: dict, threads: int):
+    """(seconds, outputs) of one `generate` over `source_ids` by the model in `folder`, in this process: run in a
+    fresh process per measurement. One CTranslate2 int8 engine, once loaded, slowed every engine made later in the
+    same process (float32 404 -> 171 seq/s on this CPU), and torch's OpenMP runtime loaded first halved them too."""
+    from nlgkd.config import DecodingConfig  # nlgkd first: it loads CTranslate2 before torch
     from nlgkd.engine import EngineModel
-    from nlgkd.export import export_model
     from nlgkd.generation import generate
     from nlgkd.models import load_pretrained
 
+    import torch
+    from accelerate import Accelerator
+
+    torch.set_num_threads(threads)
+    if engine:
+        model = EngineModel(folder)
+        tokenizer = model.tokenizer
+    else:
+        model, tokenizer = load_pretrained(folder)
+        model.eval()
+    started = time.perf_counter()
+    outputs = generate(model, tokenizer, source_ids, DecodingConfig(**fields), Accelerator(cpu=True), seed=0,
+                       progress=False)
+    return time.perf_counter() - started, outputs
+
+
+def speed(teacher_dir: Path, sources: list[str], rounds: int) -> None:
+    import multiprocessing
+
+    from nlgkd.data import truncate
+    from nlgkd.export import export_model
+    from nlgkd.models import load_pretrained
+
     model, tokenizer = load_pretrained(str(teacher_dir))
-    model.eval()
     source_ids = [truncate(ids, 64) for ids in tokenizer(sources)["input_ids"]]
-    accelerator = Accelerator(cpu=True)
+    threads = torch.get_num_threads()
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {"transformers": model}
+        methods = {"transformers": (str(teacher_dir), False)}
         for quantization in QUANTIZATIONS:
             export_model(teacher_dir, Path(tmp) / quantization, quantization=quantization)
-            methods[f"ctranslate2 {quantization}"] = EngineModel(Path(tmp) / quantization)
+            methods[f"ctranslate2 {quantization}"] = (str(Path(tmp) / quantization), True)
         print(f"teacher {teacher_dir} ({model.num_parameters():,} parameters), {len(source_ids)} inputs, "
-              f"{torch.get_num_threads()} thread(s)")
+              f"{threads} thread(s), each measurement in a fresh process")
         for label, fields in DECODINGS.items():
-            decoding = DecodingConfig(**fields)
             seconds: dict[str, list[float]] = {name: [] for name in methods}
             outputs = {}
             for _ in range(rounds):
-                for name, decoder in methods.items():  # the methods take turns
-                    started = time.perf_counter()
-                    outputs[name] = generate(decoder, tokenizer, source_ids, decoding, accelerator, seed=0,
-                                             progress=False)
-                    seconds[name].append(time.perf_counter() - started)
-            sequences = len(source_ids) * decoding.num_return_sequences
+                for name, (folder, engine) in methods.items():  # the methods take turns
+                    with spawn.Pool(1) as pool:
+                        elapsed, outputs[name] = pool.apply(timed_decode, (folder, engine, source_ids, fields, threads))
+                    seconds[name].append(elapsed)
+            k = fields["num_return_sequences"]
+            sequences = len(source_ids) * k
             base = sequences / statistics.median(seconds["transformers"])
             print(f"\n{label}:")
             for name in methods:
                 rate = sequences / statistics.median(seconds[name])
                 same = sum(a == b for a, b in zip(outputs[name], outputs["transformers"])) / len(source_ids)
-                agreement = f"  {100 * same:5.1f}% of inputs' PTs equal transformers'" if decoding.strategy != "sample" else ""
+                agreement = (f"  {100 * same:5.1f}% of inputs' PTs equal transformers'"
+                             if fields["strategy"] != "sample" else "")
                 print(f"  {name:20s} {rate:8.1f} seq/s  {rate / base:5.2f}x{agreement}")
 
 

@@ -152,6 +152,18 @@ def test_engine_samples_depend_on_the_seed_alone(demo_data, tmp_path):
     assert first == [[text for copy in one_each[3 * i : 3 * i + 3] for text in copy] for i in range(len(sources))]
 
 
+def test_nlgkd_loads_ctranslate2_before_torch():
+    # loaded after torch's OpenMP runtime (once torch had run a parallel region), CTranslate2 decoded at about half
+    # speed; this guards the import order in nlgkd/__init__.py
+    import subprocess
+    import sys
+
+    pytest.importorskip("ctranslate2")
+    code = "import sys, nlgkd; print('ctranslate2' in sys.modules, 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split() == ["True", "False"]
+
+
 def test_what_cannot_be_exported_says_what_can(demo_data, tmp_path, capsys):
     from nlgkd.cli import main
 
