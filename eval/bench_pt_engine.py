@@ -2,8 +2,8 @@
 from each engine's PTs with the same steps (speed at equal quality).
 
     python eval/bench_pt_engine.py                                  # the demo: speed, then the three students
-    python eval/bench_pt_engine.py --speed-only --teacher runs/own_data/teacher \\
-        --data ../shared/data/shakespeare --source-column original  # speed on another teacher and its inputs
+    python eval/bench_pt_engine.py --speed-only --teacher runs/own_data/teacher --student runs/own_data/student \\
+        --data ../shared/data/shakespeare --source-column original --target-column modern   # another teacher
 
 Speed. The teacher (default: the demo's, from RUNS_DIR/demo, trained first if missing) writes PTs for --inputs
 sources (the demo's train and unlabeled inputs, or the --data folder's train.jsonl and unlabeled.jsonl) with the
@@ -56,6 +56,12 @@ def read_sources(data: Path, column: str, n: int) -> list[str]:
         if path.exists():
             texts += [json.loads(line)[column] for line in path.read_text(encoding="utf-8").splitlines() if line]
     return texts[:n]
+
+
+def read_pairs(data: Path, source: str, target: str, n: int) -> list[dict]:
+    """The first `n` (source, target) pairs of data/train.jsonl."""
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    return [{"source": r[source], "target": r[target]} for r in rows[:n]]
 
 
 def demo_sources(runner, n: int) -> list[str]:
@@ -151,23 +157,21 @@ def quality(runs_dir: str, overrides: list[str]) -> None:
               f"({record['sequences_per_s']:.1f} seq/s, generation and scoring, as the stage ran)")
 
 
-def encoder_reuse(run_dir: Path, rounds: int, rows: int = 32) -> None:
-    """A distill step (logits KD + gold CE, forward and backward, the demo's student and teacher) on `rows`
-    targets, K per source, each source re-encoded per target (pt_schedule: all) vs encoded once (all_together)."""
+def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], rounds: int, rows: int = 32) -> None:
+    """A distill step (logits KD + gold CE, forward and backward) of the student against the teacher on `rows`
+    targets, K per source (`pairs`: source and target texts), each source re-encoded per target (pt_schedule:
+    all) vs encoded once (all_together)."""
+    import datasets
+
     from nlgkd.config import DistillConfig
     from nlgkd.data import collate, encode
     from nlgkd.models import load_pretrained
     from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
 
-    student, tokenizer = load_pretrained(str(run_dir / "student"))
-    teacher, _ = load_pretrained(str(run_dir / "teacher"))
+    student, tokenizer = load_pretrained(str(student_dir))
+    teacher, _ = load_pretrained(str(teacher_dir))
     teacher.eval()
-    import datasets
-
-    from nlgkd.demo_task import make_demo_splits
-
-    pairs = make_demo_splits({"train": 4 * rows, "validation": 0, "test": 0, "unlabeled": 0}, seed=1)["train"]
-    encoded = list(encode(datasets.Dataset.from_list(pairs), tokenizer, 64, 64)[0])
+    encoded = list(encode(datasets.Dataset.from_list(pairs[: 2 * rows]), tokenizer, 64, 64)[0])
     model = StudentWithProjections(student, {})
     print(f"\ndistill step, {rows} targets per batch, K per source (student {student.num_parameters():,}, "
           f"teacher {teacher.num_parameters():,} parameters):")
@@ -198,6 +202,8 @@ def main() -> None:
     parser.add_argument("--teacher", help="a teacher folder (default: RUNS_DIR/demo/teacher)")
     parser.add_argument("--data", type=Path, help="a data folder whose train/unlabeled.jsonl sources to decode")
     parser.add_argument("--source-column", default="source")
+    parser.add_argument("--target-column", default="target")
+    parser.add_argument("--student", help="with --teacher and --data: time encoder reuse on this student too")
     parser.add_argument("--inputs", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -212,8 +218,13 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else runner.run_dir / "teacher"
     sources = read_sources(args.data, args.source_column, args.inputs) if args.data else demo_sources(runner, args.inputs)
     speed(teacher, sources, args.rounds)
-    if runner is not None:
-        encoder_reuse(runner.run_dir, args.rounds)
+    if args.student:  # encoder reuse on the given student and teacher, with the --data pairs
+        encoder_reuse(Path(args.student), teacher, read_pairs(args.data, args.source_column, args.target_column, 64),
+                      args.rounds)
+    elif runner is not None:
+        data = runner.data()["train"]
+        encoder_reuse(runner.run_dir / "student", runner.run_dir / "teacher",
+                      [{"source": r["source"], "target": r["target"]} for r in data.select(range(64))], args.rounds)
     if not args.speed_only:
         quality(args.runs_dir, args.set)
 
