@@ -419,8 +419,9 @@ class PseudoTargetsConfig:
         "in the stage's folder (an encoder-decoder teacher; the same decoding fields; faster; a teacher that is "
         "an export stage is used as it is)"))
     engine_quantization: Quantization = field(default="float32", metadata=doc(
-        "engine: ctranslate2: the copy's weight type; float32 writes what the PyTorch teacher writes, int8 (CPU) "
-        "or int8_float16 (GPU) is faster and may pick other tokens where two are nearly tied"))
+        "engine: ctranslate2: the copy's weight type; float32 writes what the PyTorch teacher writes; int8 (CPU) or "
+        "int8_float16 (GPU) may pick other tokens where two are nearly tied, and is faster only on some CPUs "
+        "(eval/bench_pt_engine.py measures yours)"))
 
     def __post_init__(self):
         if (self.teacher is None) == (self.teacher_api is None):

@@ -110,7 +110,8 @@ class JointTeachingConfig:
         "engine: ctranslate2: optimizer steps between copies of the student (1: a fresh copy every student step)",
         ge=1))
     engine_quantization: Quantization = field(default="float32", metadata=doc(
-        "engine: ctranslate2: the copy's weight type (float32: the student's own numbers; int8: faster)"))
+        "engine: ctranslate2: the copy's weight type (float32: the student's own numbers; int8: faster only on "
+        "some CPUs)"))
 
     def __post_init__(self):
         if self.decoding.num_return_sequences != 1:
