@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .data import pad
 from .generation import generate_ids
 
 
@@ -156,7 +157,5 @@ def engine_samples(engine, batch: dict, decoding, seed: int, eos_id: int) -> tor
     `generate` returns them; everything after the first EOS, and the padding, is -100)."""
     sources = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     rows = [row for per_source in engine.generate_ids(sources, decoding, seed) for row in per_source]
-    labels = torch.full((len(rows), max(1, max(len(r) for r in rows))), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    labels, _ = pad(rows, -100, left=False)  # every row holds a token at least: EOS is returned (return_end_token)
     return mask_after_eos(labels, eos_id).to(batch["input_ids"].device)
