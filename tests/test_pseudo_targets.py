@@ -133,25 +133,30 @@ def test_two_processes_give_the_same_pts_as_one(tiny_trained, two_processes, sta
 
 
 def test_killed_run_resumes_to_the_same_pts(trained, sampled, tmp_path):
+    resumed, one = killed_and_resumed(trained, SAMPLED, tmp_path), sampled[0]
+    assert without(resumed, "score") == without(one, "score")
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in one], abs=1e-4)
+
+
+def killed_and_resumed(trained, stage: dict, tmp_path) -> list[dict]:
+    """`stage` run in another process and killed once it has written a part file, then run again here: its rows,
+    after checking that the kill left no finished-looking artifact and that the re-run resumed the written batches."""
+    name = stage["name"]
     root = tmp_path / "runs"
     copy_teacher(trained, root)
-    write_recipe(trained, tmp_path / "r.yaml", SAMPLED)
-    parts = root / "tiny" / ".pts.partial" / "parts"
-    kill_once(["run", str(tmp_path / "r.yaml"), "--stage", "pts", "--runs-dir", str(root)], tmp_path,
+    write_recipe(trained, tmp_path / "r.yaml", stage)
+    parts = root / "tiny" / f".{name}.partial" / "parts"
+    kill_once(["run", str(tmp_path / "r.yaml"), "--stage", name, "--runs-dir", str(root)], tmp_path,
               ready=lambda: bool(list(parts.glob("part-*.json"))), what="give it more batches")
-    assert not (root / "tiny" / "pts").exists()  # no half artifact that looks finished
+    assert not (root / "tiny" / name).exists()  # no half artifact that looks finished
     written = len(list(parts.glob("part-*.json")))
     assert 1 <= written < 16
 
-    runner = with_stages(trained, SAMPLED, root=root)
-    runner.run(only="pts")
-    info = json.loads((root / "tiny" / "pts" / "stage.json").read_text())["pseudo_targets"]
+    runner = with_stages(trained, stage, root=root)
+    runner.run(only=name)
+    info = json.loads((root / "tiny" / name / "stage.json").read_text())["pseudo_targets"]
     assert info["resumed_batches"] >= written and info["resumed_batches"] + info["made_batches"] == 16
-    resumed = load_pseudo_targets(root / "tiny" / "pts").to_list()
-    one = sampled[0]
-    assert [{k: v for k, v in r.items() if k != "score"} for r in resumed] == \
-           [{k: v for k, v in r.items() if k != "score"} for r in one]
-    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in one], abs=1e-4)
+    return load_pseudo_targets(root / "tiny" / name).to_list()
 
 
 def test_pts_need_inputs_and_known_splits(trained, tmp_path):
@@ -227,20 +232,7 @@ def test_killed_engine_run_resumes_to_the_same_pts(trained, tmp_path):
     whole.run(only="pts_engine")
     expected = load_pseudo_targets(whole.run_dir / "pts_engine").to_list()
     assert len({r["pt"] for r in expected}) > len(expected) // 3  # sampled: the outputs vary
-
-    root = tmp_path / "runs"
-    copy_teacher(trained, root)
-    write_recipe(trained, tmp_path / "r.yaml", ENGINE_SAMPLED)
-    parts = root / "tiny" / ".pts_engine.partial" / "parts"
-    kill_once(["run", str(tmp_path / "r.yaml"), "--stage", "pts_engine", "--runs-dir", str(root)], tmp_path,
-              ready=lambda: bool(list(parts.glob("part-*.json"))), what="give it more batches")
-    written = len(list(parts.glob("part-*.json")))
-    assert 1 <= written < 16
-    runner = with_stages(trained, ENGINE_SAMPLED, root=root)
-    runner.run(only="pts_engine")
-    info = json.loads((root / "tiny" / "pts_engine" / "stage.json").read_text())["pseudo_targets"]
-    assert info["resumed_batches"] >= written and info["resumed_batches"] + info["made_batches"] == 16
-    resumed = load_pseudo_targets(root / "tiny" / "pts_engine").to_list()
+    resumed = killed_and_resumed(trained, ENGINE_SAMPLED, tmp_path)
     assert without(resumed, "score") == without(expected, "score")
     assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
