@@ -152,7 +152,8 @@ def quality(runs_dir: str, overrides: list[str]) -> None:
     print("\nstudents distilled from each engine's PTs (demo distill settings, same steps), test split:")
     for pts_name, student in zip([s["name"] for s in stages if s["kind"] == "pseudo_targets"], students):
         record = json.loads((runner.run_dir / pts_name / "stage.json").read_text())["pseudo_targets"]
-        print(f"  {student:17s} BLEU {metrics[student]['bleu']:6.2f} ({metrics[student]['bleu'] - metrics[students[0]]['bleu']:+.2f})"
+        bleu = metrics[student]["bleu"]
+        print(f"  {student:17s} BLEU {bleu:6.2f} ({bleu - metrics[students[0]]['bleu']:+.2f})"
               f"   its PTs: {record.get('engine', 'transformers'):20s} {record['seconds']:7.1f} s "
               f"({record['sequences_per_s']:.1f} seq/s, generation and scoring, as the stage ran)")
 
@@ -216,7 +217,8 @@ def main() -> None:
     if args.teacher is None or args.data is None or not args.speed_only:
         runner = demo_with([], runs_dir=args.runs_dir, overrides=args.set)  # the demo's teacher, trained if missing
     teacher = Path(args.teacher) if args.teacher else runner.run_dir / "teacher"
-    sources = read_sources(args.data, args.source_column, args.inputs) if args.data else demo_sources(runner, args.inputs)
+    sources = (read_sources(args.data, args.source_column, args.inputs) if args.data
+               else demo_sources(runner, args.inputs))
     speed(teacher, sources, args.rounds)
     if args.student:  # encoder reuse on the given student and teacher, with the --data pairs
         encoder_reuse(Path(args.student), teacher, read_pairs(args.data, args.source_column, args.target_column, 64),

@@ -314,7 +314,8 @@ class DistillConfig(TrainArgs):
     pseudo_targets: list[str] = field(
         default_factory=list, metadata=ref("datasets", "pseudo_targets stages whose PTs join the training data"))
     pt_schedule: Literal["cycle", "all", "all_together"] = field(default="cycle", metadata=doc(
-        "cycle: epoch e uses PT e mod K (the study); all: every PT each epoch; all_together: all, an input's PTs in one batch, its source encoded once"))
+        "cycle: epoch e uses PT e mod K (the study); all: every PT each epoch; all_together: all, an input's PTs "
+        "in one batch, its source encoded once"))
     joint_teaching: Optional[JointTeachingConfig] = field(default=None, metadata=doc(
         "Joint-Teaching (study stage S8): also KD on prefixes the student samples itself; off when absent"))
     cached_teacher: Optional[str] = field(

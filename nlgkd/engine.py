@@ -41,8 +41,9 @@ class EngineModel:
     With `reseed_per_call` (pseudo-target stages, Joint-Teaching) sampling draws from an engine made for the call
     and seeded with the seed it is given (the caller passes the run's seed plus the batch's number), so the same
     batch with the same seed draws the same samples on one machine, whatever ran before; without it (evaluate,
-    serve) the seed takes effect once, for the engine's first samples. Greedy and beam search are deterministic. int8 kernels quantize activations per batch: an input decoded
-    inside a padded batch can differ slightly from the same input decoded alone."""
+    serve) the seed takes effect once, for the engine's first samples. Greedy and beam search are deterministic.
+    int8 kernels quantize activations per batch: an input decoded inside a padded batch can differ slightly from
+    the same input decoded alone."""
 
     def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, device_index: int = 0,
                  reseed_per_call: bool = False):

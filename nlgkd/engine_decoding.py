@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def ctranslate2_refusal(decoding) -> str | None:
-    """Why CTranslate2 cannot decode as `decoding` (a DecodingConfig) says (None: it can, with the same meaning); the message
-    names the field and what to do."""
+    """Why CTranslate2 cannot decode as `decoding` (a DecodingConfig) says (None: it can, with the same
+    meaning); the message names the field and what to do."""
     if decoding.strategy not in ("greedy", "beam", "sample"):
         return (f"decoding.strategy: {decoding.strategy!r} is not available on a CTranslate2 model; use greedy, "
                 "beam or sample")

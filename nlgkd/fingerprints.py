@@ -43,7 +43,8 @@ def behaviour_version(kind: str) -> int:
 # stages it finished; set to anything else, it is hashed like every other field.
 ADDED_FIELDS_AT_DEFAULT = {"engine": "transformers", "engine_quantization": "float32",
                            "joint_teaching.engine": "transformers", "joint_teaching.engine_refresh_every": 20,
-                           "joint_teaching.engine_quantization": "float32", "group_by_length": False, "validation_decoding": None, "joint_teaching.steps_per_draw": 1,
+                           "joint_teaching.engine_quantization": "float32", "group_by_length": False,
+                           "validation_decoding": None, "joint_teaching.steps_per_draw": 1,
                            "joint_teaching.stop_share": 1.0, "decoding.early_stopping": True,
                            "joint_teaching.decoding.early_stopping": True,
                            **{f"{block}.{name}": default for block in ("decoding", "joint_teaching.decoding")
