@@ -417,7 +417,7 @@ class PseudoTargetsConfig:
         "batches between writes to disk (a kill loses at most these)", ge=1))
     engine: Literal["transformers", "ctranslate2"] = field(default="transformers", metadata=doc(
         "what decodes and scores: the PyTorch teacher (transformers' generate), or a CTranslate2 copy of it made "
-        "in the stage's folder (an encoder-decoder teacher; the same decoding fields; faster; a teacher that is "
+        "in the stage's folder (encoder-decoder or decoder-only; the same decoding fields; faster; a teacher that is "
         "an export stage is used as it is)"))
     engine_quantization: Quantization = field(default="float32", metadata=doc(
         "engine: ctranslate2: the copy's weight type; float32 writes what the PyTorch teacher writes; int8 (CPU) or "

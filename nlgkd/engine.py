@@ -153,22 +153,29 @@ class EngineModel:
     def mean_logprobs(self, source_ids: list[list[int]], texts: list[str], max_target_length: int,
                       chunk: int) -> list[float | None]:
         """Mean token log-probability of each text (then EOS) as the target of its source, the engine's twin of
-        `nlgkd.stages.pseudo_targets.mean_logprobs` (same truncation, EOS counted); None for ''."""
-        if not self.encoder_decoder:
-            raise ValueError("engine scoring is for encoder-decoder models; a decoder-only teacher decodes with "
-                             "engine: transformers")
+        `nlgkd.stages.pseudo_targets.mean_logprobs` (same truncation, EOS counted); None for ''. A decoder-only
+        model scores `source, EOS, target, EOS` (nlgkd's causal prompt) and the target's positions are kept."""
+        from .data import causal_prompt, truncate
+
         tok = self.tokenizer
         scores: list[float | None] = [None] * len(texts)
         todo = [i for i, t in enumerate(texts) if t]
         if not todo:
             return scores
-        targets = tok([texts[i] for i in todo], add_special_tokens=False)["input_ids"]
-        # CTranslate2 appends EOS itself: keep the first max_target_length - 1 tokens, as `truncate` does
-        target_tokens = [tok.convert_ids_to_tokens(ids[: max_target_length - 1]) for ids in targets]
-        sources = [tok.convert_ids_to_tokens(source_ids[i]) for i in todo]
-        results = self.engine.score_batch(sources, target_tokens, max_batch_size=chunk, max_input_length=0)
-        for i, result in zip(todo, results):
-            scores[i] = sum(result.log_probs) / len(result.log_probs)
+        targets = [truncate(ids + [tok.eos_token_id], max_target_length)
+                   for ids in tok([texts[i] for i in todo], add_special_tokens=False)["input_ids"]]
+        if self.encoder_decoder:
+            # the Translator appends EOS to each target itself
+            target_tokens = [tok.convert_ids_to_tokens(ids[:-1]) for ids in targets]
+            sources = [tok.convert_ids_to_tokens(source_ids[i]) for i in todo]
+            results = self.engine.score_batch(sources, target_tokens, max_batch_size=chunk, max_input_length=0)
+        else:  # the Generator scores every token after the first, as given
+            sequences = [tok.convert_ids_to_tokens(causal_prompt(source_ids[i], tok.eos_token_id) + ids)
+                         for i, ids in zip(todo, targets)]
+            results = self.engine.score_batch(sequences, max_batch_size=chunk, max_input_length=0)
+        for i, ids, result in zip(todo, targets, results):
+            on_target = result.log_probs[-len(ids):]
+            scores[i] = sum(on_target) / len(on_target)
         return scores
 
     def generate_texts(self, source_ids: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[str]]:

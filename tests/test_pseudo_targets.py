@@ -222,6 +222,23 @@ def test_float32_engine_pts_equal_transformers_pts(trained, tmp_path):
             "pseudo_targets"]["engine"] == "transformers"
 
 
+def test_a_decoder_only_teachers_engine_pts_and_scores_equal_transformers(trained, tmp_path):
+    pytest.importorskip("ctranslate2")
+    # the engine's Generator scores `source, EOS, target, EOS` and keeps the target's positions, as the PyTorch
+    # path's causal batches do; a random GPT-2 writes arbitrary outputs, so a shifted position would show
+    recipe = copy.deepcopy(trained[0])
+    recipe["models"]["rand_gpt2"] = {**RANDOM_TEACHER, "arch": "gpt2"}
+    common = {"kind": "pseudo_targets", "teacher": "rand_gpt2", "inputs": ["train"], "max_examples": 16,
+              "decoding": {"strategy": "greedy", "min_new_tokens": 6, "max_new_tokens": 12, "batch_size": 8}}
+    recipe["stages"] = [{"name": "torch", **common}, {"name": "engine", "engine": "ctranslate2", **common}]
+    runner = Runner(parse_recipe(recipe), runs_root=tmp_path / "runs")
+    runner.run()
+    torch_rows, rows = (load_pseudo_targets(runner.run_dir / name).to_list() for name in ("torch", "engine"))
+    assert len(rows) == len(torch_rows) > 8 and sum(len(r["pt"]) > 10 for r in rows) > 4
+    assert without(rows, "score") == without(torch_rows, "score")
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in torch_rows], abs=1e-4)
+
+
 ENGINE_SAMPLED = {**SAMPLED, "name": "pts_engine", "engine": "ctranslate2"}
 
 

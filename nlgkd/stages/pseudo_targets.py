@@ -156,13 +156,9 @@ def engine_teacher(ctx):
     cfg, acc = ctx.config, ctx.accelerator
     kind, _ = ctx.recipe.resolve(cfg.teacher, before=ctx.stage.index)
     source = ctx.artifact_dir(cfg.teacher) if kind == "stage" else None
-    described = source / ("nlgkd_export.json" if is_export(source) else "config.json") if source else None
-    if described is not None and not json.loads(described.read_text()).get("is_encoder_decoder", False):
-        raise ValueError(f"engine: ctranslate2: teacher {cfg.teacher!r} is a decoder-only model, which the engine "
-                         "path does not score yet; use engine: transformers for it")
     if source is not None and is_export(source):
         folder = source
-        exported = json.loads(described.read_text())["quantization"]
+        exported = json.loads((source / "nlgkd_export.json").read_text())["quantization"]
         ctx.log(f"teacher {cfg.teacher!r} is a CTranslate2 {exported} export: it decodes as it is "
                 f"(engine_quantization: {cfg.engine_quantization} is for a teacher the stage converts itself)")
     else:
@@ -177,11 +173,7 @@ def engine_teacher(ctx):
             ctx.log(f"teacher {cfg.teacher!r} converted to CTranslate2 {cfg.engine_quantization} "
                     f"({manifest['weights_mb']:.1f} MB) for decoding")
         acc.wait_for_everyone()
-    engine = EngineModel(folder, device=acc.device.type, device_index=acc.device.index or 0, reseed_per_call=True)
-    if not engine.encoder_decoder:  # a models: entry, known only once converted
-        raise ValueError(f"engine: ctranslate2: teacher {cfg.teacher!r} is a decoder-only model, which the engine "
-                         "path does not score yet; use engine: transformers for it")
-    return engine
+    return EngineModel(folder, device=acc.device.type, device_index=acc.device.index or 0, reseed_per_call=True)
 
 
 def dry_run(ctx) -> None:
