@@ -2,7 +2,9 @@
 on the demo task (same student, teacher, data, steps and seed): as the study defines it, with sampling ended
 once 90% of the samples have (stop_share 0.9), and with that and one sampling call per 4 student steps
 (steps_per_draw 4); and, at the study's settings, with the prefixes sampled by a CTranslate2 copy of the student
-(float32 and int8) made every 20 optimizer steps (joint_teaching.engine).
+(float32 and int8) made every 20 optimizer steps (joint_teaching.engine); and with `mix: rows`, every step
+both kinds of prefix for half the inputs (16 data rows and the student's 16 prefixes of the same sources, so a
+step still trains on 32 rows), each source encoded once.
 
     python eval/bench_joint_teaching.py [--steps 200] [--runs-dir runs]
 
@@ -41,6 +43,11 @@ def main() -> None:
         {"name": "bench_joint_teaching_engine_int8", **common,
          "joint_teaching": {"student_ratio": 0.5, "engine": "ctranslate2", "engine_refresh_every": 20,
                             "engine_quantization": "int8"}},
+        # mix: rows, every step both kinds: 16 inputs and the student's 16 prefixes of them (a step of 32 rows, as
+        # above), each source encoded once for both
+        {"name": "bench_joint_teaching_rows", **common, "batch_size": 16, "joint_teaching": {"mix": "rows"}},
+        {"name": "bench_joint_teaching_rows_engine", **common, "batch_size": 16,
+         "joint_teaching": {"mix": "rows", "engine": "ctranslate2", "engine_refresh_every": 20}},
     ]
     runner = demo_with(stages, runs_dir=args.runs_dir, overrides=args.set)
     plain = train_seconds(runner, "bench_plain_kd") / args.steps
@@ -49,7 +56,9 @@ def main() -> None:
                         ("bench_joint_teaching_share", "  stop_share 0.9"),
                         ("bench_joint_teaching_k4", "  + steps_per_draw 4"),
                         ("bench_joint_teaching_engine", "  engine float32 /20"),
-                        ("bench_joint_teaching_engine_int8", "  engine int8 /20")):
+                        ("bench_joint_teaching_engine_int8", "  engine int8 /20"),
+                        ("bench_joint_teaching_rows", "mix rows, 16 + 16"),
+                        ("bench_joint_teaching_rows_engine", "  + engine float32 /20")):
         rows[label] = (name, train_seconds(runner, name) / args.steps)
     summary = {}
     for label, (name, seconds) in rows.items():

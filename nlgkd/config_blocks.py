@@ -95,6 +95,12 @@ class JointTeachingConfig:
         default_factory=lambda: DecodingConfig(strategy="sample", top_p=0.95),
         metadata=doc("how the student writes its prefixes, one per input of the training micro-batch "
                      "(num_return_sequences 1, batch_size unused; steps_per_draw draws more at once)"))
+    mix: Literal["steps", "rows"] = field(default="steps", metadata=doc(
+        "steps: a student_ratio share of the optimizer steps trains on student prefixes, the others on the data's "
+        "(the study); rows: every step trains on both, each input's own target and one prefix the student samples "
+        "side by side, every token weighted alike and each source encoded once for both. rows puts twice the rows "
+        "in a step (halve batch_size to keep a step's size) and needs student_ratio 0.5, schedule alternate and "
+        "steps_per_draw 1, which only steps reads"))
     steps_per_draw: int = field(default=1, metadata=doc(
         "student steps served by one sampling call of k prefixes per input (the next k - 1 student steps train on "
         "them instead of their own batches); prefixes are then about (k - 1) / student_ratio steps old, and a "
@@ -123,6 +129,12 @@ class JointTeachingConfig:
                 "stop_share: below 1 needs transformers' stopping criteria" if self.stop_share < 1 else None)
             if refusal:
                 raise RecipeError(f"joint_teaching.engine: ctranslate2: {refusal}; or use engine: transformers")
+        if self.mix == "rows" and (self.student_ratio != 0.5 or self.schedule != "alternate"
+                                   or self.steps_per_draw != 1):
+            raise RecipeError("joint_teaching.mix: rows trains every step on both kinds of prefix, so student_ratio, "
+                              "schedule and steps_per_draw say nothing; leave them at their defaults (0.5, alternate, "
+                              f"1; they are {self.student_ratio}, {self.schedule!r}, {self.steps_per_draw}) or use "
+                              "mix: steps")
         if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
             raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
                               f"with different samples of the same inputs, so it needs decoding.strategy: sample "

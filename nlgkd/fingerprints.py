@@ -45,8 +45,8 @@ ADDED_FIELDS_AT_DEFAULT = {"engine": "transformers", "engine_quantization": "flo
                            "joint_teaching.engine": "transformers", "joint_teaching.engine_refresh_every": 20,
                            "joint_teaching.engine_quantization": "float32", "group_by_length": False,
                            "validation_decoding": None, "joint_teaching.steps_per_draw": 1,
-                           "joint_teaching.stop_share": 1.0, "decoding.early_stopping": True,
-                           "joint_teaching.decoding.early_stopping": True,
+                           "joint_teaching.stop_share": 1.0, "joint_teaching.mix": "steps",
+                           "decoding.early_stopping": True, "joint_teaching.decoding.early_stopping": True,
                            **{f"{block}.{name}": default for block in ("decoding", "joint_teaching.decoding")
                               for name, default in (("min_new_tokens", 0), ("repetition_penalty", 1.0),
                                                     ("forced_bos_token", None), ("from_checkpoint", []))}}

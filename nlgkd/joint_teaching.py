@@ -66,6 +66,9 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
     and the next k - 1 (on the demo's CPU a batch 4 times as tall decoded in about 2.3 times the time of one).
     The pending windows live in memory: a resumed stage draws afresh at its first student step.
 
+    With `mix: rows` every step is both: each micro-batch keeps its rows and gains the student's prefix of each
+    of its inputs (`side_by_side`).
+
     With `engine: ctranslate2` a CTranslate2 copy of the student samples instead (`StudentEngineCopy`, made again
     every `engine_refresh_every` optimizer steps; `student_copy_age` logs how old it is)."""
     if causal:
@@ -109,19 +112,48 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         return windows
 
     def prepare(model, window, step):
+        if jt.mix == "rows":  # every step: each micro-batch's own rows, then the student's prefixes of them
+            student_steps.append(step)
+            sampled = draw(acc.unwrap_model(model).student, window, step)[0]
+            logs = {"student_pt_len": mean_length(sampled)}
+            if engine_copy is not None:
+                logs["student_copy_age"] = float(step - engine_copy.made_at)
+            return [side_by_side(own, drawn) for own, drawn in zip(window, sampled)], logs
         if not is_student_step(jt, seed, step):
             return window, {"student_step": 0.0}
         student_steps.append(step)
         if not pending:
             pending.extend(draw(acc.unwrap_model(model).student, window, step))
         new_window = pending.pop(0)
-        lengths = [(b["labels"] != -100).sum(1).float().mean().item() for b in new_window]
-        logs = {"student_step": 1.0, "student_pt_len": sum(lengths) / len(lengths)}
+        logs = {"student_step": 1.0, "student_pt_len": mean_length(new_window)}
         if engine_copy is not None:  # how many optimizer steps old the student that wrote these prefixes is
             logs["student_copy_age"] = float(step - engine_copy.made_at)
         return new_window, logs
 
     return prepare, student_steps
+
+
+def mean_length(window: list[dict]) -> float:
+    """The mean number of counted tokens per row (filler rows included), averaged over the micro-batches."""
+    lengths = [(b["labels"] != -100).sum(1).float().mean().item() for b in window]
+    return sum(lengths) / len(lengths)
+
+
+def side_by_side(own: dict, sampled: dict) -> dict:
+    """`mix: rows`: one micro-batch of 2B rows, the B rows of `own` (the data's targets) then the same sources with
+    the student's prefixes (`sampled`, from `draw`); `student_rows_from` = B says where the second kind starts
+    (nlgkd/stages/distill_loss.py: word_level_terms), and the two copies of a source are encoded once
+    (`models.with_shared_sources`)."""
+    rows = own["labels"].shape[0]
+    width = max(own["labels"].shape[1], sampled["labels"].shape[1])
+
+    def widened(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100)
+
+    doubled = {key: torch.cat([value, value]) for key, value in own.items()
+               if torch.is_tensor(value) and value.shape[:1] == (rows,) and key != "labels"}
+    return {**own, **doubled, "labels": torch.cat([widened(own["labels"]), widened(sampled["labels"])]),
+            "student_rows_from": rows}
 
 
 class StudentEngineCopy:

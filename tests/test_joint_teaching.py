@@ -229,3 +229,74 @@ def step_rows(folder) -> list[dict]:
     """metrics.jsonl's training steps (not the evaluations), in order."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [row for row in rows if "loss" in row]
+
+
+# ------------------------------------------------------------------------- mix: rows
+def test_rows_mix_is_both_kinds_of_step_summed_with_each_source_encoded_once(trained):
+    """`mix: rows`: the loss and the student's gradients on a micro-batch of the data's rows plus the student's
+    prefixes of the same sources equal the sum of a teacher step on the first and a student step on the second
+    (each over the same token count), re-encoding each; the student's encoder reads each source once."""
+    from nlgkd.config import DistillConfig
+    from nlgkd.data import collate, encode, load_splits
+    from nlgkd.joint_teaching import side_by_side
+    from nlgkd.recipe import parse_recipe
+    from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
+
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    teacher, _ = load_pretrained(str(root / "tiny" / "teacher"))
+    splits, _ = load_splits(parse_recipe(recipe).data)
+    examples = list(encode(splits["validation"], tokenizer, 48, 48)[0])
+    own = collate(examples[:5], pad_id=tokenizer.pad_token_id, causal=False)
+    # the student's prefixes stand in as other examples' targets, one shorter and one longer than the own rows
+    drawn = {**own, "labels": collate(examples[5:10], pad_id=tokenizer.pad_token_id, causal=False)["labels"],
+             "student_prefix": True}
+    both = side_by_side(own, drawn)
+    assert both["labels"].shape[0] == 10 and both["student_rows_from"] == 5
+    normalizer = float((both["labels"] != -100).sum())
+    cfg = DistillConfig(student="student", teacher="teacher", objective="logits_kd", temperature=2.0, alpha=0.3,
+                        joint_teaching=JointTeachingConfig(mix="rows"))
+    compute_loss = make_loss(cfg, [teacher.eval()], causal=False)
+    model = StudentWithProjections(student.eval(), {})
+
+    def loss_and_grads(batches):
+        student.zero_grad()
+        total = sum(compute_loss(model, b, normalizer)[0] for b in batches)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    rows_read = []
+    hook = student.get_encoder().register_forward_hook(
+        lambda module, args, kwargs, out: rows_read.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    together, together_grads = loss_and_grads([both])
+    hook.remove()
+    apart, apart_grads = loss_and_grads([own, drawn])
+    assert rows_read == [5]
+    assert together.item() == pytest.approx(apart.item(), rel=1e-5)
+    for a, b in zip(together_grads, apart_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _, logs = compute_loss(model, both, normalizer)
+    assert together.item() == pytest.approx(0.7 * logs["kd_teacher_prefix"] + 0.3 * logs["ce"]
+                                            + logs["kd_student_prefix"], rel=1e-5)
+
+
+def test_rows_mix_trains_every_step_on_both_kinds(trained):
+    runner, _ = with_stage(trained, distill_stage(
+        "jt_rows", objective="logits_kd", alpha=0.5, max_steps=3, batch_size=8,
+        joint_teaching={"mix": "rows", "decoding": {"strategy": "sample", "max_new_tokens": 8}}))
+    runner.run(only="jt_rows")
+    rows = step_rows(runner.run_dir / "jt_rows")
+    info = json.loads((runner.run_dir / "jt_rows" / "stage.json").read_text())["joint_teaching"]
+    assert info["student_step_list"] == [0, 1, 2] and len(rows) == 3
+    for row in rows:
+        assert row["kd_student_prefix"] > 0 and row["kd_teacher_prefix"] > 0 and row["student_pt_len"] > 0
+        assert row["loss"] == pytest.approx(0.5 * row["kd_teacher_prefix"] + 0.5 * row["ce"]
+                                            + row["kd_student_prefix"], rel=1e-4)
+
+
+def test_rows_mix_refuses_the_fields_only_steps_reads():
+    with pytest.raises(RecipeError, match=r"joint_teaching.mix: rows .*student_ratio"):
+        JointTeachingConfig(mix="rows", student_ratio=0.3)
+    with pytest.raises(RecipeError, match=r"joint_teaching.mix: rows"):
+        JointTeachingConfig(mix="rows", steps_per_draw=2)
+    assert JointTeachingConfig(mix="rows", engine="ctranslate2").mix == "rows"

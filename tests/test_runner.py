@@ -351,6 +351,7 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
             config.pop(key, None)  # validation_decoding: None, which to_dict leaves out
     jt = before["distill"]["joint_teaching"]
     del jt["steps_per_draw"], jt["stop_share"], jt["engine"], jt["engine_refresh_every"], jt["engine_quantization"]
+    del jt["mix"]
     before["evaluate"] = to_dict(evaluate.config)
     before["pts"] = to_dict(pts.config)
     del before["pts"]["engine"], before["pts"]["engine_quantization"]
@@ -361,7 +362,7 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
     assert runner.fingerprint_parts(distill)["config"] == before["distill"]
     assert runner.fingerprint_parts(evaluate)["config"] == before["evaluate"]
     assert runner.fingerprint_parts(pts)["config"] == before["pts"]
-    assert len(ADDED_FIELDS_AT_DEFAULT) == 2 + 2 + 2 + 3 + 2 * len(decoding_fields)
+    assert len(ADDED_FIELDS_AT_DEFAULT) == 2 + 2 + 2 + 4 + 2 * len(decoding_fields)
     # speed settings are never hashed
     for key, value in (("compile", True), ("fused_adamw", "no")):
         changed = copy.deepcopy(tiny_recipe)
@@ -380,7 +381,7 @@ def test_fields_added_at_their_old_behaviour_keep_the_fingerprints_of_finished_s
         node[leaf] = {"group_by_length": True, "steps_per_draw": 2, "stop_share": 0.9, "early_stopping": False,
                       "validation_decoding": {"strategy": "beam"}, "min_new_tokens": 2, "repetition_penalty": 1.2,
                       "forced_bos_token": "<s>", "from_checkpoint": ["min_length"], "engine": "ctranslate2",
-                      "engine_quantization": "int8", "engine_refresh_every": 5}[leaf]
+                      "engine_quantization": "int8", "engine_refresh_every": 5, "mix": "rows"}[leaf]
         other = Runner(parse_recipe(changed), runs_root=tmp_path)
         assert short_hash(other.fingerprint_parts(other.recipe.stages[index])) != \
             short_hash(runner.fingerprint_parts(runner.recipe.stages[index])), path

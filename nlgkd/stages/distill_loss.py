@@ -130,7 +130,7 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
     def compute_loss(model, batch, normalizer):
         if soft_targets is not None:
             batch = {**batch, **soft_targets(batch)}
-        if cfg.pt_schedule == "all_together" and not causal:
+        if (cfg.pt_schedule == "all_together" or "student_rows_from" in batch) and not causal:
             batch = with_shared_sources(batch)  # the student and the teachers encode each source once
         unwrapped = getattr(model, "module", model)
         with ExitStack() as hooks:
@@ -171,6 +171,8 @@ def make_loss(cfg, teachers: list[nn.Module], causal: bool, soft_targets=None, v
 def word_level_terms(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor], normalizer) -> tuple[Tensor, dict]:
     """(loss, logs) of the word-level part: gold cross-entropy mixed by `alpha` with the objective (from the
     teachers' logits, or a top-k cache in the batch); on a Joint-Teaching student prefix the objective alone."""
+    if "student_rows_from" in batch:
+        return both_prefix_kinds(cfg, batch, s_logits, t_logits, normalizer)
     mask = batch["labels"] != -100
     logs = {}
     on_student_prefix = bool(batch.get("student_prefix", False))
@@ -204,6 +206,25 @@ def word_level_terms(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor],
     agree = (s_logits.argmax(-1) == t_logits[0].argmax(-1)) & mask
     logs["agreement"] = agree.sum() / normalizer
     return (1 - cfg.alpha) * word + cfg.alpha * ce, logs
+
+
+def both_prefix_kinds(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor], normalizer) -> tuple[Tensor, dict]:
+    """Joint-Teaching `mix: rows`: rows [:n] hold the data's targets, rows [n:] the student's prefixes of the same
+    sources (n = batch["student_rows_from"]); logits [2n, T, V]. The first kind trains as a teacher step would,
+    (1 - alpha) KD + alpha CE, the second with KD alone, each term summed over its tokens and divided by the
+    window's token count: the sum of what the two kinds of step would give over the same tokens. `kd_*_prefix`
+    log each kind's part of the loss."""
+    n = batch["student_rows_from"]
+    labels = batch["labels"]
+    mask = labels != -100
+    own_t, drawn_t = [t[:n] for t in t_logits], [t[n:] for t in t_logits]
+    kd_own = OBJECTIVES[cfg.objective](s_logits[:n], own_t, mask[:n], normalizer, cfg)
+    kd_drawn = OBJECTIVES[cfg.objective](s_logits[n:], drawn_t, mask[n:], normalizer, cfg)
+    ce = cross_entropy_loss(s_logits[:n], labels[:n], num_tokens=normalizer, label_smoothing=cfg.label_smoothing)
+    agree = (s_logits[:n].argmax(-1) == own_t[0].argmax(-1)) & mask[:n]
+    logs = {"ce": ce.detach(), cfg.objective: (kd_own + kd_drawn).detach(), "kd_teacher_prefix": kd_own.detach(),
+            "kd_student_prefix": kd_drawn.detach(), "agreement": agree.sum() / normalizer}
+    return (1 - cfg.alpha) * kd_own + cfg.alpha * ce + kd_drawn, logs
 
 
 def make_loss_by_task(cfg, teachers: list[nn.Module], task_teachers: list[list[int]], vocab_width: int | None = None):
