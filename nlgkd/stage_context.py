@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import Recipe, Stage
 
@@ -46,6 +46,24 @@ class StageContext:
             from .progress import write_above_bars
 
             write_above_bars(f"[{self.stage.key}] {message}")
+
+    def on_main_process(self, work: Callable[[], None]) -> None:
+        """Run `work` on the main process while the others wait. If it fails there, every process raises: the
+        others would otherwise wait at the next barrier until the collective timed out (30 minutes on gloo)."""
+        from .generation import gather_objects
+
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                work()
+            except Exception as err:  # re-raised below, once the other processes know
+                error = err
+        failures = [f for f in gather_objects(acc, None if error is None else f"{type(error).__name__}: {error}")
+                    if f is not None]
+        if error is not None:
+            raise error
+        if failures:
+            raise ValueError(f"the main process failed: {failures[0]}")
 
     def data(self):
         return self.runner.data()

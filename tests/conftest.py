@@ -151,6 +151,13 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> None:
     """`nlgkd ARGS` on 2 processes (gloo on CPU), started the way `torchrun --nproc_per_node 2` starts them:
     each with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment.
     Fails with the ranks' output unless both exit 0."""
+    for exitcode, output in ranks_of_two_processes(args, cwd, timeout):
+        assert exitcode == 0, f"a rank exited with {exitcode}:\n{output[-3000:]}"
+
+
+def ranks_of_two_processes(args: list[str], cwd, timeout: int) -> list[tuple[int | None, str]]:
+    """(exit code, output) of each rank of `nlgkd ARGS` on 2 processes; a rank still running after `timeout`
+    seconds is killed (exit code None)."""
     port = str(free_port())
     logs = [Path(cwd) / f"rank{rank}.log" for rank in range(2)]
     ranks = [forked_nlgkd(args, cwd, log=logs[rank], env={
@@ -160,11 +167,14 @@ def nlgkd_on_two_processes(args: list[str], cwd, timeout: int = 600) -> None:
         rank.start()
     for rank in ranks:
         rank.join(timeout)
-    outputs = [log.read_text() if log.exists() else "" for log in logs]
-    for rank, output in zip(ranks, outputs):
-        if rank.is_alive():
+    results = []
+    for rank, log in zip(ranks, logs):
+        alive = rank.is_alive()
+        if alive:
             rank.kill()
-        assert rank.exitcode == 0, f"a rank exited with {rank.exitcode}:\n{output[-3000:]}"
+            rank.join()
+        results.append((None if alive else rank.exitcode, log.read_text() if log.exists() else ""))
+    return results
 
 
 # Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests

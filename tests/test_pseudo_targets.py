@@ -239,6 +239,29 @@ def test_a_decoder_only_teachers_engine_pts_and_scores_equal_transformers(traine
     assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in torch_rows], abs=1e-4)
 
 
+def test_a_conversion_that_fails_on_the_main_process_stops_every_process(tmp_path):
+    """On 2 processes only the main one converts the teacher; when that fails (an LSTM: CTranslate2 has no such
+    model) the other process stops too, and says why. Before, it learnt only that its peer had gone (gloo:
+    "Connection closed by peer"), or, where the backend does not notice, waited at a barrier for the timeout."""
+    pytest.importorskip("ctranslate2")
+    import yaml
+
+    from conftest import ranks_of_two_processes
+
+    recipe = {"name": "failconv", "seed": 0,
+              "data": {"task": "demo", "demo": {"train": 16, "validation": 8, "test": 8, "unlabeled": 0}},
+              "models": {"rnn": {"init": "fresh", "arch": "lstm", "d_model": 16, "encoder_layers": 1,
+                                 "decoder_layers": 1, "vocab_size": 200}},
+              "stages": [{"name": "pts", "kind": "pseudo_targets", "teacher": "rnn", "inputs": ["train"],
+                          "engine": "ctranslate2", "decoding": {"strategy": "greedy", "max_new_tokens": 8}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    ranks = ranks_of_two_processes(["run", "recipe.yaml", "--runs-dir", "runs"], cwd=tmp_path, timeout=240)
+    (main_code, main_out), (other_code, other_out) = ranks
+    assert main_code not in (None, 0) and "CTranslate2 cannot convert" in main_out
+    assert other_code not in (None, 0), f"the other process did not stop:\n{other_out[-2000:]}"
+    assert "the main process failed" in other_out and "cannot convert" in other_out
+
+
 ENGINE_SAMPLED = {**SAMPLED, "name": "pts_engine", "engine": "ctranslate2"}
 
 

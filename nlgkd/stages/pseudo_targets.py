@@ -163,7 +163,10 @@ def engine_teacher(ctx):
                 f"(engine_quantization: {cfg.engine_quantization} is for a teacher the stage converts itself)")
     else:
         folder = ctx.out_dir / ENGINE_COPY
-        if acc.is_main_process and not is_export(folder):
+
+        def convert() -> None:
+            if is_export(folder):  # a resumed run's whole copy
+                return
             staging = ctx.out_dir / f".{ENGINE_COPY}.partial"  # renamed once whole: a kill leaves no half copy
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
@@ -172,7 +175,8 @@ def engine_teacher(ctx):
             staging.rename(folder)
             ctx.log(f"teacher {cfg.teacher!r} converted to CTranslate2 {cfg.engine_quantization} "
                     f"({manifest['weights_mb']:.1f} MB) for decoding")
-        acc.wait_for_everyone()
+
+        ctx.on_main_process(convert)
     return EngineModel(folder, device=acc.device.type, device_index=acc.device.index or 0, reseed_per_call=True)
 
 
