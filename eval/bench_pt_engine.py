@@ -84,7 +84,7 @@ def timed_decode(folder: str, engine: bool, source_ids: list[list[int]], fields:
 
     torch.set_num_threads(threads)
     if engine:
-        model = EngineModel(folder)
+        model = EngineModel(folder, reseed_per_call=True)  # as the PT stage decodes: an engine per sampling call
         tokenizer = model.tokenizer
     else:
         model, tokenizer = load_pretrained(folder)
