@@ -131,10 +131,10 @@ class JointTeachingConfig:
                 raise RecipeError(f"joint_teaching.engine: ctranslate2: {refusal}; or use engine: transformers")
         if self.mix == "rows" and (self.student_ratio != 0.5 or self.schedule != "alternate"
                                    or self.steps_per_draw != 1):
-            raise RecipeError("joint_teaching.mix: rows trains every step on both kinds of prefix, so student_ratio, "
-                              "schedule and steps_per_draw say nothing; leave them at their defaults (0.5, alternate, "
-                              f"1; they are {self.student_ratio}, {self.schedule!r}, {self.steps_per_draw}) or use "
-                              "mix: steps")
+            raise RecipeError("joint_teaching.mix: rows trains every step on both kinds of prefix, so "
+                              "joint_teaching.student_ratio, schedule and steps_per_draw say nothing; leave them at "
+                              f"their defaults (0.5, alternate, 1; they are {self.student_ratio}, {self.schedule!r}, "
+                              f"{self.steps_per_draw}) or use mix: steps")
         if self.steps_per_draw > 1 and self.decoding.strategy != "sample":
             raise RecipeError(f"joint_teaching.steps_per_draw: {self.steps_per_draw} serves the next student steps "
                               f"with different samples of the same inputs, so it needs decoding.strategy: sample "

@@ -115,10 +115,15 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         if jt.mix == "rows":  # every step: each micro-batch's own rows, then the student's prefixes of them
             student_steps.append(step)
             sampled = draw(acc.unwrap_model(model).student, window, step)[0]
-            logs = {"student_pt_len": mean_length(sampled)}
+            # this process's token count of each kind in the window: the loss divides by the window's count of
+            # both, and the logs are each kind's own per-token means
+            kind_tokens = (counted_tokens(window), counted_tokens(sampled))
+            logs = {"student_pt_len": mean_length(sampled),
+                    "student_token_share": kind_tokens[1] / max(1, sum(kind_tokens))}
             if engine_copy is not None:
                 logs["student_copy_age"] = float(step - engine_copy.made_at)
-            return [side_by_side(own, drawn) for own, drawn in zip(window, sampled)], logs
+            return [{**side_by_side(own, drawn), "kind_tokens": kind_tokens}
+                    for own, drawn in zip(window, sampled)], logs
         if not is_student_step(jt, seed, step):
             return window, {"student_step": 0.0}
         student_steps.append(step)
@@ -137,6 +142,10 @@ def mean_length(window: list[dict]) -> float:
     """The mean number of counted tokens per row (filler rows included), averaged over the micro-batches."""
     lengths = [(b["labels"] != -100).sum(1).float().mean().item() for b in window]
     return sum(lengths) / len(lengths)
+
+
+def counted_tokens(window: list[dict]) -> int:
+    return int(sum((b["labels"] != -100).sum() for b in window))
 
 
 def side_by_side(own: dict, sampled: dict) -> dict:

@@ -251,7 +251,8 @@ def test_rows_mix_is_both_kinds_of_step_summed_with_each_source_encoded_once(tra
     # the student's prefixes stand in as other examples' targets, one shorter and one longer than the own rows
     drawn = {**own, "labels": collate(examples[5:10], pad_id=tokenizer.pad_token_id, causal=False)["labels"],
              "student_prefix": True}
-    both = side_by_side(own, drawn)
+    kind_tokens = (int((own["labels"] != -100).sum()), int((drawn["labels"] != -100).sum()))
+    both = {**side_by_side(own, drawn), "kind_tokens": kind_tokens}
     assert both["labels"].shape[0] == 10 and both["student_rows_from"] == 5
     normalizer = float((both["labels"] != -100).sum())
     cfg = DistillConfig(student="student", teacher="teacher", objective="logits_kd", temperature=2.0, alpha=0.3,
@@ -275,9 +276,13 @@ def test_rows_mix_is_both_kinds_of_step_summed_with_each_source_encoded_once(tra
     assert together.item() == pytest.approx(apart.item(), rel=1e-5)
     for a, b in zip(together_grads, apart_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the logs are each kind's per-token means, as a step of that kind alone logs them
     _, logs = compute_loss(model, both, normalizer)
-    assert together.item() == pytest.approx(0.7 * logs["kd_teacher_prefix"] + 0.3 * logs["ce"]
-                                            + logs["kd_student_prefix"], rel=1e-5)
+    _, own_logs = compute_loss(model, own, kind_tokens[0])
+    _, drawn_logs = compute_loss(model, drawn, kind_tokens[1])
+    for key, alone in (("ce", own_logs), ("kd_teacher_prefix", own_logs), ("agreement", own_logs),
+                       ("kd_student_prefix", drawn_logs), ("teacher_nll_student_pt", drawn_logs)):
+        assert logs[key] == pytest.approx(alone[key], rel=1e-5), key
 
 
 def test_rows_mix_trains_every_step_on_both_kinds(trained):
@@ -288,10 +293,14 @@ def test_rows_mix_trains_every_step_on_both_kinds(trained):
     rows = step_rows(runner.run_dir / "jt_rows")
     info = json.loads((runner.run_dir / "jt_rows" / "stage.json").read_text())["joint_teaching"]
     assert info["student_step_list"] == [0, 1, 2] and len(rows) == 3
+    assert info["mix"] == "rows"
     for row in rows:
         assert row["kd_student_prefix"] > 0 and row["kd_teacher_prefix"] > 0 and row["student_pt_len"] > 0
-        assert row["loss"] == pytest.approx(0.5 * row["kd_teacher_prefix"] + 0.5 * row["ce"]
-                                            + row["kd_student_prefix"], rel=1e-4)
+        assert 0 < row["student_token_share"] < 1 and row["teacher_nll_student_pt"] > 0
+        # per-kind means, weighed by each kind's share of the step's tokens, make the loss
+        share = row["student_token_share"]
+        expected = (1 - share) * (0.5 * row["kd_teacher_prefix"] + 0.5 * row["ce"]) + share * row["kd_student_prefix"]
+        assert row["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_rows_mix_refuses_the_fields_only_steps_reads():
@@ -300,3 +309,24 @@ def test_rows_mix_refuses_the_fields_only_steps_reads():
     with pytest.raises(RecipeError, match=r"joint_teaching.mix: rows"):
         JointTeachingConfig(mix="rows", steps_per_draw=2)
     assert JointTeachingConfig(mix="rows", engine="ctranslate2").mix == "rows"
+
+
+def test_rows_mix_refuses_minilm_on_the_encoder_before_training(trained):
+    # each source is encoded once, so MiniLM's encoder Q/K/V have one row per source, not per target
+    from nlgkd.config import AttentionKD, DistillConfig
+    from nlgkd.stages.distill import check_distill_setup
+
+    recipe, root = trained
+    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
+    teacher, teacher_tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
+
+    def config(**fields):
+        return DistillConfig(student="student", teacher="teacher", objective="logits_kd",
+                             joint_teaching=JointTeachingConfig(mix="rows"), **fields)
+
+    with pytest.raises(ValueError, match=r"joint_teaching.mix: rows encodes each source once.*encoder_self.*"
+                                         r"joint_teaching.mix: steps"):
+        check_distill_setup(config(attention=AttentionKD(loss="minilm")), student, [teacher], tokenizer,
+                            [teacher_tokenizer], ["teacher"])
+    decoder_side = AttentionKD(loss="minilm", sides=["decoder_self", "cross"])
+    check_distill_setup(config(attention=decoder_side), student, [teacher], tokenizer, [teacher_tokenizer], ["teacher"])

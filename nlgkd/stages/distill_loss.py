@@ -212,8 +212,9 @@ def both_prefix_kinds(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor]
     """Joint-Teaching `mix: rows`: rows [:n] hold the data's targets, rows [n:] the student's prefixes of the same
     sources (n = batch["student_rows_from"]); logits [2n, T, V]. The first kind trains as a teacher step would,
     (1 - alpha) KD + alpha CE, the second with KD alone, each term summed over its tokens and divided by the
-    window's token count: the sum of what the two kinds of step would give over the same tokens. `kd_*_prefix`
-    log each kind's part of the loss."""
+    window's token count: the sum of what the two kinds of step would give over the same tokens. The logs are
+    each kind's per-token means over the window (`kind_tokens`: its token counts of each kind), as in `mix: steps`,
+    and `student_token_share` (logged by the Joint-Teaching hook) says how the loss weighs them."""
     n = batch["student_rows_from"]
     labels = batch["labels"]
     mask = labels != -100
@@ -221,9 +222,13 @@ def both_prefix_kinds(cfg, batch: dict, s_logits: Tensor, t_logits: list[Tensor]
     kd_own = OBJECTIVES[cfg.objective](s_logits[:n], own_t, mask[:n], normalizer, cfg)
     kd_drawn = OBJECTIVES[cfg.objective](s_logits[n:], drawn_t, mask[n:], normalizer, cfg)
     ce = cross_entropy_loss(s_logits[:n], labels[:n], num_tokens=normalizer, label_smoothing=cfg.label_smoothing)
-    agree = (s_logits[:n].argmax(-1) == own_t[0].argmax(-1)) & mask[:n]
-    logs = {"ce": ce.detach(), cfg.objective: (kd_own + kd_drawn).detach(), "kd_teacher_prefix": kd_own.detach(),
-            "kd_student_prefix": kd_drawn.detach(), "agreement": agree.sum() / normalizer}
+    own_tokens, drawn_tokens = (max(1, count) for count in batch["kind_tokens"])
+    with torch.no_grad():
+        agree = ((s_logits[:n].argmax(-1) == own_t[0].argmax(-1)) & mask[:n]).sum() / own_tokens
+        nll = cross_entropy_loss(drawn_t[0], labels[n:], num_tokens=drawn_tokens)
+    own_mean, drawn_mean = normalizer / own_tokens, normalizer / drawn_tokens  # window sums -> per-token means
+    logs = {"ce": ce.detach() * own_mean, "kd_teacher_prefix": kd_own.detach() * own_mean,
+            "kd_student_prefix": kd_drawn.detach() * drawn_mean, "agreement": agree, "teacher_nll_student_pt": nll}
     return (1 - cfg.alpha) * kd_own + cfg.alpha * ce + kd_drawn, logs
 
 
