@@ -34,6 +34,16 @@ def require_ctranslate2():
     return ctranslate2
 
 
+def vocabulary_past(folder: Path, tokenizer) -> list[str]:
+    """The names an exported model's vocabulary gives the rows past the tokenizer's (a padded embedding: T5's
+    32,128 rows for 32,100 tokens; `nlgkd.export.name_padding_rows`), those no token has: the engine never
+    generates them. An export made before nlgkd named them may reuse real tokens' names; those are left alone."""
+    known = tokenizer.get_vocab()
+    for path in sorted(folder.glob("*vocabulary.json")):
+        return [name for name in json.loads(path.read_text(encoding="utf-8"))[len(tokenizer):] if name not in known]
+    return []
+
+
 class EngineModel:
     """An exported folder, loaded for decoding on the CPU (or CUDA): `generate_texts` is what
     `nlgkd.generation.generate` calls for it, batch by batch.
@@ -63,6 +73,7 @@ class EngineModel:
         self._engine_args = {"device": device, "device_index": device_index, "compute_type": "default",
                              "intra_threads": threads}
         self.reseed_per_call = reseed_per_call
+        self.padding_tokens = vocabulary_past(self.folder, self.tokenizer)
         self.engine = self.new_engine()
 
     def new_engine(self):
@@ -91,6 +102,8 @@ class EngineModel:
         common = {"max_decoding_length": max_new, "min_decoding_length": decoding.min_new_tokens,
                   "num_hypotheses": k, "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
                   "return_end_token": True}
+        if self.padding_tokens:  # never generated, as nlgkd.generation suppresses them for transformers
+            common["suppress_sequences"] = [[token] for token in self.padding_tokens]
         if decoding.strategy == "greedy":
             return {**common, "beam_size": 1}
         if decoding.strategy == "beam":

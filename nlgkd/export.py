@@ -109,6 +109,7 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
     encoder_decoder = bool(config.get("is_encoder_decoder"))
     if encoder_decoder:
         give_start_tokens(folder, model_dir, config, model, tokenizer)
+    name_padding_rows(folder, tokenizer)
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(folder / TOKENIZER_DIR))
     try:
         engine_version = version("ctranslate2")
@@ -122,6 +123,22 @@ def convert_into(model_dir: str | Path, folder: Path, fmt: str = "ctranslate2", 
                 "weights_mb": (folder / "model.bin").stat().st_size / 2**20, "ctranslate2": engine_version}
     (folder / EXPORT_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+PADDING_ROW = "<nlgkd_padding_{}>"
+
+
+def name_padding_rows(folder: Path, tokenizer) -> None:
+    """An embedding padded past the tokenizer (T5's 32,128 rows for 32,100 tokens) makes the converter invent
+    names for the extra rows, and for T5 it reuses the sentinels' (`<extra_id_0>`...), so a padded row read back
+    as text became a real token. Each gets a name of its own, which no token has: the engine can suppress them
+    by name (nlgkd/engine.py), as nlgkd.generation suppresses their ids for transformers."""
+    width = len(tokenizer)
+    for path in folder.glob("*vocabulary.json"):
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+        if len(tokens) > width:
+            tokens[width:] = [PADDING_ROW.format(i) for i in range(len(tokens) - width)]
+            path.write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
 
 
 def give_start_tokens(folder: Path, model_dir: Path, config: dict, model, tokenizer) -> None:
