@@ -303,6 +303,17 @@ def test_rows_mix_trains_every_step_on_both_kinds(trained):
         assert row["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_rows_mix_runs_with_encoder_side_hidden_kd_and_accumulation(trained):
+    # PKD on both sides reads the encoder states each source's two rows share; two micro-batches per step
+    runner, _ = with_stage(trained, distill_stage(
+        "jt_rows_pkd", objective="logits_kd", max_steps=2, batch_size=8, grad_accum=2,
+        hidden={"loss": "pkd", "sides": ["encoder", "decoder"], "layer_map": "last"},
+        joint_teaching={"mix": "rows", "decoding": {"strategy": "sample", "max_new_tokens": 8}}))
+    runner.run(only="jt_rows_pkd")
+    rows = step_rows(runner.run_dir / "jt_rows_pkd")
+    assert len(rows) == 2 and all(r["hidden"] > 0 and r["kd_student_prefix"] > 0 for r in rows)
+
+
 def test_rows_mix_refuses_the_fields_only_steps_reads():
     with pytest.raises(RecipeError, match=r"joint_teaching.mix: rows .*student_ratio"):
         JointTeachingConfig(mix="rows", student_ratio=0.3)
