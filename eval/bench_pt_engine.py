@@ -21,6 +21,8 @@ PTs >= 4x transformers at 2 threads, and the student from them within 0.5 BLEU o
 Encoder reuse (the demo's student and teacher). A distill step (logits KD and gold cross-entropy, forward and
 backward) on 32 targets, K = 1, 2, 4 per source: every target re-encodes its source (pt_schedule: all) vs each
 source encoded once (all_together); the methods take turns, median ms and the ratio. Goal: <= 0.6x at K = 4.
+With --device cuda (a GPU): CTranslate2 float16 and int8_float16 against transformers in bf16, the card named;
+the encoder-reuse step on the GPU too (float32).
 Needs the export extra (pip install -e ".[export]").
 """
 from __future__ import annotations
@@ -45,7 +47,9 @@ DECODINGS = {
     "beam 4": {"strategy": "beam", "num_beams": 4, "num_return_sequences": 1, "batch_size": 64,
                "max_new_tokens": 48},
 }
-QUANTIZATIONS = ("float32", "int8")
+QUANTIZATIONS = ("float32", "int8")  # the demo's students (quality) and the CPU's speed rows
+# the speed rows on a GPU: CTranslate2 float16 and int8_float16 against transformers in bf16
+SPEED_QUANTIZATIONS = {"cpu": QUANTIZATIONS, "cuda": ("float16", "int8_float16")}
 
 
 def read_sources(data: Path, column: str, n: int) -> list[str]:
@@ -70,7 +74,8 @@ def demo_sources(runner, n: int) -> list[str]:
     return (list(data["train"]["source"]) + list(data["unlabeled"]["source"]))[:n]
 
 
-def timed_decode(folder: str, engine: bool, source_ids: list[list[int]], fields: dict, threads: int):
+def timed_decode(folder: str, engine: bool, source_ids: list[list[int]], fields: dict, threads: int,
+                 device: str = "cpu"):
     """(seconds, outputs) of one `generate` over `source_ids` by the model in `folder`, in this process: run in a
     fresh process per measurement. One CTranslate2 int8 engine, once loaded, slowed every engine made later in the
     same process (float32 404 -> 171 seq/s on this CPU), and torch's OpenMP runtime loaded first halved them too."""
@@ -83,19 +88,19 @@ def timed_decode(folder: str, engine: bool, source_ids: list[list[int]], fields:
     from accelerate import Accelerator
 
     torch.set_num_threads(threads)
-    if engine:
-        model = EngineModel(folder, reseed_per_call=True)  # as the PT stage decodes: an engine per sampling call
+    if engine:  # as the PT stage decodes: an engine per sampling call
+        model = EngineModel(folder, device=device, reseed_per_call=True)
         tokenizer = model.tokenizer
     else:
         model, tokenizer = load_pretrained(folder)
-        model.eval()
+        model.to(device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     started = time.perf_counter()
-    outputs = generate(model, tokenizer, source_ids, DecodingConfig(**fields), Accelerator(cpu=True), seed=0,
-                       progress=False)
+    outputs = generate(model, tokenizer, source_ids, DecodingConfig(**fields), Accelerator(cpu=device == "cpu"),
+                       seed=0, progress=False)
     return time.perf_counter() - started, outputs
 
 
-def speed(teacher_dir: Path, sources: list[str], rounds: int) -> None:
+def speed(teacher_dir: Path, sources: list[str], rounds: int, device: str = "cpu") -> None:
     import multiprocessing
 
     from nlgkd.data import truncate
@@ -107,27 +112,30 @@ def speed(teacher_dir: Path, sources: list[str], rounds: int) -> None:
     threads = torch.get_num_threads()
     spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {"transformers": (str(teacher_dir), False)}
-        for quantization in QUANTIZATIONS:
+        baseline = "transformers" + (" bf16" if device == "cuda" else "")
+        methods = {baseline: (str(teacher_dir), False)}
+        for quantization in SPEED_QUANTIZATIONS[device]:
             export_model(teacher_dir, Path(tmp) / quantization, quantization=quantization)
             methods[f"ctranslate2 {quantization}"] = (str(Path(tmp) / quantization), True)
+        where = torch.cuda.get_device_name() if device == "cuda" else f"{threads} CPU thread(s)"
         print(f"teacher {teacher_dir} ({model.num_parameters():,} parameters), {len(source_ids)} inputs, "
-              f"{threads} thread(s), each measurement in a fresh process")
+              f"{where}, each measurement in a fresh process")
         for label, fields in DECODINGS.items():
             seconds: dict[str, list[float]] = {name: [] for name in methods}
             outputs = {}
             for _ in range(rounds):
                 for name, (folder, engine) in methods.items():  # the methods take turns
                     with spawn.Pool(1) as pool:
-                        elapsed, outputs[name] = pool.apply(timed_decode, (folder, engine, source_ids, fields, threads))
+                        elapsed, outputs[name] = pool.apply(timed_decode, (folder, engine, source_ids, fields, threads,
+                                                                          device))
                     seconds[name].append(elapsed)
             k = fields["num_return_sequences"]
             sequences = len(source_ids) * k
-            base = sequences / statistics.median(seconds["transformers"])
+            base = sequences / statistics.median(seconds[baseline])
             print(f"\n{label}:")
             for name in methods:
                 rate = sequences / statistics.median(seconds[name])
-                same = sum(a == b for a, b in zip(outputs[name], outputs["transformers"])) / len(source_ids)
+                same = sum(a == b for a, b in zip(outputs[name], outputs[baseline])) / len(source_ids)
                 agreement = (f"  {100 * same:5.1f}% of inputs' PTs equal transformers'"
                              if fields["strategy"] != "sample" else "")
                 print(f"  {name:20s} {rate:8.1f} seq/s  {rate / base:5.2f}x{agreement}")
@@ -158,7 +166,8 @@ def quality(runs_dir: str, overrides: list[str]) -> None:
               f"({record['sequences_per_s']:.1f} seq/s, generation and scoring, as the stage ran)")
 
 
-def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], rounds: int, rows: int = 32) -> None:
+def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], rounds: int, rows: int = 32,
+                  device: str = "cpu") -> None:
     """A distill step (logits KD + gold CE, forward and backward) of the student against the teacher on `rows`
     targets, K per source (`pairs`: source and target texts), each source re-encoded per target (pt_schedule:
     all) vs encoded once (all_together)."""
@@ -169,9 +178,11 @@ def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], round
     from nlgkd.models import load_pretrained
     from nlgkd.stages.distill_loss import StudentWithProjections, make_loss
 
+    rows = min(rows, len(pairs) // 2)  # sources from the first half of the pairs, targets from the second
     student, tokenizer = load_pretrained(str(student_dir))
     teacher, _ = load_pretrained(str(teacher_dir))
-    teacher.eval()
+    student.to(device)
+    teacher.to(device).eval()
     encoded = list(encode(datasets.Dataset.from_list(pairs[: 2 * rows]), tokenizer, 64, 64)[0])
     model = StudentWithProjections(student, {})
     print(f"\ndistill step, {rows} targets per batch, K per source (student {student.num_parameters():,}, "
@@ -179,7 +190,8 @@ def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], round
     for k in (1, 2, 4):
         examples = [{"source_ids": encoded[i // k]["source_ids"], "target_ids": encoded[rows + i]["target_ids"]}
                     for i in range(rows)]
-        batch = collate(examples, pad_id=tokenizer.pad_token_id, causal=False)
+        batch = {key: value.to(device) for key, value in
+                 collate(examples, pad_id=tokenizer.pad_token_id, causal=False).items()}
         normalizer = (batch["labels"] != -100).sum()
         losses = {schedule: make_loss(DistillConfig(student="student", teacher="teacher", objective="logits_kd",
                                                     pt_schedule=schedule), [teacher], causal=False)
@@ -190,6 +202,8 @@ def encoder_reuse(student_dir: Path, teacher_dir: Path, pairs: list[dict], round
                 started = time.perf_counter()
                 loss, _ = compute_loss(model, batch, normalizer)
                 loss.backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 seconds[schedule].append(time.perf_counter() - started)
                 model.zero_grad(set_to_none=True)
         ratio = statistics.median(seconds["all_together"]) / statistics.median(seconds["all"])
@@ -209,6 +223,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: CTranslate2 float16 and int8_float16 against transformers in bf16")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override the demo recipe (a smoke run shrinks it)")
     args = parser.parse_args()
@@ -219,14 +235,14 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else runner.run_dir / "teacher"
     sources = (read_sources(args.data, args.source_column, args.inputs) if args.data
                else demo_sources(runner, args.inputs))
-    speed(teacher, sources, args.rounds)
+    speed(teacher, sources, args.rounds, args.device)
     if args.student:  # encoder reuse on the given student and teacher, with the --data pairs
         encoder_reuse(Path(args.student), teacher, read_pairs(args.data, args.source_column, args.target_column, 64),
-                      args.rounds)
+                      args.rounds, device=args.device)
     elif runner is not None:
         data = runner.data()["train"]
-        encoder_reuse(runner.run_dir / "student", runner.run_dir / "teacher",
-                      [{"source": r["source"], "target": r["target"]} for r in data.select(range(64))], args.rounds)
+        pairs = [{"source": r["source"], "target": r["target"]} for r in data.select(range(min(64, len(data))))]
+        encoder_reuse(runner.run_dir / "student", runner.run_dir / "teacher", pairs, args.rounds, device=args.device)
     if not args.speed_only:
         quality(args.runs_dir, args.set)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of what only a GPU shows, in about 8 minutes on one H100: run it first whenever a GPU is lent.
+# One prepared check of what only a GPU shows, in about 9 minutes on one H100: run it first whenever a GPU is lent.
 #
 #   bash eval/gpu_check.sh OUT_DIR [SHAKESPEARE_DIR]      # SHAKESPEARE_DIR: ../shared/data/shakespeare
 #
@@ -12,6 +12,8 @@
 #   export          the demo's teacher (PyTorch) vs its student (PyTorch) vs the student in CTranslate2
 #                   int8_float16: BLEU and sequences/s at batch 16 and 64
 #   own_data        recipes/own_data.yaml at its GPU sizes on the Shakespeare data (--jobs 4), then its report
+#   pt_engine       pseudo-targets of the demo's teacher: transformers bf16 vs CTranslate2 float16 and
+#                   int8_float16 (seq/s, share equal), and a distill step with each source encoded once
 # SMOKE=1 runs the same parts with tiny sizes on a CPU in a few minutes (tests/test_gpu_check.py does).
 set -u
 OUT=${1:?OUT_DIR}
@@ -32,6 +34,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MFU=(--size tiny --steps 1 --warmup 1)
   JT=(--steps 2)
   EXPORT=(--batch-sizes 8 --quantization int8)
+  PT_ENGINE=(--device cpu --inputs 16 --rounds 1)
   DEMO=(--set data.demo.train=48 --set data.demo.validation=8 --set data.demo.test=8 --set data.demo.unlabeled=16
         --set models.teacher.d_model=32 --set models.teacher.ffn_dim=64 --set models.teacher.attention_heads=2
         --set models.teacher.vocab_size=300 --set stages.teacher.max_steps=4 --set stages.teacher.eval_every=2
@@ -45,16 +48,17 @@ if [ "${SMOKE:-0}" = 1 ]; then
        --set stages.student_ft.max_steps=2 --set stages.student_ft.eval_every=2 --set stages.distill.max_steps=2
        --set stages.distill.eval_every=2 --set stages.best.max_examples=4 --set stages.eval.timing_passes=0
        --set stages.pts.decoding.num_beams=1)
-  LIMITS=(150 300 240 240 300)  # torch.compile on a CPU takes minutes on a busy 2-core machine
+  LIMITS=(150 300 240 240 300 240)  # torch.compile on a CPU takes minutes on a busy 2-core machine
 else
   KD=(--size large --teacher-dtype bf16)
   MFU=(--size large)
-  JT=(--steps 200)
+  JT=(--steps 100)
   EXPORT=(--batch-sizes 16,64 --quantization int8_float16)
+  PT_ENGINE=(--device cuda --inputs 256 --rounds 1)
   DEMO=()
   DEMO_ALL=()
   OWN=()
-  LIMITS=(45 90 60 45 240)  # 480 s of parts; the device's start and the archive take the rest of 10 minutes
+  LIMITS=(45 90 60 45 240 75)  # 555 s of parts; the archive takes the rest of 10 minutes
 fi
 
 part() {  # part NAME SECONDS COMMAND...: one part under its own time guard; its log, exit code and seconds kept
@@ -77,6 +81,8 @@ part export "${LIMITS[3]}" "$PY" eval/bench_export.py --runs-dir "$RUNS" "${EXPO
 part own_data "${LIMITS[4]}" "$PY" -m nlgkd run recipes/own_data.yaml --runs-dir "$RUNS" --jobs 4 \
   --set "data.dir=$DATA" "${OWN[@]}"
 "$PY" -m nlgkd report "$RUNS/own_data" > "$OUT/logs/own_data_report.log" 2>&1
+part pt_engine "${LIMITS[5]}" "$PY" eval/bench_pt_engine.py --speed-only --runs-dir "$RUNS" "${PT_ENGINE[@]}" \
+  "${DEMO[@]}"
 
 kept=$(cd "$OUT" && find runs \( -name stage.json -o -name metrics.json -o -name metrics.jsonl -o -name report.md \) \
   2>/dev/null)

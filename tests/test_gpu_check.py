@@ -30,7 +30,8 @@ def test_the_gpu_check_runs_every_part_in_smoke_mode(tmp_path):
     done = subprocess.run(["bash", "eval/gpu_check.sh", str(out), str(data)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1180)
     status = (out / "status.txt").read_text().splitlines()
-    assert [line.split()[0] for line in status] == ["kd_step", "mfu", "joint_teaching", "export", "own_data"]
+    assert [line.split()[0] for line in status] == ["kd_step", "mfu", "joint_teaching", "export", "own_data",
+                                                            "pt_engine"]
     assert all(" exit=0 " in line for line in status), status + [done.stdout[-3000:]]
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
         names = archive.getnames()
