@@ -22,7 +22,7 @@ from .fingerprints import (ADDED_FIELDS_AT_DEFAULT, BEHAVIOUR, behaviour_version
 from .config import ModelConfig, Recipe, RecipeError, Stage
 from .recipe import flatten, input_name, references, to_dict
 from .run_lock import hold_run_dir
-from .stage_context import StageContext, StageError
+from .stage_context import StageContext, StageError, on_main_process
 
 PLAN_FILE = "plan.json"  # the stages' fingerprints under the recipe of the last run (record_plan)
 PACKAGES = ("nlgkd", "torch", "transformers", "datasets", "accelerate", "tokenizers")
@@ -545,9 +545,7 @@ class Runner:
         acc = self.accelerator
         fingerprint = self.fingerprint(stage)
         partial = self.partial_dir(stage)
-        if acc.is_main_process:
-            self.open_partial(stage, partial, fingerprint)
-        acc.wait_for_everyone()
+        on_main_process(acc, lambda: self.open_partial(stage, partial, fingerprint))
         acc.print(f"[{stage.key}] running ({stage.kind})")
         ctx = StageContext(runner=self, stage=stage, out_dir=partial, fingerprint=fingerprint)
         clock = {"wall": time.time(), "cpu": time.process_time(),
@@ -557,11 +555,13 @@ class Runner:
         finally:
             self.release_stage_state()
         acc.wait_for_everyone()
-        if acc.is_main_process:
+
+        def publish() -> None:
             record = self.finished_record(stage, fingerprint, ctx, clock)
             self.publish(stage, partial, record)
             acc.print(f"[{stage.key}] finished in {record['wall_seconds']:.1f}s -> {self.finished_dir(stage)}")
-        acc.wait_for_everyone()
+
+        on_main_process(acc, publish)
 
     def open_partial(self, stage: Stage, partial: Path, fingerprint: str) -> None:
         """The stage's partial folder: kept (resumed) when a killed run of the same fingerprint left it."""

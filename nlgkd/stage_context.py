@@ -14,6 +14,26 @@ class StageError(RuntimeError):
     """A stage cannot run (missing input, bad data...); the message says which stage and what to do."""
 
 
+def on_main_process(accelerator, work: Callable[[], None]) -> None:
+    """Run `work` on the main process while the others wait. If it fails there, every process raises: the
+    others would otherwise learn only that a peer vanished, or wait at the next barrier until the collective
+    timed out."""
+    from .generation import gather_objects
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as err:  # re-raised below, once the other processes know
+            error = err
+    failures = [f for f in gather_objects(accelerator, None if error is None else f"{type(error).__name__}: {error}")
+                if f is not None]
+    if error is not None:
+        raise error
+    if failures:
+        raise ValueError(f"the main process failed: {failures[0]}")
+
+
 @dataclass
 class StageContext:
     """What a stage function gets: its config, where to write, and how to reach earlier artifacts."""
@@ -48,22 +68,7 @@ class StageContext:
             write_above_bars(f"[{self.stage.key}] {message}")
 
     def on_main_process(self, work: Callable[[], None]) -> None:
-        """Run `work` on the main process while the others wait. If it fails there, every process raises: the
-        others would otherwise wait at the next barrier until the collective timed out (30 minutes on gloo)."""
-        from .generation import gather_objects
-
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                work()
-            except Exception as err:  # re-raised below, once the other processes know
-                error = err
-        failures = [f for f in gather_objects(acc, None if error is None else f"{type(error).__name__}: {error}")
-                    if f is not None]
-        if error is not None:
-            raise error
-        if failures:
-            raise ValueError(f"the main process failed: {failures[0]}")
+        on_main_process(self.accelerator, work)
 
     def data(self):
         return self.runner.data()

@@ -49,16 +49,16 @@ def run(ctx) -> None:
     offsets[1:] = np.cumsum(lengths)
     out = Path(ctx.out_dir)
     np_dtype = np.float16 if cfg.dtype == "fp16" else np.float32
-    if acc.is_main_process:
+
+    def create_files() -> None:  # the examples and the two arrays, which every process fills with its batches
         datasets.Dataset.from_list(examples).save_to_disk(str(out / "examples"))
         np.save(out / "offsets.npy", offsets)
-        ids = np.lib.format.open_memmap(out / "topk_ids.npy", mode="w+", dtype=np.int32, shape=(int(offsets[-1]), k))
-        logprobs = np.lib.format.open_memmap(out / "topk_logprobs.npy", mode="w+", dtype=np_dtype,
-                                             shape=(int(offsets[-1]), k))
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        ids = np.load(out / "topk_ids.npy", mmap_mode="r+")
-        logprobs = np.load(out / "topk_logprobs.npy", mmap_mode="r+")
+        for name, dtype in (("topk_ids.npy", np.int32), ("topk_logprobs.npy", np_dtype)):
+            np.lib.format.open_memmap(out / name, mode="w+", dtype=dtype, shape=(int(offsets[-1]), k)).flush()
+
+    ctx.on_main_process(create_files)
+    ids = np.load(out / "topk_ids.npy", mmap_mode="r+")
+    logprobs = np.load(out / "topk_logprobs.npy", mmap_mode="r+")
     pad_id = tokenizer.pad_token_id
     batches = [list(range(i, min(i + cfg.batch_size, len(examples)))) for i in range(0, len(examples), cfg.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % acc.num_processes == acc.process_index]
