@@ -180,7 +180,7 @@ def ranks_of_two_processes(args: list[str], cwd, timeout: int) -> list[tuple[int
 # Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests
 # compare each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
 # tokenizer trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student
-# steps; test_distill: gradient accumulation and TinyBERT projections). The suite starts the process group once.
+# steps; test_distill: gradient accumulation, TinyBERT projections, mix: rows). The suite starts the process group once.
 TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
 TWO_PROCESS_STAGES = [
     # batch 24 on 320 examples: 13 whole batches and a partial one, at step 14 (topped up with ignored rows)
@@ -202,6 +202,9 @@ TWO_PROCESS_STAGES = [
     distill_stage("accum2", objective="logits_kd", max_steps=3, batch_size=8, grad_accum=2),
     # TinyBERT's learned projections train with the student, synchronized like its own weights
     distill_stage("tinybert2", objective="logits_kd", max_steps=3, hidden={"loss": "tinybert", "sides": ["encoder"]}),
+    # Joint-Teaching's mix: rows, each process sampling the prefixes of its half (greedy: the same as on 1)
+    distill_stage("rows2", objective="logits_kd", max_steps=3, batch_size=8,
+                  joint_teaching={"mix": "rows", "decoding": {"strategy": "greedy", "max_new_tokens": 8}}),
 ]
 
 

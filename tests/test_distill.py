@@ -239,10 +239,10 @@ def test_a_teacher_with_a_padded_vocabulary_distills_as_the_unpadded_one(trained
 # micro-batches and processes by their share of *target* tokens (the loop's normalizer), so 2 processes
 # weight the halves of a batch slightly otherwise than 1 (AdamW then moves rarely used embedding rows apart by
 # up to ~lr); the losses still agree step by step
-@pytest.mark.parametrize("stage, atol", [("accum2", 1e-5), ("tinybert2", 2e-3)])
+@pytest.mark.parametrize("stage, atol", [("accum2", 1e-5), ("tinybert2", 2e-3), ("rows2", 1e-5)])
 def test_two_processes_distill_as_one_with_accumulation_and_projections(trained, two_processes, stage, atol):
-    """Gradient accumulation under DDP (no_sync on all but the last micro-batch) and TinyBERT's projections on
-    2 processes: the same losses at every step and the same student as on 1 process."""
+    """Gradient accumulation under DDP (no_sync on all but the last micro-batch), TinyBERT's projections and
+    Joint-Teaching's mix: rows on 2 processes: the same losses at every step and the same student as on 1."""
     from safetensors.torch import load_file
 
     from conftest import with_two_process_stages
