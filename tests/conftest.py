@@ -177,10 +177,10 @@ def ranks_of_two_processes(args: list[str], cwd, timeout: int) -> list[tuple[int
     return results
 
 
-# Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests
-# compare each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its
-# tokenizer trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student
-# steps; test_distill: gradient accumulation, TinyBERT projections, mix: rows). The suite starts the process group once.
+# Stages one 2-process run (`nlgkd_on_two_processes`) runs in a copy of the `trained` run directory; tests compare
+# each with the same stage run on 1 process (test_runner: a fresh model fine-tuned then evaluated, its tokenizer
+# trained under 2 processes; test_pseudo_targets: sampled PTs; test_joint_teaching: the student steps; test_distill:
+# gradient accumulation, TinyBERT projections, mix: rows). The suite starts the process group once.
 TWO_PROCESS_MODELS = {"fresh": {**TINY_RECIPE["models"]["teacher"], "vocab_size": 280}}
 TWO_PROCESS_STAGES = [
     # batch 24 on 320 examples: 13 whole batches and a partial one, at step 14 (topped up with ignored rows)
