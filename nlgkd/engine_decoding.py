@@ -14,9 +14,9 @@ def ctranslate2_refusal(decoding) -> str | None:
                 "keeps no generation_config); write those settings into the decoding block")
     if decoding.repetition_penalty != 1.0:  # measured: the float32 engine then ended outputs earlier
         return ("decoding.repetition_penalty: transformers also penalizes the decoder's start token or the "
-                "prompt, CTranslate2 only generated tokens, so an export would decode otherwise; set it to 1.0 "
-                "for an exported model, or decode with the PyTorch folder")
+                "prompt, CTranslate2 only generated tokens, so CTranslate2 would decode otherwise; set it to 1.0 to "
+                "decode with CTranslate2, or decode with the PyTorch model")
     if decoding.strategy == "beam" and not decoding.early_stopping:  # CTranslate2 ends once beam_size outputs ended
         return ("decoding.early_stopping: false has no CTranslate2 equivalent (its beam search ends once "
-                "num_beams outputs have ended); set it to true for an exported model")
+                "num_beams outputs have ended); set it to true to decode with CTranslate2")
     return None

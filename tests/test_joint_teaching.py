@@ -322,22 +322,20 @@ def test_rows_mix_refuses_the_fields_only_steps_reads():
     assert JointTeachingConfig(mix="rows", engine="ctranslate2").mix == "rows"
 
 
-def test_rows_mix_refuses_minilm_on_the_encoder_before_training(trained):
+def test_encoding_each_source_once_refuses_minilm_on_the_encoder_when_the_recipe_is_read():
     # each source is encoded once, so MiniLM's encoder Q/K/V have one row per source, not per target
     from nlgkd.config import AttentionKD, DistillConfig
-    from nlgkd.stages.distill import check_distill_setup
 
-    recipe, root = trained
-    student, tokenizer = load_pretrained(str(root / "tiny" / "student"))
-    teacher, teacher_tokenizer = load_pretrained(str(root / "tiny" / "teacher"))
+    def config(attention, **fields):
+        return DistillConfig(student="student", teacher="teacher", objective="logits_kd", attention=attention,
+                             **fields)
 
-    def config(**fields):
-        return DistillConfig(student="student", teacher="teacher", objective="logits_kd",
-                             joint_teaching=JointTeachingConfig(mix="rows"), **fields)
-
-    with pytest.raises(ValueError, match=r"joint_teaching.mix: rows encodes each source once.*encoder_self.*"
-                                         r"joint_teaching.mix: steps"):
-        check_distill_setup(config(attention=AttentionKD(loss="minilm")), student, [teacher], tokenizer,
-                            [teacher_tokenizer], ["teacher"])
-    decoder_side = AttentionKD(loss="minilm", sides=["decoder_self", "cross"])
-    check_distill_setup(config(attention=decoder_side), student, [teacher], tokenizer, [teacher_tokenizer], ["teacher"])
+    on_encoder, decoder_side = AttentionKD(loss="minilm"), AttentionKD(loss="minilm", sides=["decoder_self", "cross"])
+    rows = {"joint_teaching": JointTeachingConfig(mix="rows")}
+    with pytest.raises(RecipeError, match=r"joint_teaching.mix: rows encodes each source once.*encoder_self.*"
+                                          r"joint_teaching.mix: steps"):
+        config(on_encoder, **rows)
+    with pytest.raises(RecipeError, match=r"pt_schedule: all_together encodes each source once.*pt_schedule: all$"):
+        config(on_encoder, pt_schedule="all_together")
+    assert config(decoder_side, **rows).joint_teaching.mix == "rows"
+    assert config(decoder_side, pt_schedule="all_together").pt_schedule == "all_together"

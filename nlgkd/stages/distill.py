@@ -150,13 +150,6 @@ def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, n
         if is_causal(student):
             raise ValueError(f"pt_schedule: all_together encodes each source once, but student {cfg.student!r} is "
                              "decoder-only (no encoder); use pt_schedule: all")
-    minilm_on_encoder = cfg.attention and cfg.attention.loss == "minilm" and "encoder_self" in cfg.attention.sides
-    rows = cfg.joint_teaching is not None and cfg.joint_teaching.mix == "rows"
-    for setting, on, instead in (("pt_schedule: all_together", cfg.pt_schedule == "all_together", "pt_schedule: all"),
-                                 ("joint_teaching.mix: rows", rows, "joint_teaching.mix: steps")):
-        if on and minilm_on_encoder:
-            raise ValueError(f"{setting} encodes each source once, so MiniLM's encoder Q/K/V are one per source, not "
-                             f"per target; drop encoder_self from attention.sides or use {instead}")
 
 
 def check_cross_tokenizer(cfg, teachers) -> None:
