@@ -210,6 +210,17 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+class OneStage(argparse.Action):
+    """`--stage` / `--from` name one stage: given twice, argparse would keep the last and run it alone, silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            parser.error(f"{option_string} is given twice ({earlier!r}, {values!r}); it names one stage: run the "
+                         "command once per stage, or use --from NAME for a stage and every one after it")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command's arguments in one declarative place, in the order `nlgkd -h` lists them (long for that
     reason: one block per command, no logic)."""
@@ -221,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe's stages (finished ones with unchanged inputs are skipped)")
     run.add_argument("recipe")
     which = run.add_mutually_exclusive_group()
-    which.add_argument("--stage", help="run only this stage (its inputs must have finished)")
-    which.add_argument("--from", dest="start_from", help="re-run this stage and every one after it")
+    which.add_argument("--stage", action=OneStage, help="run only this stage (its inputs must have finished)")
+    which.add_argument("--from", dest="start_from", action=OneStage, help="re-run this stage and every one after it")
     run.add_argument("--force", action="store_true", help="re-run every selected stage")
     run.add_argument("--dry-run", action="store_true",
                      help="list what would run; API teachers print their requests, tokens and cost, and send nothing")

@@ -102,6 +102,15 @@ def test_cli_reports_recipe_errors(tmp_path, tiny_recipe, capsys):
     assert "Traceback" not in err
 
 
+def test_a_stage_option_given_twice_is_an_error_not_the_last_one_alone(tmp_path, capsys):
+    # argparse would keep the second name and run that stage alone, without a word
+    for option in ("--stage", "--from"):
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["run", "r.yaml", option, "teacher", option, "eval"])
+        assert stopped.value.code == 2
+        assert f"{option} is given twice ('teacher', 'eval'); it names one stage" in capsys.readouterr().err
+
+
 def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_recipe, capsys):
     teacher = tiny_recipe["stages"][0]
     teacher.update(max_steps=30, save_every=5, eval_every=1000, log_every=50)
