@@ -342,16 +342,17 @@ class DistillConfig(TrainArgs):
         if self.noise_dropout is not None and self.objective != "noisy_kd":
             raise RecipeError(f"noise_dropout is the teacher's dropout for objective: noisy_kd, but objective is "
                               f"{self.objective!r}; remove noise_dropout or set objective: noisy_kd")
-        a = self.attention
-        if a is not None and a.loss == "minilm" and "encoder_self" in a.sides:
-            rows = self.joint_teaching is not None and self.joint_teaching.mix == "rows"
-            for setting, on, instead in (("pt_schedule: all_together", self.pt_schedule == "all_together",
-                                          "pt_schedule: all"),
-                                         ("joint_teaching.mix: rows", rows, "joint_teaching.mix: steps")):
-                if on:
-                    raise RecipeError(f"{setting} encodes each source once, so MiniLM's encoder Q/K/V are one per "
-                                      f"source, not per target; drop encoder_self from attention.sides or use "
-                                      f"{instead}")
+        minilm_on_encoder = (self.attention is not None and self.attention.loss == "minilm"
+                             and "encoder_self" in self.attention.sides)
+        if minilm_on_encoder and self.pt_schedule == "all_together":
+            raise RecipeError(encoded_once_refusal("pt_schedule: all_together", "pt_schedule: all"))
+        if minilm_on_encoder and self.joint_teaching is not None and self.joint_teaching.mix == "rows":
+            raise RecipeError(encoded_once_refusal("joint_teaching.mix: rows", "joint_teaching.mix: steps"))
+
+
+def encoded_once_refusal(setting: str, instead: str) -> str:
+    return (f"{setting} encodes each source once, so MiniLM's encoder Q/K/V are one per source, not per target; "
+            f"drop encoder_self from attention.sides or use {instead}")
 
 
 @dataclass(kw_only=True)

@@ -38,10 +38,11 @@ def vocabulary_past(folder: Path, tokenizer) -> list[str]:
     """The names an exported model's vocabulary gives the rows past the tokenizer's (a padded embedding: T5's
     32,128 rows for 32,100 tokens; `nlgkd.export.name_padding_rows`), those no token has: the engine never
     generates them. An export made before nlgkd named them may reuse real tokens' names; those are left alone."""
+    paths = sorted(folder.glob("*vocabulary.json"))  # a Translator's source and target ones are padded alike
+    if not paths:
+        return []
     known = tokenizer.get_vocab()
-    for path in sorted(folder.glob("*vocabulary.json")):
-        return [name for name in json.loads(path.read_text(encoding="utf-8"))[len(tokenizer):] if name not in known]
-    return []
+    return [name for name in json.loads(paths[0].read_text(encoding="utf-8"))[len(tokenizer):] if name not in known]
 
 
 class EngineModel:
@@ -157,8 +158,8 @@ class EngineModel:
                                                  min_length=options.pop("min_decoding_length"),
                                                  include_prompt_in_result=False, **options)
         # a Translator's results hold hypotheses, a Generator's sequences
-        rows = [[tok.convert_tokens_to_ids(tokens) for tokens in (r.hypotheses if self.encoder_decoder else r.sequences)]
-                for r in results]
+        outputs = [r.hypotheses if self.encoder_decoder else r.sequences for r in results]
+        rows = [[tok.convert_tokens_to_ids(tokens) for tokens in per_source] for per_source in outputs]
         if decoding.strategy == "sample":  # regroup the K single samples of each input
             return [[row for copy in rows[i : i + k] for row in copy] for i in range(0, len(rows), k)]
         return rows

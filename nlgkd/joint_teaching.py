@@ -111,6 +111,12 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         student.train(was_training)
         return windows
 
+    def sampled_logs(sampled: list[dict], step: int) -> dict:
+        logs = {"student_pt_len": mean_length(sampled)}
+        if engine_copy is not None:  # how many optimizer steps old the student that wrote these prefixes is
+            logs["student_copy_age"] = float(step - engine_copy.made_at)
+        return logs
+
     def prepare(model, window, step):
         if jt.mix == "rows":  # every step: each micro-batch's own rows, then the student's prefixes of them
             student_steps.append(step)
@@ -118,10 +124,7 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
             # this process's token count of each kind in the window: the loss divides by the window's count of
             # both, and the logs are each kind's own per-token means
             kind_tokens = (counted_tokens(window), counted_tokens(sampled))
-            logs = {"student_pt_len": mean_length(sampled),
-                    "student_token_share": kind_tokens[1] / max(1, sum(kind_tokens))}
-            if engine_copy is not None:
-                logs["student_copy_age"] = float(step - engine_copy.made_at)
+            logs = {**sampled_logs(sampled, step), "student_token_share": kind_tokens[1] / max(1, sum(kind_tokens))}
             return [{**side_by_side(own, drawn), "kind_tokens": kind_tokens}
                     for own, drawn in zip(window, sampled)], logs
         if not is_student_step(jt, seed, step):
@@ -130,10 +133,7 @@ def make_joint_teaching(cfg, tokenizer, seed: int, acc, causal: bool):
         if not pending:
             pending.extend(draw(acc.unwrap_model(model).student, window, step))
         new_window = pending.pop(0)
-        logs = {"student_step": 1.0, "student_pt_len": mean_length(new_window)}
-        if engine_copy is not None:  # how many optimizer steps old the student that wrote these prefixes is
-            logs["student_copy_age"] = float(step - engine_copy.made_at)
-        return new_window, logs
+        return new_window, {"student_step": 1.0, **sampled_logs(new_window, step)}
 
     return prepare, student_steps
 
@@ -151,7 +151,7 @@ def counted_tokens(window: list[dict]) -> int:
 def side_by_side(own: dict, sampled: dict) -> dict:
     """`mix: rows`: one micro-batch of 2B rows, the B rows of `own` (the data's targets) then the same sources with
     the student's prefixes (`sampled`, from `draw`); `student_rows_from` = B says where the second kind starts
-    (nlgkd/stages/distill_loss.py: word_level_terms), and the two copies of a source are encoded once
+    (nlgkd/stages/distill_loss.py: both_prefix_kinds), and the two copies of a source are encoded once
     (`models.with_shared_sources`)."""
     rows = own["labels"].shape[0]
     width = max(own["labels"].shape[1], sampled["labels"].shape[1])

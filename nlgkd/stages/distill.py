@@ -146,10 +146,9 @@ def check_distill_setup(cfg, student, teachers, tokenizer, teacher_tokenizers, n
             )
     if cfg.attention and cfg.attention.loss == "minilm" and is_causal(student) and "cross" in cfg.attention.sides:
         raise ValueError("attention.sides: decoder-only models have no cross-attention; use decoder_self")
-    if cfg.pt_schedule == "all_together":
-        if is_causal(student):
-            raise ValueError(f"pt_schedule: all_together encodes each source once, but student {cfg.student!r} is "
-                             "decoder-only (no encoder); use pt_schedule: all")
+    if cfg.pt_schedule == "all_together" and is_causal(student):
+        raise ValueError(f"pt_schedule: all_together encodes each source once, but student {cfg.student!r} is "
+                         "decoder-only (no encoder); use pt_schedule: all")
 
 
 def check_cross_tokenizer(cfg, teachers) -> None:

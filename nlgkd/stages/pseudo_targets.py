@@ -151,6 +151,7 @@ def engine_teacher(ctx):
     """The teacher as a CTranslate2 model (nlgkd/engine.py): the export stage it names, or a copy converted into
     the stage's folder (`engine/`; a resumed run finds it whole or converts again; removed with the part files)."""
     from ..engine import EngineModel, is_export
+    from ..models import EXPORT_FILE
     from .export import convert_named
 
     cfg, acc = ctx.config, ctx.accelerator
@@ -158,7 +159,7 @@ def engine_teacher(ctx):
     source = ctx.artifact_dir(cfg.teacher) if kind == "stage" else None
     if source is not None and is_export(source):
         folder = source
-        exported = json.loads((source / "nlgkd_export.json").read_text())["quantization"]
+        exported = json.loads((source / EXPORT_FILE).read_text())["quantization"]
         ctx.log(f"teacher {cfg.teacher!r} is a CTranslate2 {exported} export: it decodes as it is "
                 f"(engine_quantization: {cfg.engine_quantization} is for a teacher the stage converts itself)")
     else:
